@@ -1,0 +1,72 @@
+"""The training objective L_total = L_ctr + l1 L_match + l2 L_div + l3 L_recon (paper eq. 11).
+
+The terms themselves are the reference functions of `jsa_fast.reference`; this module
+weights them and computes the false-negative mask with the fastest available op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from jsa_fast.ops import k_reciprocal_mask
+from jsa_fast.model import ModelOutput
+from jsa_fast.reference import divergence_loss, info_nce_loss, match_loss, reconstruction_loss
+
+__all__ = ["LossConfig", "jsa_loss"]
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss hyper-parameters; defaults are the paper's (SPEC.md).
+
+    directions: "sum" adds the two InfoNCE directions (eq. 7, the released code),
+    "mean" averages them. k: 0 disables false-negative mitigation.
+    """
+
+    tau: float = 0.03
+    k: int = 20
+    weight_match: float = 100.0
+    weight_div: float = 0.1
+    weight_recon: float = 0.1
+    directions: str = "sum"
+
+    def __post_init__(self) -> None:
+        if not self.tau > 0:
+            raise ValueError(f"tau must be > 0, got {self.tau!r}")
+        if self.k < 0:
+            raise ValueError(f"k must be >= 0 (0 disables false-negative mitigation), got {self.k!r}")
+        if self.directions not in ("sum", "mean"):
+            raise ValueError(f"directions must be 'sum' or 'mean', got {self.directions!r}")
+
+
+def jsa_loss(out: ModelOutput, cfg: LossConfig) -> dict[str, Tensor]:
+    """All loss terms of one batch from the model's output (slots B x S x d, tokens and
+    their reconstructions B x L x d).
+
+    Returns {"loss", "loss_ctr", "loss_match", "loss_div", "loss_recon"} (scalars).
+    """
+    jsa = out.jsa
+    p_img, p_aud = jsa.slots_img[:, 0], jsa.slots_aud[:, 0]
+    false_negatives = None
+    if cfg.k > 0:
+        batch = p_img.shape[0]
+        if cfg.k > batch:
+            raise ValueError(f"LossConfig.k={cfg.k} exceeds the batch size {batch}; lower k or raise the batch size")
+        false_negatives = k_reciprocal_mask(p_img.detach(), p_aud.detach(), cfg.k)
+    terms = {
+        "loss_ctr": info_nce_loss(p_img.float(), p_aud.float(), cfg.tau, false_negatives, cfg.directions),
+        "loss_match": match_loss(jsa.ca_img.float(), jsa.ia_img.float(), jsa.ca_aud.float(), jsa.ia_aud.float()),
+        "loss_div": divergence_loss(jsa.slots_img.float(), jsa.slots_aud.float()),
+        "loss_recon": reconstruction_loss(
+            out.tokens_img.float(), out.recon_img.float(), out.tokens_aud.float(), out.recon_aud.float()
+        ),
+    }
+    terms["loss"] = (
+        terms["loss_ctr"]
+        + cfg.weight_match * terms["loss_match"]
+        + cfg.weight_div * terms["loss_div"]
+        + cfg.weight_recon * terms["loss_recon"]
+    )
+    return terms
