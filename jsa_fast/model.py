@@ -17,7 +17,7 @@ from jsa_fast.fused import FusedJointSlotAttention
 from jsa_fast.metrics import minmax_normalize, upsample_map
 from jsa_fast.reference import JSAOutput
 
-__all__ = ["ModelConfig", "ModelOutput", "JSAModel", "count_parameters"]
+__all__ = ["ModelConfig", "ModelOutput", "JSAModel", "localization_maps", "count_parameters"]
 
 
 @dataclass(frozen=True)
@@ -92,22 +92,30 @@ class JSAModel(nn.Module):
         )
 
     def localize(self, image: Tensor, spec: Tensor, alpha: float = 0.6) -> tuple[Tensor, Tensor]:
-        """Sound source maps at image resolution (paper Sec. 3.5), both B x H x W in [0, 1].
-
-        Returns (min-max normalised ca^{a,v}, the IQR map). IQR (eq. 14) blends the
-        normalised upsampled maps as the released evaluation does:
-        norm(alpha norm(ca^{a,v}) + (1 - alpha) norm(ia^{v,v})).
+        """Sound source maps at image resolution (paper Sec. 3.5), both B x H x W in [0, 1]:
+        (min-max normalised ca^{a,v}, the IQR map); see `localization_maps`.
         Runs the model as it is (call .eval() first for inference without masking).
         """
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-        tokens_img, tokens_aud = self.encode(image, spec)
-        jsa = self.jsa(tokens_img, tokens_aud)
-        size = tuple(image.shape[-2:])
-        grid_h, grid_w = (resnet_output_size(n) for n in size)
-        ca = minmax_normalize(upsample_map(jsa.ca_img.float().reshape(-1, grid_h, grid_w), size))
-        ia = minmax_normalize(upsample_map(jsa.ia_img.float().reshape(-1, grid_h, grid_w), size))
-        return ca, minmax_normalize(alpha * ca + (1 - alpha) * ia)
+        jsa = self.jsa(*self.encode(image, spec))
+        return localization_maps(jsa, tuple(image.shape[-2:]), alpha)
+
+
+def localization_maps(jsa: JSAOutput, size: tuple[int, int], alpha: float = 0.6) -> tuple[Tensor, Tensor]:
+    """The ca^{a,v} map and the IQR map (eq. 14) of a JSA output, upsampled to `size`.
+
+    The B x Lv maps are laid out on the encoder's token grid for an image of `size`,
+    upsampled bilinearly (align_corners=True) and min-max normalised. IQR blends the
+    normalised maps as the released evaluation does:
+    norm(alpha norm(ca^{a,v}) + (1 - alpha) norm(ia^{v,v})). Returns two B x H x W maps.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    grid_h, grid_w = (resnet_output_size(n) for n in size)
+    if grid_h * grid_w != jsa.ca_img.shape[1]:
+        raise ValueError(f"size {size} gives a {grid_h} x {grid_w} token grid, but the maps hold {jsa.ca_img.shape[1]} tokens")
+    ca = minmax_normalize(upsample_map(jsa.ca_img.float().reshape(-1, grid_h, grid_w), size))
+    ia = minmax_normalize(upsample_map(jsa.ia_img.float().reshape(-1, grid_h, grid_w), size))
+    return ca, minmax_normalize(alpha * ca + (1 - alpha) * ia)
 
 
 def count_parameters(module: nn.Module) -> int:

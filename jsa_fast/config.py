@@ -1,0 +1,164 @@
+"""Run configuration: one flat dataclass, the presets, and the command-line overrides.
+
+Every field can be overridden on the command line as `--field-name VALUE` (underscores
+become dashes); the model, loss and preprocessing configs are derived from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from jsa_fast.data.audio import AudioConfig
+from jsa_fast.data.image import ImageConfig
+from jsa_fast.losses import LossConfig
+from jsa_fast.model import ModelConfig
+
+__all__ = ["RunConfig", "PRESETS", "add_config_arguments", "config_from_args"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs; defaults are the `paper` preset (SPEC.md)."""
+
+    # model
+    dim: int = 512
+    num_slots: int = 2
+    iters: int = 5
+    mlp_hidden: int = 1024
+    mask_prob: float = 0.1
+    encoder_width: int = 64
+    backend: str = "auto"
+    pretrained_image: str | None = None
+    pretrained_audio: str | None = None
+    # preprocessing
+    image_size: int = 224
+    train_resize: int = 246
+    color_augment: bool = False
+    audio_seconds: float = 5.0
+    n_fft: int = 512
+    win_length: int = 512
+    hop_length: int = 160
+    # loss
+    tau: float = 0.03
+    k: int = 20
+    weight_match: float = 100.0
+    weight_div: float = 0.1
+    weight_recon: float = 0.1
+    directions: str = "sum"
+    # optimisation
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    amp: str = "bf16"  # autocast dtype on CUDA ("bf16", "fp16" or "none"); CPU runs fp32
+    num_workers: int = 8
+    seed: int = 0
+    log_every: int = 10
+    # the bundled synthetic world, used when no --data is given
+    synth_train: int = 2000
+    synth_test: int = 200
+    synth_classes: int = 6
+    synth_seed: int = 0
+    synth_image_size: int = 224
+    synth_audio_seconds: float = 2.0
+
+    def model_config(self) -> ModelConfig:
+        _, bins, frames = self.audio_config().spectrogram_shape
+        return ModelConfig(
+            dim=self.dim,
+            num_slots=self.num_slots,
+            iters=self.iters,
+            mlp_hidden=self.mlp_hidden,
+            mask_prob=self.mask_prob,
+            image_size=self.image_size,
+            spec_bins=bins,
+            spec_frames=frames,
+            encoder_width=self.encoder_width,
+            backend=self.backend,
+            pretrained_image=self.pretrained_image,
+            pretrained_audio=self.pretrained_audio,
+        )
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(self.tau, self.k, self.weight_match, self.weight_div, self.weight_recon, self.directions)
+
+    def audio_config(self) -> AudioConfig:
+        return AudioConfig(
+            seconds=self.audio_seconds, n_fft=self.n_fft, win_length=self.win_length, hop_length=self.hop_length
+        )
+
+    def image_config(self) -> ImageConfig:
+        return ImageConfig(size=self.image_size, train_resize=self.train_resize, color_augment=self.color_augment)
+
+    def synth_kwargs(self) -> dict[str, Any]:
+        """Arguments of `jsa_fast.data.synth.ensure_synthetic_dataset`."""
+        return dict(
+            n_train=self.synth_train,
+            n_test=self.synth_test,
+            seed=self.synth_seed,
+            image_size=self.synth_image_size,
+            audio_seconds=self.synth_audio_seconds,
+            num_classes=self.synth_classes,
+        )
+
+
+PRESETS: dict[str, RunConfig] = {
+    "paper": RunConfig(),
+    # Small enough that the default main job (synthetic world, train, evaluate) finishes
+    # in a few minutes on a 2-core CPU while still localising.
+    "tiny": RunConfig(
+        dim=64,
+        mlp_hidden=128,
+        encoder_width=8,
+        image_size=112,
+        train_resize=124,
+        audio_seconds=1.0,
+        n_fft=256,
+        win_length=256,
+        hop_length=160,
+        k=5,
+        epochs=8,
+        batch_size=64,
+        lr=1e-3,
+        weight_decay=0.01,
+        num_workers=2,
+        log_every=5,
+        synth_image_size=128,
+    ),
+}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _parse_optional_str(text: str) -> str | None:
+    return None if text.lower() in ("", "none") else text
+
+
+_PARSERS = {int: int, float: float, bool: _parse_bool, str: str}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--preset` and one `--field-name` option per RunConfig field (default: the preset's)."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="configuration preset")
+    group = parser.add_argument_group("preset overrides")
+    for field in dataclasses.fields(RunConfig):
+        parse = _parse_optional_str if field.default is None else _PARSERS[type(field.default)]
+        flag = f"--{field.name.replace('_', '-')}"
+        group.add_argument(flag, dest=field.name, type=parse, default=None, metavar=str(field.type))
+
+
+def config_from_args(args: argparse.Namespace, default_preset: str) -> RunConfig:
+    """The preset named by --preset (or `default_preset`) with the given overrides applied."""
+    base = PRESETS[args.preset or default_preset]
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
+    return dataclasses.replace(base, **overrides)

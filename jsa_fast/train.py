@@ -1,0 +1,269 @@
+"""Train JSA: `python -m jsa_fast.train [--data ROOT] [--out runs/NAME] [--preset tiny|paper] ...`.
+
+With no --data the bundled synthetic world is built once in a cache folder and the `tiny`
+preset is trained on it. Writes OUT/last.pt (atomically, every epoch and on Ctrl-C),
+OUT/metrics.jsonl (a line per logged step and per epoch) and OUT/loss_curves.png.
+`--resume` continues exactly where OUT/last.pt stopped, mid-epoch included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from jsa_fast.checkpoint import load_checkpoint, save_checkpoint
+from jsa_fast.config import RunConfig, add_config_arguments, config_from_args
+from jsa_fast.data.datasets import AudioVisualDataset, collate_skip_none
+from jsa_fast.data.synth import ensure_synthetic_dataset
+from jsa_fast.losses import jsa_loss
+from jsa_fast.model import JSAModel
+from jsa_fast.viz import plot_loss_curves
+
+__all__ = ["main", "train", "resolve_data_root", "resolve_device", "autocast_context"]
+
+LOSS_TERMS = ("loss", "loss_ctr", "loss_match", "loss_div", "loss_recon")
+# What may differ between a run and its --resume without changing the result.
+RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "log_every"})
+
+
+def default_cache_dir() -> Path:
+    """Where the synthetic world is built: $JSA_FAST_CACHE or ~/.cache/jsa-fast."""
+    return Path(os.environ.get("JSA_FAST_CACHE", Path.home() / ".cache" / "jsa-fast"))
+
+
+def resolve_data_root(data: str | None, cfg: RunConfig) -> Path:
+    """--data when given, else the synthetic world of `cfg` (built on first use)."""
+    if data is not None:
+        root = Path(data)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data {root} is not a folder")
+        return root
+    return ensure_synthetic_dataset(default_cache_dir() / "synth", **cfg.synth_kwargs())
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, amp: str):
+    """bf16/fp16 autocast on CUDA as the config asks; CPU runs in fp32."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+    if amp not in dtypes:
+        raise ValueError(f"amp must be one of {sorted(dtypes)}, got {amp!r}")
+    if device.type != "cuda" or dtypes[amp] is None:
+        return nullcontext()
+    return torch.autocast("cuda", dtype=dtypes[amp])
+
+
+class EpochSeededDataset(Dataset):
+    """Makes each item's augmentation a function of (seed, epoch, index) alone.
+
+    The item's random draws run on a forked RNG, so they neither depend on nor disturb
+    the process's RNG (the model's masking). This is what lets --resume be exact from
+    any batch, with any number of loader workers.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            return self.dataset[index]
+
+
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, start: int) -> list[list[int]]:
+    """The epoch's shuffled full batches (the last partial one dropped), from batch `start` on."""
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(hash((seed, epoch)) & 0x7FFF_FFFF))
+    full = num_items // batch_size
+    return [order[i * batch_size : (i + 1) * batch_size].tolist() for i in range(start, full)]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """Appends one JSON object per line to OUT/metrics.jsonl."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+def _batches(loader: DataLoader, device: torch.device) -> Iterator[dict[str, Any]]:
+    for batch in loader:
+        if batch is None:  # every item of the batch was a skipped bad file
+            continue
+        yield {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+def train(
+    cfg: RunConfig, data: str | None, out: Path, device: torch.device, resume: bool = False, on_bad_file: str = "fail"
+) -> dict[str, float]:
+    """Train `cfg` on the train split of `data` (a root folder, or None for the synthetic
+    world); returns the last epoch's mean loss terms."""
+    data_root = resolve_data_root(data, cfg)
+    print(f"training on {data_root} ({device}); writing {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out / "last.pt"
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    dataset = AudioVisualDataset(data_root, "train", cfg.image_config(), cfg.audio_config(), on_bad_file)
+    if len(dataset) < cfg.batch_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {len(dataset)} training items of {data_root}")
+    seeded = EpochSeededDataset(dataset, cfg.seed)
+    model = JSAModel(cfg.model_config()).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
+    loss_cfg = cfg.loss_config()
+    epoch, batch_in_epoch, step = 0, 0, 0
+    log = MetricsLog(out / "metrics.jsonl")
+
+    if resume:
+        state = load_checkpoint(checkpoint_path)
+        changed = {
+            name: (saved, getattr(cfg, name))
+            for name, saved in state["config"].items()
+            if name not in RESUMABLE_CHANGES and getattr(cfg, name) != saved
+        }
+        if changed:
+            raise ValueError(f"--resume with a configuration other than {checkpoint_path}'s (saved, now): {changed}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        _set_rng_state(state["rng"])
+    elif log.path.exists():
+        log.path.unlink()  # a fresh run starts a fresh log
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "step": step,
+                "rng": _rng_state(),
+                "config": dataclasses.asdict(cfg),
+                "data": data,
+            },
+            checkpoint_path,
+        )
+
+    epoch_means: dict[str, float] = {}
+    model.train()
+    try:
+        while epoch < cfg.epochs:
+            seeded.epoch = epoch
+            batches = epoch_batches(len(dataset), cfg.batch_size, cfg.seed, epoch, batch_in_epoch)
+            loader = DataLoader(
+                seeded,
+                batch_sampler=batches,
+                num_workers=cfg.num_workers,
+                collate_fn=collate_skip_none,
+                pin_memory=device.type == "cuda",
+            )
+            sums = dict.fromkeys(LOSS_TERMS, 0.0)
+            seen_batches, seen_items, started = 0, 0, time.perf_counter()
+            progress = tqdm(
+                _batches(loader, device),
+                total=len(batches),
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                dynamic_ncols=True,
+                disable=None,
+            )
+            for batch in progress:
+                with autocast_context(device, cfg.amp):
+                    terms = jsa_loss(model(batch["image"], batch["spec"]), loss_cfg)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(terms["loss"]).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                batch_in_epoch += 1
+                values = {name: float(terms[name].detach()) for name in LOSS_TERMS}
+                for name, value in values.items():
+                    sums[name] += value
+                seen_batches += 1
+                seen_items += batch["image"].shape[0]
+                throughput = seen_items / (time.perf_counter() - started)
+                progress.set_postfix({name.removeprefix("loss_"): f"{v:.3g}" for name, v in values.items()} | {"samples/s": f"{throughput:.1f}"})
+                if step % cfg.log_every == 0:
+                    log.write({"kind": "step", "step": step, "epoch": epoch, **values, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": throughput})
+            if seen_batches == 0:
+                raise RuntimeError(f"epoch {epoch}: no batch could be loaded from {data_root}")
+            epoch_means = {name: total / seen_batches for name, total in sums.items()}
+            log.write({"kind": "epoch", "step": step, "epoch": epoch, **epoch_means, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": seen_items / (time.perf_counter() - started)})
+            epoch, batch_in_epoch = epoch + 1, 0
+            checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()
+        print(f"\ninterrupted: state saved to {checkpoint_path}; continue with --resume", file=sys.stderr)
+        raise
+    plot_loss_curves(log.path, out / "loss_curves.png")
+    return epoch_means
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jsa_fast.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None, help="data set root (API.md layout); default: the synthetic world")
+    parser.add_argument("--out", default="runs/default", help="output folder (last.pt, metrics.jsonl, loss_curves.png)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail")
+    parser.add_argument("--loader", choices=("torch", "auto"), default="auto", help="data loader (DALI: a later release)")
+    add_config_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args, default_preset="tiny" if args.data is None else "paper")
+    device = resolve_device(args.device)
+    try:
+        means = train(cfg, args.data, Path(args.out), device, resume=args.resume, on_bad_file=args.on_bad_file)
+    except KeyboardInterrupt:
+        return 130
+    print("last epoch: " + ", ".join(f"{name} {value:.4f}" for name, value in means.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
