@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -73,7 +74,7 @@ def autocast_context(device: torch.device, amp: str):
 
 
 class EpochSeededDataset(Dataset):
-    """Makes each item's augmentation a function of (seed, epoch, index) alone.
+    """Makes each item a function of (seed, epoch, index) alone.
 
     The item's random draws run on a forked RNG, so they neither depend on nor disturb
     the process's RNG (the model's masking). This is what lets --resume be exact from
@@ -87,9 +88,15 @@ class EpochSeededDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-            return self.dataset[index]
+        threads = torch.get_num_threads()
+        # One thread, as in a loader worker: the FFT's rounding depends on the thread count.
+        torch.set_num_threads(1)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+                return self.dataset[index]
+        finally:
+            torch.set_num_threads(threads)
 
 
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, start: int) -> list[list[int]]:
@@ -111,6 +118,26 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class DeferredInterrupt:
+    """Turns the first Ctrl-C into a request that the loop honours between steps, so a
+    checkpoint never holds a half-done step (BatchNorm statistics, optimiser state);
+    a second Ctrl-C stops at once."""
+
+    def __enter__(self) -> DeferredInterrupt:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving after this step (press again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGINT, self._previous)
 
 
 class MetricsLog:
@@ -152,6 +179,7 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
     loss_cfg = cfg.loss_config()
     epoch, batch_in_epoch, step = 0, 0, 0
+    sums = dict.fromkeys(LOSS_TERMS, 0.0)  # this epoch's running loss sums, for its summary line
     log = MetricsLog(out / "metrics.jsonl")
 
     if resume:
@@ -167,6 +195,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        sums = state["epoch_sums"]
         _set_rng_state(state["rng"])
     elif log.path.exists():
         log.path.unlink()  # a fresh run starts a fresh log
@@ -180,6 +209,7 @@ def train(
                 "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,
                 "step": step,
+                "epoch_sums": sums,
                 "rng": _rng_state(),
                 "config": dataclasses.asdict(cfg),
                 "data": data,
@@ -189,7 +219,7 @@ def train(
 
     epoch_means: dict[str, float] = {}
     model.train()
-    try:
+    with DeferredInterrupt() as interrupt:
         while epoch < cfg.epochs:
             seeded.epoch = epoch
             batches = epoch_batches(len(dataset), cfg.batch_size, cfg.seed, epoch, batch_in_epoch)
@@ -199,9 +229,11 @@ def train(
                 num_workers=cfg.num_workers,
                 collate_fn=collate_skip_none,
                 pin_memory=device.type == "cuda",
+                # its own generator: a loader would otherwise draw its worker seed from
+                # the process RNG and shift the model's masks after a mid-epoch resume
+                generator=torch.Generator().manual_seed(epoch),
             )
-            sums = dict.fromkeys(LOSS_TERMS, 0.0)
-            seen_batches, seen_items, started = 0, 0, time.perf_counter()
+            seen_items, started = 0, time.perf_counter()
             progress = tqdm(
                 _batches(loader, device),
                 total=len(batches),
@@ -221,22 +253,22 @@ def train(
                 values = {name: float(terms[name].detach()) for name in LOSS_TERMS}
                 for name, value in values.items():
                     sums[name] += value
-                seen_batches += 1
                 seen_items += batch["image"].shape[0]
                 throughput = seen_items / (time.perf_counter() - started)
                 progress.set_postfix({name.removeprefix("loss_"): f"{v:.3g}" for name, v in values.items()} | {"samples/s": f"{throughput:.1f}"})
                 if step % cfg.log_every == 0:
                     log.write({"kind": "step", "step": step, "epoch": epoch, **values, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": throughput})
-            if seen_batches == 0:
+                if interrupt.requested:
+                    progress.close()
+                    checkpoint()
+                    print(f"interrupted: state saved to {checkpoint_path}; continue with --resume", file=sys.stderr)
+                    raise KeyboardInterrupt
+            if batch_in_epoch == 0:
                 raise RuntimeError(f"epoch {epoch}: no batch could be loaded from {data_root}")
-            epoch_means = {name: total / seen_batches for name, total in sums.items()}
+            epoch_means = {name: total / batch_in_epoch for name, total in sums.items()}
             log.write({"kind": "epoch", "step": step, "epoch": epoch, **epoch_means, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": seen_items / (time.perf_counter() - started)})
-            epoch, batch_in_epoch = epoch + 1, 0
+            epoch, batch_in_epoch, sums = epoch + 1, 0, dict.fromkeys(LOSS_TERMS, 0.0)
             checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        print(f"\ninterrupted: state saved to {checkpoint_path}; continue with --resume", file=sys.stderr)
-        raise
     plot_loss_curves(log.path, out / "loss_curves.png")
     return epoch_means
 

@@ -1,0 +1,105 @@
+"""Audio preprocessing (SPEC.md "Preprocessing"): mono 16 kHz, middle clip, log spectrogram."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import soundfile
+import torch
+import torchaudio.functional as AF
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """How a clip becomes a spectrogram; the defaults are the paper's (5 s -> 1 x 257 x 501)."""
+
+    sample_rate: int = 16000
+    seconds: float = 5.0
+    n_fft: int = 512
+    win_length: int = 512
+    hop_length: int = 160
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "n_fft", "win_length", "hop_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"AudioConfig.{name} must be a positive int, got {value!r}")
+        if not self.seconds > 0:
+            raise ValueError(f"AudioConfig.seconds must be positive, got {self.seconds!r}")
+        if self.win_length > self.n_fft:
+            raise ValueError(
+                f"AudioConfig.win_length ({self.win_length}) must not exceed n_fft ({self.n_fft})"
+            )
+
+    @property
+    def num_samples(self) -> int:
+        """Length of the clip fed to the spectrogram, in samples."""
+        return round(self.sample_rate * self.seconds)
+
+    @property
+    def spectrogram_shape(self) -> tuple[int, int, int]:
+        """1 x F x T of `log_spectrogram` on a clip of `num_samples` (centred frames)."""
+        return (1, self.n_fft // 2 + 1, self.num_samples // self.hop_length + 1)
+
+
+def load_audio(path: str | Path, sample_rate: int) -> Tensor:
+    """Read any WAV soundfile understands (int, 24-bit, float; any channel count or rate).
+
+    Returns a 1-D float32 tensor: the channel average, resampled to `sample_rate`.
+    """
+    if sample_rate < 1:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    samples, file_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    if samples.shape[0] == 0:
+        raise ValueError(f"{path}: the audio file holds no samples")
+    wave = torch.from_numpy(samples).mean(dim=1)
+    if file_rate != sample_rate:
+        wave = AF.resample(wave, orig_freq=file_rate, new_freq=sample_rate)
+    return wave
+
+
+def middle_clip(wave: Tensor, num_samples: int) -> Tensor:
+    """The middle `num_samples` of a 1-D wave; a shorter wave is tiled from its start first."""
+    if wave.ndim != 1:
+        raise ValueError(f"wave must be 1-D, got shape {tuple(wave.shape)}")
+    if wave.numel() == 0:
+        raise ValueError("wave is empty")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    length = wave.numel()
+    if length < num_samples:
+        return wave.repeat(num_samples // length + 1)[:num_samples]
+    start = (length - num_samples) // 2
+    return wave[start : start + num_samples]
+
+
+def log_spectrogram(wave: Tensor, cfg: AudioConfig) -> Tensor:
+    """1-D wave -> 1 x F x T float32: log(|STFT|^2 + 1e-7) / 12.
+
+    Centred frames with reflect padding and a periodic Hann window, like
+    torchaudio.transforms.Spectrogram(n_fft, win_length, hop_length, power=2).
+    """
+    if wave.ndim != 1:
+        raise ValueError(f"wave must be 1-D, got shape {tuple(wave.shape)}")
+    power = AF.spectrogram(
+        wave.float(),
+        pad=0,
+        window=torch.hann_window(cfg.win_length, device=wave.device),
+        n_fft=cfg.n_fft,
+        hop_length=cfg.hop_length,
+        win_length=cfg.win_length,
+        power=2.0,
+        normalized=False,
+        center=True,
+        pad_mode="reflect",
+        onesided=True,
+    )
+    return (torch.log(power + 1e-7) / 12.0).unsqueeze(0)
+
+
+def wav_to_spectrogram(path: str | Path, cfg: AudioConfig) -> Tensor:
+    """SPEC.md's whole audio path: file -> mono at cfg.sample_rate -> middle clip -> 1 x F x T."""
+    wave = load_audio(path, cfg.sample_rate)
+    return log_spectrogram(middle_clip(wave, cfg.num_samples), cfg)

@@ -1,0 +1,349 @@
+"""The audio-visual data set of API.md's layout, its bad-file policy and a reproducible loader.
+
+ROOT/frames/<id>.jpg (or ROOT/videos/<id>.mp4), ROOT/audio/<id>.wav, ROOT/train.txt, and for
+the test split ROOT/test.json (VGG-SS) or ROOT/test.txt + ROOT/Annotations/<id>.xml
+(Flickr-SoundNet), optionally ROOT/masks/<id>.png (AVSBench).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import av
+import soundfile
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from jsa_fast.data.audio import AudioConfig, wav_to_spectrogram
+from jsa_fast.data.groundtruth import flickr_gt_map, load_mask, read_flickr_boxes, vggss_gt_map
+from jsa_fast.data.image import ImageConfig, eval_transform, load_image, train_transform
+
+# What decoders raise on a broken file (PIL: OSError/SyntaxError, soundfile: RuntimeError,
+# PyAV: FFmpegError, ours: ValueError).
+_DECODE_ERRORS = (OSError, RuntimeError, ValueError, EOFError, SyntaxError, av.FFmpegError)
+
+
+class BadFilesError(ValueError):
+    """Files of a data set that are missing or do not decode.
+
+    `problems` holds (path, reason) pairs; the message lists them all. The message-only
+    constructor lets DataLoader workers re-raise it in the main process.
+    """
+
+    def __init__(self, message: str, problems: Sequence[tuple[Path, str]] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+
+    @classmethod
+    def from_problems(cls, problems: Sequence[tuple[Path, str]]) -> BadFilesError:
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in problems)
+        return cls(f"{len(problems)} bad file(s):\n{listing}", problems)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    id: str
+    image_path: Path
+    audio_path: Path
+    label: int
+    boxes: tuple[tuple[float, ...], ...]  # VGG-SS: fractions; Flickr: 256 x 256 pixels; train: ()
+    mask_path: Path | None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: list file not found") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from error
+
+
+def _check_unique_ids(ids: Sequence[str], path: Path) -> None:
+    repeated = sorted(name for name, count in Counter(ids).items() if count > 1)
+    if repeated:
+        raise ValueError(f"{path}: ids listed more than once: {repeated}")
+
+
+def read_id_list(path: Path) -> list[str]:
+    """Ids of a train.txt / test.txt, one per line (blank lines ignored), in file order."""
+    ids = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"{path}: the list file names no ids (it is empty)")
+    malformed = [name for name in ids if "/" in name or any(char.isspace() for char in name)]
+    if malformed:
+        raise ValueError(f"{path}: ids must be single words without '/', got {malformed}")
+    _check_unique_ids(ids, path)
+    return ids
+
+
+def _is_box(box: Any) -> bool:
+    return (
+        isinstance(box, list)
+        and len(box) == 4
+        and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in box)
+    )
+
+
+def read_vggss_json(path: Path) -> list[tuple[str, str, tuple[tuple[float, ...], ...]]]:
+    """(id, class name, boxes) per entry of a VGG-SS test.json, in file order."""
+    try:
+        entries = json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: must be a non-empty JSON list of {{file, class, bbox}} objects")
+    records = []
+    for index, entry in enumerate(entries):
+        valid = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("file"), str)
+            and entry["file"].strip()
+            and isinstance(entry.get("class"), str)
+            and isinstance(entry.get("bbox"), list)
+            and entry["bbox"]
+            and all(_is_box(box) for box in entry["bbox"])
+        )
+        if not valid:
+            raise ValueError(
+                f"{path}: entry {index} must be {{'file': str, 'class': str, "
+                f"'bbox': [[x0, y0, x1, y1], ...]}}, got {entry!r}"
+            )
+        boxes = tuple(tuple(float(c) for c in box) for box in entry["bbox"])
+        records.append((entry["file"].strip(), entry["class"], boxes))
+    _check_unique_ids([record[0] for record in records], path)
+    return records
+
+
+# Header probes: each returns why the file is unusable, or None. Any exception a library
+# raises while opening a file means just that, hence the broad catches.
+def _probe_image(path: Path) -> str | None:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:  # noqa: BLE001
+        return f"not a readable image ({error})"
+    return None
+
+
+def _probe_video(path: Path) -> str | None:
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return "the file has no video stream"
+    except Exception as error:  # noqa: BLE001
+        return f"not a readable video ({error})"
+    return None
+
+
+def _probe_audio(path: Path) -> str | None:
+    try:
+        info = soundfile.info(str(path))
+    except Exception as error:  # noqa: BLE001
+        return f"not a readable audio file ({error})"
+    return None if info.frames > 0 else "the audio file holds no samples"
+
+
+def _decode(path: Path, read: Callable[[Path], Any]) -> Any:
+    try:
+        return read(path)
+    except _DECODE_ERRORS as error:
+        raise BadFilesError.from_problems([(path, f"cannot decode ({error})")]) from error
+
+
+class AudioVisualDataset(Dataset):
+    """Image-audio pairs of one split of a data set in API.md's layout.
+
+    An item is a dict: image 3 x H x W float32 (H = W = image_cfg.size), spec 1 x F x T
+    float32, id str, label int (index into `classes`; -1 when unknown: train split, Flickr),
+    and for the test split gt H x W float32 (VGG-SS union map in {0, 1} or Flickr consensus
+    map in {0, 0.5, 1}) plus mask H x W float32 in {0, 1} when ROOT/masks/ has them.
+
+    Every listed id's files are checked at construction (exist, headers open). on_bad_file:
+    "fail" raises one BadFilesError listing every problem; "skip" drops those ids and warns
+    once with the full list. A file that fails to decode later raises BadFilesError naming
+    it ("fail") or makes __getitem__ return None with a warning ("skip"; batch with
+    `collate_skip_none`).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: Literal["train", "test"],
+        image_cfg: ImageConfig = ImageConfig(),
+        audio_cfg: AudioConfig = AudioConfig(),
+        on_bad_file: Literal["fail", "skip"] = "fail",
+    ) -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if on_bad_file not in ("fail", "skip"):
+            raise ValueError(f"on_bad_file must be 'fail' or 'skip', got {on_bad_file!r}")
+        self.root = Path(root)
+        self.split = split
+        self.image_cfg = image_cfg
+        self.audio_cfg = audio_cfg
+        self.on_bad_file = on_bad_file
+        self._image_transform = (
+            train_transform(image_cfg) if split == "train" else eval_transform(image_cfg)
+        )
+
+        problems: dict[str, list[tuple[Path, str]]] = {}
+        self.classes: list[str] = []
+        self.gt_format: Literal["vggss", "flickr"] | None = None
+        if split == "train":
+            records = [(name, -1, ()) for name in read_id_list(self.root / "train.txt")]
+        elif (self.root / "test.json").exists():
+            self.gt_format = "vggss"
+            vggss = read_vggss_json(self.root / "test.json")
+            self.classes = sorted({class_name for _, class_name, _ in vggss})
+            class_index = {name: index for index, name in enumerate(self.classes)}
+            records = [(name, class_index[class_name], boxes) for name, class_name, boxes in vggss]
+        elif (self.root / "test.txt").exists():
+            self.gt_format = "flickr"
+            records = []
+            for name in read_id_list(self.root / "test.txt"):
+                xml_path = self.root / "Annotations" / f"{name}.xml"
+                try:
+                    boxes = tuple(read_flickr_boxes(xml_path))
+                except (OSError, ValueError) as error:
+                    boxes = ()
+                    problems[name] = [(xml_path, f"bad annotation ({error})")]
+                records.append((name, -1, boxes))
+        else:
+            raise FileNotFoundError(
+                f"{self.root}: the test split needs test.json (VGG-SS) or test.txt with "
+                "Annotations/<id>.xml (Flickr-SoundNet); neither exists"
+            )
+
+        mask_paths = self._find_masks([name for name, _, _ in records])
+        entries = []
+        for name, label, boxes in records:
+            entry, entry_problems = self._probe_entry(name, label, boxes, mask_paths.get(name))
+            if entry_problems:
+                problems.setdefault(name, []).extend(entry_problems)
+            elif name not in problems:
+                entries.append(entry)
+        if problems:
+            error = BadFilesError.from_problems([p for name in problems for p in problems[name]])
+            if on_bad_file == "fail":
+                raise error
+            warnings.warn(f"skipping {len(problems)} id(s) of {self.root}: {error}", stacklevel=2)
+        if not entries:
+            raise ValueError(f"{self.root}: no usable {split} items remain")
+        self._entries = entries
+
+    def _find_masks(self, ids: Sequence[str]) -> dict[str, Path]:
+        """ROOT/masks/<id>.png of every test id, or {} when there are none."""
+        if self.split != "test":
+            return {}
+        paths = {name: self.root / "masks" / f"{name}.png" for name in ids}
+        present = {name: path for name, path in paths.items() if path.exists()}
+        missing = [name for name in ids if name not in present]
+        if present and missing:
+            raise ValueError(
+                f"{self.root / 'masks'}: masks exist for some test ids but not for {missing}"
+            )
+        return present
+
+    def _probe_entry(
+        self, name: str, label: int, boxes: tuple, mask_path: Path | None
+    ) -> tuple[_Entry, list[tuple[Path, str]]]:
+        problems = []
+        image_path = self.root / "frames" / f"{name}.jpg"
+        video_path = self.root / "videos" / f"{name}.mp4"
+        if image_path.exists():
+            reason = _probe_image(image_path)
+        elif video_path.exists():
+            image_path, reason = video_path, _probe_video(video_path)
+        else:
+            reason = f"missing (no {video_path} either)"
+        if reason:
+            problems.append((image_path, reason))
+        audio_path = self.root / "audio" / f"{name}.wav"
+        reason = _probe_audio(audio_path) if audio_path.exists() else "missing"
+        if reason:
+            problems.append((audio_path, reason))
+        if mask_path is not None and (reason := _probe_image(mask_path)):
+            problems.append((mask_path, reason))
+        return _Entry(name, image_path, audio_path, label, boxes, mask_path), problems
+
+    @property
+    def ids(self) -> list[str]:
+        """Ids of the items, in list-file order (bad ones dropped under on_bad_file='skip')."""
+        return [entry.id for entry in self._entries]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        entry = self._entries[index]
+        try:
+            return self._load(entry)
+        except BadFilesError as error:
+            if self.on_bad_file == "fail":
+                raise
+            warnings.warn(f"skipping {entry.id}: {error}", stacklevel=2)
+            return None
+
+    def _load(self, entry: _Entry) -> dict[str, Any]:
+        size = self.image_cfg.size
+        item: dict[str, Any] = {
+            "image": self._image_transform(_decode(entry.image_path, load_image)),
+            "spec": _decode(
+                entry.audio_path, lambda path: wav_to_spectrogram(path, self.audio_cfg)
+            ),
+            "id": entry.id,
+            "label": entry.label,
+        }
+        if self.split == "test":
+            make_map = vggss_gt_map if self.gt_format == "vggss" else flickr_gt_map
+            item["gt"] = make_map(entry.boxes, size)
+            if entry.mask_path is not None:
+                item["mask"] = _decode(entry.mask_path, lambda path: load_mask(path, size))
+        return item
+
+
+def collate_skip_none(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """default_collate over the items that are not None; None when every item was dropped.
+
+    Batched: image B x 3 x H x W, spec B x 1 x F x T, id list of str, label B int64,
+    gt / mask B x H x W.
+    """
+    items = [item for item in batch if item is not None]
+    return default_collate(items) if items else None
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    seed: int,
+    drop_last: bool,
+) -> DataLoader:
+    """A DataLoader whose shuffling and worker RNG seeds come from torch.Generator(seed).
+
+    Batches go through `collate_skip_none`, so a batch may be None (all items dropped).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate_skip_none,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )

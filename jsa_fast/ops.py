@@ -1,0 +1,66 @@
+"""Custom ops of jsa_fast._C, with PyTorch fallbacks.
+
+k_reciprocal_mask runs the extension's kernel for the tensors' device when it has one
+(CPU today) and `jsa_fast.reference.k_reciprocal_mask` otherwise; both give the same
+mask bit for bit.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from jsa_fast import reference
+
+__all__ = ["k_reciprocal_mask", "extension_available"]
+
+_OP_NAME = "jsa_fast::k_reciprocal_mask"
+
+try:
+    import jsa_fast._C  # noqa: F401  (loading the library registers torch.ops.jsa_fast.*)
+except ImportError as error:
+    warnings.warn(
+        f"jsa_fast._C failed to import ({error}); k_reciprocal_mask falls back to the PyTorch "
+        "reference. Build the extension with `pip install -e . --no-build-isolation`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    _KERNEL_DEVICE_TYPES: frozenset[str] = frozenset()
+else:
+    # Looked up once here, not per call: torch.compile can trace a set lookup but not the
+    # dispatcher query.
+    _KERNEL_DEVICE_TYPES = frozenset(
+        device_type
+        for device_type, dispatch_key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key(_OP_NAME, dispatch_key)
+    )
+
+    @torch.library.register_fake(_OP_NAME)
+    def _k_reciprocal_mask_fake(z_img: Tensor, z_aud: Tensor, k: int) -> Tensor:
+        batch = z_img.shape[0]
+        return z_img.new_empty((batch, batch), dtype=torch.bool)
+
+
+def extension_available(device: torch.device | str) -> bool:
+    """Whether jsa_fast._C imported and has a k_reciprocal_mask kernel for `device`."""
+    return torch.device(device).type in _KERNEL_DEVICE_TYPES
+
+
+def k_reciprocal_mask(z_img: Tensor, z_aud: Tensor, k: int = 20) -> Tensor:
+    """Predicted false negatives R (paper eq. 12-13), as in SPEC.md.
+
+    z_img, z_aud: B x D float (fp32, fp64, bf16, fp16; rows are L2-normalised inside)
+    -> B x B bool, diagonal False. R[i, j] says that j is among the k rows nearest to i
+    and i among the k nearest to j, by cosine similarity of both the image and the audio
+    rows (self included, ties to the lower index). Raises ValueError for k < 1, k > B,
+    mismatched shapes, non-float or non-finite input.
+    """
+    if not torch.compiler.is_compiling():
+        # The finiteness check reads the data, which a compiled graph cannot branch on;
+        # the C++ kernel repeats every check, so compiled callers get the ValueError too.
+        reference.check_k_reciprocal_inputs(z_img, z_aud, k)
+    if extension_available(z_img.device):
+        return torch.ops.jsa_fast.k_reciprocal_mask(z_img, z_aud, k)
+    return reference.k_reciprocal_mask(z_img, z_aud, k)

@@ -1,0 +1,191 @@
+"""Training and evaluation end to end on a micro synthetic world: outputs, exact resume,
+Ctrl-C, and the CLIs."""
+
+import dataclasses
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from jsa_fast import train as train_module
+from jsa_fast.checkpoint import load_checkpoint, save_checkpoint
+from jsa_fast.config import PRESETS, RunConfig, add_config_arguments, config_from_args
+from jsa_fast.data.synth import generate_synthetic_dataset
+from jsa_fast.evaluate import main as evaluate_main
+from jsa_fast.train import epoch_batches, main as train_main, train
+
+MICRO = dataclasses.replace(
+    PRESETS["tiny"],
+    dim=16,
+    mlp_hidden=32,
+    encoder_width=4,
+    image_size=64,
+    train_resize=72,
+    audio_seconds=0.5,
+    n_fft=64,
+    win_length=64,
+    k=2,
+    epochs=2,
+    batch_size=4,
+    num_workers=0,
+    log_every=1,
+)
+MICRO_FLAGS = [
+    "--dim", "16", "--mlp-hidden", "32", "--encoder-width", "4", "--image-size", "64", "--train-resize", "72",
+    "--audio-seconds", "0.5", "--n-fft", "64", "--win-length", "64", "--k", "2", "--batch-size", "4",
+    "--num-workers", "0", "--log-every", "1",
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("world"), n_train=10, n_test=6, seed=3, image_size=64, audio_seconds=1.0)
+
+
+def run(cfg: RunConfig, world: Path, out: Path, resume: bool = False) -> dict[str, float]:
+    return train(cfg, str(world), out, torch.device("cpu"), resume=resume)
+
+
+def final_state(out: Path) -> dict:
+    return load_checkpoint(out / "last.pt")
+
+
+def assert_same_parameters(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def metric_lines(out: Path) -> list[tuple]:
+    """What a run logged, less the timings."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [tuple((k, v) for k, v in r.items() if k != "samples_per_s") for r in records]
+
+
+def test_training_writes_checkpoint_metrics_and_curves(world, tmp_path):
+    means = run(MICRO, world, tmp_path)
+    assert set(means) == {"loss", "loss_ctr", "loss_match", "loss_div", "loss_recon"}
+    state = final_state(tmp_path)
+    assert state["epoch"] == 2 and state["step"] == 4 and state["batch_in_epoch"] == 0
+    assert RunConfig(**state["config"]) == MICRO
+    assert {"model", "optimizer", "scaler", "rng"} <= set(state)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and [r["epoch"] for r in epochs] == [0, 1]
+    for record in records:
+        assert {"step", "epoch", "loss", "loss_ctr", "loss_match", "loss_div", "loss_recon", "lr", "samples_per_s"} <= set(record)
+    assert epochs[1]["loss"] == pytest.approx(means["loss"])
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+    assert not list(tmp_path.glob(".last.pt.*"))  # no temporary checkpoint left behind
+
+
+def test_resume_continues_exactly(world, tmp_path):
+    straight = tmp_path / "straight"
+    run(MICRO, world, straight)
+    split = tmp_path / "split"
+    run(dataclasses.replace(MICRO, epochs=1), world, split)
+    run(MICRO, world, split, resume=True)
+    assert_same_parameters(final_state(straight)["model"], final_state(split)["model"])
+    assert metric_lines(straight) == metric_lines(split)
+
+
+def test_ctrl_c_saves_and_resume_is_exact_mid_epoch(world, tmp_path, monkeypatch):
+    cfg = dataclasses.replace(MICRO, batch_size=3)  # 3 batches per epoch
+    straight = tmp_path / "straight"
+    run(dataclasses.replace(cfg, num_workers=1), world, straight)
+    interrupted = tmp_path / "interrupted"
+    real_loss = train_module.jsa_loss
+    calls = {"n": 0}
+
+    def ctrl_c_during_fifth_step(out, loss_cfg):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(out, loss_cfg)
+
+    monkeypatch.setattr(train_module, "jsa_loss", ctrl_c_during_fifth_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, world, interrupted)
+    state = final_state(interrupted)  # the step in progress was finished first
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 2, 5)
+    monkeypatch.setattr(train_module, "jsa_loss", real_loss)
+    # Resume with a loader worker: augmentation depends on (seed, epoch, index) only.
+    run(dataclasses.replace(cfg, num_workers=1), world, interrupted, resume=True)
+    assert_same_parameters(final_state(straight)["model"], final_state(interrupted)["model"])
+    assert metric_lines(straight) == metric_lines(interrupted)
+
+
+def test_resume_refuses_a_different_configuration(world, tmp_path):
+    run(dataclasses.replace(MICRO, epochs=1), world, tmp_path)
+    with pytest.raises(ValueError, match="lr"):
+        run(dataclasses.replace(MICRO, lr=0.5), world, tmp_path, resume=True)
+
+
+def test_epoch_batches_are_seeded_and_drop_the_last_partial_batch():
+    first = epoch_batches(10, 4, seed=1, epoch=0, start=0)
+    assert len(first) == 2 and all(len(b) == 4 for b in first)
+    assert len(set(first[0] + first[1])) == 8
+    assert first == epoch_batches(10, 4, seed=1, epoch=0, start=0)
+    assert first != epoch_batches(10, 4, seed=1, epoch=1, start=0)
+    assert epoch_batches(10, 4, seed=1, epoch=0, start=1) == first[1:]
+
+
+def test_batch_larger_than_the_data_set_is_a_clear_error(world, tmp_path):
+    with pytest.raises(ValueError, match="batch-size"):
+        run(dataclasses.replace(MICRO, batch_size=64), world, tmp_path)
+
+
+def test_checkpoints_are_loaded_as_untrusted_input(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("arbitrary code",))
+
+    torch.save({"model": {}, "config": {}, "payload": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="safely"):
+        load_checkpoint(tmp_path / "evil.pt")
+    save_checkpoint({"weights": torch.ones(2)}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="not a jsa-fast checkpoint"):
+        load_checkpoint(tmp_path / "partial.pt")
+
+
+def test_preset_overrides_from_the_command_line():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--lr", "0.5", "--color-augment", "true", "--pretrained-image", "w.pth"])
+    cfg = config_from_args(args, default_preset="paper")
+    assert cfg == dataclasses.replace(PRESETS["tiny"], lr=0.5, color_augment=True, pretrained_image="w.pth")
+    assert config_from_args(parser.parse_args([]), default_preset="paper") == PRESETS["paper"]
+
+
+def test_paper_preset_is_the_paper():
+    paper = PRESETS["paper"]
+    assert (paper.batch_size, paper.lr, paper.weight_decay, paper.epochs, paper.amp) == (256, 5e-5, 0.01, 100, "bf16")
+    model = paper.model_config()
+    assert (model.dim, model.num_slots, model.iters, model.spec_bins, model.spec_frames) == (512, 2, 5, 257, 501)
+    assert model.image_grid == (7, 7) and model.audio_tokens == 16
+    loss = paper.loss_config()
+    assert (loss.tau, loss.k, loss.weight_match, loss.weight_div, loss.weight_recon) == (0.03, 20, 100.0, 0.1, 0.1)
+
+
+def test_train_and_evaluate_command_lines(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(["--data", str(world), "--out", str(out), "--preset", "tiny", "--epochs", "1", *MICRO_FLAGS]) == 0
+    eval_dir = tmp_path / "eval"
+    assert evaluate_main(["--checkpoint", str(out / "last.pt"), "--out", str(eval_dir), "--overlays", "3", "--num-workers", "0"]) == 0
+    results = json.loads((eval_dir / "eval.json").read_text())
+    keys = {"ap50", "auc", "ap50_iqr", "auc_iqr", "r1_a2i", "r5_a2i", "r10_a2i", "r1_i2a", "r5_i2a", "r10_i2a", "n", "miou", "fscore"}
+    assert keys <= set(results) and results["n"] == 6
+    for key in keys - {"n"}:
+        assert 0.0 <= results[key] <= 1.0, key
+    assert len(list((eval_dir / "overlays").glob("*.png"))) == 3
+    printed = capsys.readouterr().out
+    assert "AP50" in printed and "R@1" in printed
+    fixed = tmp_path / "fixed"
+    assert evaluate_main(["--checkpoint", str(out / "last.pt"), "--out", str(fixed), "--threshold", "0.6", "--alpha", "0.4", "--num-workers", "0"]) == 0
+    assert json.loads((fixed / "eval.json").read_text())["threshold"] == 0.6
