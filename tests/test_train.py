@@ -189,3 +189,30 @@ def test_train_and_evaluate_command_lines(world, tmp_path, capsys):
     fixed = tmp_path / "fixed"
     assert evaluate_main(["--checkpoint", str(out / "last.pt"), "--out", str(fixed), "--threshold", "0.6", "--alpha", "0.4", "--num-workers", "0"]) == 0
     assert json.loads((fixed / "eval.json").read_text())["threshold"] == 0.6
+
+
+def test_evaluate_on_flickr_ground_truth(world, tmp_path):
+    import shutil
+
+    flickr = tmp_path / "flickr"
+    shutil.copytree(world, flickr)
+    (flickr / "test.json").unlink()  # leaves test.txt + Annotations/ (Flickr-SoundNet layout)
+    shutil.rmtree(flickr / "masks")
+    out = tmp_path / "run"
+    run(dataclasses.replace(MICRO, epochs=1), world, out)
+    assert evaluate_main(["--checkpoint", str(out / "last.pt"), "--data", str(flickr), "--out", str(tmp_path / "eval"), "--num-workers", "0"]) == 0
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert results["n"] == 6 and 0.0 <= results["ap50"] <= 1.0
+    assert results["r1_a2i"] is None and "miou" not in results  # Flickr carries no classes, no masks
+
+
+def test_a_broken_file_is_reported_or_skipped(world, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(world, broken)
+    (broken / "audio" / "train_000004.wav").write_bytes(b"not a wav file")
+    with pytest.raises(ValueError, match="train_000004.wav"):
+        run(dataclasses.replace(MICRO, epochs=1), broken, tmp_path / "fail")
+    train(dataclasses.replace(MICRO, epochs=1), str(broken), tmp_path / "skip", torch.device("cpu"), on_bad_file="skip")
+    assert final_state(tmp_path / "skip")["step"] == 2  # 9 usable items: 2 full batches of 4
