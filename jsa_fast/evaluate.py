@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from jsa_fast.checkpoint import load_checkpoint
 from jsa_fast.config import RunConfig
+from jsa_fast.data.dali import dali_available, make_dali_loader
 from jsa_fast.data.datasets import AudioVisualDataset, make_loader
 from jsa_fast.metrics import LocalizationEvaluator, SegmentationEvaluator, centre_prior_map, cross_modal_retrieval
 from jsa_fast.model import JSAModel, localization_maps
@@ -41,28 +43,39 @@ def _threshold(text: str) -> str | float:
     return value
 
 
+def test_loader(
+    kind: str, dataset: AudioVisualDataset, device: torch.device, batch_size: int, num_workers: int
+) -> Iterable[dict[str, Any] | None]:
+    """Batches of a test split in order: the PyTorch DataLoader ("torch") or DALI ("dali";
+    "auto" picks DALI for a CUDA device when it is installed)."""
+    if kind == "auto":
+        kind = "dali" if device.type == "cuda" and dali_available(device) else "torch"
+    if kind == "dali":
+        return make_dali_loader(dataset, batch_size, shuffle=False, seed=0, device=device)
+    return make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, seed=0, drop_last=False)
+
+
 @torch.no_grad()
 def evaluate(
     model: JSAModel,
-    dataset: AudioVisualDataset,
+    loader: Iterable[dict[str, Any] | None],
+    image_size: int,
     device: torch.device,
     threshold: str | float = "median",
     alpha: float = 0.6,
-    batch_size: int = 32,
-    num_workers: int = 0,
     amp: str = "none",
     overlays: int = 16,
     out: Path | None = None,
 ) -> dict[str, Any]:
-    """All metrics of `model` on a test split; overlays of the first `overlays` samples go
-    to out/overlays when `out` is given."""
+    """All metrics of `model` over a test loader's batches (image_size x image_size
+    images); overlays of the first `overlays` samples go to out/overlays when `out` is
+    given."""
     model.eval()
     loc, loc_iqr, baseline = (LocalizationEvaluator(threshold) for _ in range(3))
     segmentation = SegmentationEvaluator()
     slots_img, slots_aud, labels, pictures = [], [], [], []
-    size = (dataset.image_cfg.size, dataset.image_cfg.size)
+    size = (image_size, image_size)
     prior = centre_prior_map(*size)
-    loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, seed=0, drop_last=False)
     for batch in tqdm(loader, desc="evaluate", dynamic_ncols=True, disable=None):
         if batch is None:
             continue
@@ -70,17 +83,17 @@ def evaluate(
         with autocast_context(device, amp):
             jsa = model.jsa(*model.encode(image, spec))
         ca, iqr = (m.cpu() for m in localization_maps(jsa, size, alpha))
-        for i, gt in enumerate(batch["gt"]):
+        for i, gt in enumerate(batch["gt"].cpu()):
             loc.update(ca[i], gt)
             loc_iqr.update(iqr[i], gt)
             baseline.update(prior, gt)
             if "mask" in batch:
-                segmentation.update(ca[i], batch["mask"][i])
+                segmentation.update(ca[i], batch["mask"][i].cpu())
             if len(pictures) < overlays:
-                pictures.append((batch["id"][i], overlay_heatmap(batch["image"][i], ca[i], gt_map=gt)))
+                pictures.append((batch["id"][i], overlay_heatmap(batch["image"][i].cpu(), ca[i], gt_map=gt)))
         slots_img.append(jsa.slots_img[:, 0].float().cpu())
         slots_aud.append(jsa.slots_aud[:, 0].float().cpu())
-        labels.append(batch["label"])
+        labels.append(batch["label"].cpu())
     if not slots_img:
         raise RuntimeError("no test sample could be loaded")
 
@@ -132,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--overlays", type=int, default=16, help="heatmap overlays to save")
     parser.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail")
-    parser.add_argument("--loader", choices=("torch", "auto"), default="auto", help="data loader (DALI: a later release)")
+    parser.add_argument("--loader", choices=("torch", "dali", "auto"), default="auto", help="auto: DALI for CUDA when installed")
     return parser
 
 
@@ -148,9 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     dataset = AudioVisualDataset(data_root, "test", cfg.image_config(), cfg.audio_config(), args.on_bad_file)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    results = evaluate(
-        model, dataset, device, args.threshold, args.alpha, args.batch_size, args.num_workers, cfg.amp, args.overlays, out
-    )
+    loader = test_loader(args.loader, dataset, device, args.batch_size, args.num_workers)
+    results = evaluate(model, loader, cfg.image_size, device, args.threshold, args.alpha, cfg.amp, args.overlays, out)
     results.update(checkpoint=str(args.checkpoint), data=str(data_root))
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     print(format_table(results))

@@ -52,6 +52,28 @@ class JSAOutput(NamedTuple):
     ia_aud: Tensor
     ca_aud: Tensor
 
+    @classmethod
+    def from_last_iteration(
+        cls,
+        slots_img: Tensor,
+        slots_aud: Tensor,
+        q_img: Tensor,
+        q_aud: Tensor,
+        attn_img: Tensor,
+        attn_aud: Tensor,
+        cross_img: Tensor,
+        cross_aud: Tensor,
+        dtype: torch.dtype,
+    ) -> JSAOutput:
+        """Assemble the output in `dtype`; cross_img: B x Lv x S, Â of the audio queries on
+        the image keys, cross_aud: B x La x S, Â of the image queries on the audio keys.
+        The maps are the slot-0 (target) columns."""
+        out = cls(
+            slots_img, slots_aud, q_img, q_aud, attn_img, attn_aud,
+            ia_img=attn_img[..., 0], ca_img=cross_img[..., 0], ia_aud=attn_aud[..., 0], ca_aud=cross_aud[..., 0],
+        )  # fmt: skip
+        return cls(*(t.to(dtype) for t in out))
+
 
 def slot_attention(q: Tensor, k: Tensor, eps: float) -> Tensor:
     """Key-normalised slot attention Â (paper eq. 3-4).
@@ -80,14 +102,18 @@ class ModalitySlotAttention(nn.Module):
         self.gru = nn.GRUCell(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, dim))
 
-    def keys_values(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """x: B x L x d tokens, mask: B x L bool or None -> K, V: B x L x d.
+    def normalised_tokens(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """LN_in(x): x B x L x d tokens, mask B x L bool or None -> B x L x d.
 
         Masked tokens are replaced by the mask token before LayerNorm_in.
         """
         if mask is not None:
             x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = self.norm_input(x)
+        return self.norm_input(x)
+
+    def keys_values(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x: B x L x d tokens, mask: B x L bool or None -> K, V: B x L x d."""
+        x = self.normalised_tokens(x, mask)
         return self.to_k(x), self.to_v(x)
 
     def iterate(self, slots: Tensor, k: Tensor, v: Tensor, iters: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -192,29 +218,17 @@ class JointSlotAttention(nn.Module):
         self, x_img: Tensor, x_aud: Tensor, mask_img: Tensor | None = None, mask_aud: Tensor | None = None
     ) -> JSAOutput:
         mask_img, mask_aud = self.resolve_masks(x_img, x_aud, mask_img, mask_aud)
-        out_dtype = x_img.dtype
         compute_dtype = self.slots_init.dtype
-        x_img, x_aud = x_img.to(compute_dtype), x_aud.to(compute_dtype)
-
-        k_img, v_img = self.image.keys_values(x_img, mask_img)
-        k_aud, v_aud = self.audio.keys_values(x_aud, mask_aud)
+        k_img, v_img = self.image.keys_values(x_img.to(compute_dtype), mask_img)
+        k_aud, v_aud = self.audio.keys_values(x_aud.to(compute_dtype), mask_aud)
         slots_0 = self.slots_init.expand(x_img.shape[0], -1, -1)
         slots_img, q_img, attn_img = self.image.iterate(slots_0, k_img, v_img, self.iters, self.eps)
         slots_aud, q_aud, attn_aud = self.audio.iterate(slots_0, k_aud, v_aud, self.iters, self.eps)
-
-        out = JSAOutput(
-            slots_img=slots_img,
-            slots_aud=slots_aud,
-            q_img=q_img,
-            q_aud=q_aud,
-            attn_img=attn_img,
-            attn_aud=attn_aud,
-            ia_img=attn_img[..., 0],
-            ca_img=slot_attention(q_aud, k_img, self.eps)[..., 0],
-            ia_aud=attn_aud[..., 0],
-            ca_aud=slot_attention(q_img, k_aud, self.eps)[..., 0],
-        )
-        return JSAOutput(*(t.to(out_dtype) for t in out))
+        return JSAOutput.from_last_iteration(
+            slots_img, slots_aud, q_img, q_aud, attn_img, attn_aud,
+            cross_img=slot_attention(q_aud, k_img, self.eps), cross_aud=slot_attention(q_img, k_aud, self.eps),
+            dtype=x_img.dtype,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------

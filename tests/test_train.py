@@ -216,3 +216,21 @@ def test_a_broken_file_is_reported_or_skipped(world, tmp_path):
         run(dataclasses.replace(MICRO, epochs=1), broken, tmp_path / "fail")
     train(dataclasses.replace(MICRO, epochs=1), str(broken), tmp_path / "skip", torch.device("cpu"), on_bad_file="skip")
     assert final_state(tmp_path / "skip")["step"] == 2  # 9 usable items: 2 full batches of 4
+
+
+def test_evaluate_with_the_dali_loader_on_cpu_matches_the_torch_loader(world, tmp_path):
+    from jsa_fast.data.dali import dali_available
+
+    if not dali_available("cpu"):
+        pytest.skip("nvidia-dali-cuda130 is not installed (pip install -r requirements-dali.txt; `make test` does)")
+    out = tmp_path / "run"
+    run(dataclasses.replace(MICRO, epochs=1), world, out)
+    results = {}
+    for loader in ("torch", "dali"):
+        args = ["--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / loader), "--num-workers", "0", "--device", "cpu"]
+        assert evaluate_main([*args, "--loader", loader]) == 0
+        results[loader] = json.loads((tmp_path / loader / "eval.json").read_text())
+    assert results["torch"]["n"] == results["dali"]["n"] == 6
+    # Images differ by at most a few grey levels (DALI's resize vs PIL's): the metrics agree closely.
+    for key in ("mean_ciou", "mean_ciou_iqr", "mean_ciou_centre_prior"):
+        assert results["dali"][key] == pytest.approx(results["torch"][key], abs=0.05), key

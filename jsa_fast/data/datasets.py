@@ -237,7 +237,7 @@ class AudioVisualDataset(Dataset):
             warnings.warn(f"skipping {len(problems)} id(s) of {self.root}: {error}", stacklevel=2)
         if not entries:
             raise ValueError(f"{self.root}: no usable {split} items remain")
-        self._entries = entries
+        self._entries = tuple(entries)
 
     def _find_masks(self, ids: Sequence[str]) -> dict[str, Path]:
         """ROOT/masks/<id>.png of every test id, or {} when there are none."""
@@ -293,16 +293,25 @@ class AudioVisualDataset(Dataset):
             return None
 
     def _load(self, entry: _Entry) -> dict[str, Any]:
-        size = self.image_cfg.size
-        item: dict[str, Any] = {
+        return {
             "image": self._image_transform(_decode(entry.image_path, load_image)),
             "spec": _decode(
                 entry.audio_path, lambda path: wav_to_spectrogram(path, self.audio_cfg)
             ),
-            "id": entry.id,
-            "label": entry.label,
+            **self.annotations(entry),
         }
+
+    @property
+    def entries(self) -> tuple[_Entry, ...]:
+        """The items' file paths and annotations, in `ids` order (read-only)."""
+        return self._entries
+
+    def annotations(self, entry: _Entry) -> dict[str, Any]:
+        """What an item holds besides its image and spec: id, label, and for the test
+        split gt (and mask when the data set has masks), both H x W float32."""
+        item: dict[str, Any] = {"id": entry.id, "label": entry.label}
         if self.split == "test":
+            size = self.image_cfg.size
             make_map = vggss_gt_map if self.gt_format == "vggss" else flickr_gt_map
             item["gt"] = make_map(entry.boxes, size)
             if entry.mask_path is not None:

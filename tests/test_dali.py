@@ -1,0 +1,256 @@
+"""The DALI data path against the PyTorch one (jsa_fast.data.datasets), sample by sample.
+
+Runs DALI's CPU operators here (device "cpu", device_id=None); the GPU variants are marked
+gpu. Without nvidia.dali the DALI tests skip with the reason; `shard_batches` runs anyway.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from jsa_fast.data import AudioConfig, AudioVisualDataset, BadFilesError, ImageConfig, eval_transform, load_image
+from jsa_fast.data.dali import dali_available, make_dali_loader, shard_batches
+from jsa_fast.data.synth import generate_synthetic_dataset
+from jsa_fast.train import epoch_batches
+
+needs_dali = pytest.mark.skipif(
+    not dali_available("cpu"), reason="nvidia.dali is not installed (pip install -r requirements-dali.txt)"
+)
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]),
+]
+
+IMAGE = ImageConfig(size=48, train_resize=56)
+AUDIO = AudioConfig(seconds=0.5, n_fft=256, win_length=256, hop_length=160)  # 1 x 129 x 51
+# PIL's and DALI's antialiased bicubic resizes agree within 4 grey levels (ENV.md): 4 / 255
+# in [0, 1], divided by the smallest ImageNet std.
+IMAGE_ATOL = 4 / 255 / min(0.229, 0.224, 0.225)
+SPEC_ATOL = 1e-3  # log spectrogram; ENV.md measured 8e-5 at 257 x 501
+# DALI's resampler is not torchaudio's (other filter): within 1e-4 on the wave, more in
+# near-silent bins after the log.
+RESAMPLED_SPEC_ATOL = 0.05
+POWER_RTOL = 1e-3  # power spectrogram |difference| over its peak
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_synthetic_dataset(
+        tmp_path_factory.mktemp("synth"), 8, 6, seed=5, image_size=64, audio_seconds=0.7
+    )
+
+
+@pytest.fixture
+def root_copy(synth_root: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(synth_root, tmp_path / "data"))
+
+
+def _cat(batches: list[dict], key: str) -> torch.Tensor:
+    return torch.cat([batch[key].cpu() for batch in batches])
+
+
+def _assert_matches_torch_path(root: Path, split: str, device: str) -> None:
+    dataset = AudioVisualDataset(root, split, IMAGE, AUDIO)
+    batches = list(make_dali_loader(AudioVisualDataset(root, split, IMAGE, AUDIO), 4, False, 0, device=device))
+    assert [len(batch["id"]) for batch in batches] == [4, len(dataset) - 4]  # partial last kept
+    assert [name for batch in batches for name in batch["id"]] == dataset.ids
+    items = [dataset[index] for index in range(len(dataset))]
+    image, spec = _cat(batches, "image"), _cat(batches, "spec")
+    assert image.dtype == spec.dtype == torch.float32
+    assert image.shape == (len(dataset), 3, 48, 48) and spec.shape == (len(dataset), 1, 129, 51)
+    assert batches[0]["image"].device.type == batches[0]["label"].device.type == device
+    assert _cat(batches, "label").tolist() == [item["label"] for item in items]
+    assert _cat(batches, "label").dtype == torch.int64
+    spec_errors, image_errors = [], []
+    for row, item in enumerate(items):
+        power, reference = (torch.exp(12 * x) for x in (spec[row], item["spec"]))
+        resampled = soundfile.info(str(root / "audio" / f"{dataset.ids[row]}.wav")).samplerate != AUDIO.sample_rate
+        spec_errors.append(
+            (
+                (spec[row] - item["spec"]).abs().max().item(),
+                ((power - reference).abs().max() / reference.max()).item(),
+                RESAMPLED_SPEC_ATOL if resampled else SPEC_ATOL,
+            )
+        )
+        image_errors.append((image[row] - item["image"]).abs())
+    print(
+        f"{split}/{device}: log spectrogram max abs {max(e[0] for e in spec_errors):.2e}, "
+        f"power max rel {max(e[1] for e in spec_errors):.2e}; "
+        f"image max abs {max(e.max().item() for e in image_errors):.3f}"
+    )
+    assert all(log_error < atol and power_error < POWER_RTOL for log_error, power_error, atol in spec_errors), spec_errors
+    assert max(e.max().item() for e in image_errors) < IMAGE_ATOL
+    assert max(e.mean().item() for e in image_errors) < 0.01  # most pixels agree exactly
+    if split == "test":
+        for key in ("gt", "mask"):
+            values = _cat(batches, key)
+            assert values.dtype == torch.float32 and values.shape == (len(dataset), 48, 48)
+            assert torch.equal(values, torch.stack([item[key] for item in items]))
+
+
+@needs_dali
+@pytest.mark.parametrize("device", DEVICES)
+def test_test_split_matches_the_torch_path(synth_root: Path, device: str) -> None:
+    _assert_matches_torch_path(synth_root, "test", device)
+
+
+@needs_dali
+@pytest.mark.parametrize("device", DEVICES)
+def test_unshuffled_train_split_has_the_torch_spectrograms(synth_root: Path, device: str) -> None:
+    dataset = AudioVisualDataset(synth_root, "train", IMAGE, AUDIO)
+    (batch,) = list(make_dali_loader(AudioVisualDataset(synth_root, "train", IMAGE, AUDIO), 8, False, 0, device=device))
+    assert set(batch) == {"image", "spec", "id", "label"} and batch["id"] == dataset.ids
+    assert batch["label"].tolist() == [-1] * len(dataset)
+    for row in range(len(dataset)):
+        assert (batch["spec"][row].cpu() - dataset[row]["spec"]).abs().max() < SPEC_ATOL
+
+
+@needs_dali
+@pytest.mark.parametrize("device", DEVICES)
+def test_resampled_stereo_short_clips_and_video_frames_match(root_copy: Path, device: str) -> None:
+    rng = np.random.default_rng(0)
+    t = np.arange(round(0.9 * 44100)) / 44100
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 1300 * t)], axis=1)
+    soundfile.write(root_copy / "audio" / "test_000001.wav", 0.4 * stereo, 44100)
+    # 0.2 s: tiled 3 times (2.5 s would be needed for 0.5 s clips), 24-bit
+    soundfile.write(root_copy / "audio" / "test_000002.wav", 0.3 * rng.standard_normal(3200), 16000, subtype="PCM_24")
+    (root_copy / "frames" / "test_000003.jpg").unlink()
+    (root_copy / "videos").mkdir()
+    with av.open(str(root_copy / "videos" / "test_000003.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for level in (10, 90, 170, 250, 30):
+            pixels = np.full((64, 64, 3), level, np.uint8)
+            pixels[:32, :, 0] = 255 - level  # some structure for the resize
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    _assert_matches_torch_path(root_copy, "test", device)
+
+
+@needs_dali
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_batches_are_crops_of_the_resize_and_reproducible(synth_root: Path, device: str) -> None:
+    def run(seed: int, epochs: int = 2) -> list[list[dict]]:
+        loader = make_dali_loader(AudioVisualDataset(synth_root, "train", IMAGE, AUDIO), 3, True, seed, device=device, drop_last=True)
+        assert len(loader) == 2
+        return [list(loader) for _ in range(epochs)]
+
+    first, again = run(7), run(7)
+    for epoch in range(2):
+        assert [b["id"] for b in first[epoch]] == [b["id"] for b in again[epoch]]
+        for key in ("image", "spec"):
+            assert torch.equal(_cat(first[epoch], key), _cat(again[epoch], key))
+    ids = [[name for b in epoch for name in b["id"]] for epoch in first]
+    assert ids[0] != ids[1] and all(len(set(e)) == 6 for e in ids)  # reshuffled, 2 left out
+    assert ids[0] != [name for b in run(8, 1)[0] for name in b["id"]]
+    # the same batches as the torch training loop of the same seed and epoch
+    names = AudioVisualDataset(synth_root, "train", IMAGE, AUDIO).ids
+    assert [b["id"] for b in first[0]] == [[names[i] for i in batch] for batch in epoch_batches(8, 3, 7, 0, 0)]
+
+    resized = eval_transform(ImageConfig(size=56, train_resize=56))
+    flips = []
+    for batch in first[0]:
+        assert batch["image"].shape == (3, 3, 48, 48) and batch["spec"].shape == (3, 1, 129, 51)
+        for name, image in zip(batch["id"], batch["image"].cpu(), strict=True):
+            full = resized(load_image(synth_root / "frames" / f"{name}.jpg"))
+            errors = {
+                (x, y, flip): (image - (full.flip(2) if flip else full)[:, y : y + 48, x : x + 48]).abs().max().item()
+                for x in range(9) for y in range(9) for flip in (False, True)
+            }  # fmt: skip
+            best = min(errors, key=errors.get)
+            assert errors[best] < IMAGE_ATOL, (name, best, errors[best])
+            flips.append(best[2])
+    assert len(set(flips)) == 2  # both flipped and unflipped crops among six
+
+
+@pytest.mark.parametrize("num_items, num_shards, drop_last", [(8, 2, True), (8, 3, False), (8, 3, True), (5, 1, False)])
+def test_shards_partition_thelist(num_items: int, num_shards: int, drop_last: bool) -> None:
+    shards = [
+        [i for batch in shard_batches(num_items, 2, True, 3, 1, shard, num_shards, drop_last) for i in batch]
+        for shard in range(num_shards)
+    ]
+    assert len({len(shard) for shard in shards}) == 1  # equal shares keep DDP ranks in step
+    covered = [i for shard in shards for i in shard]
+    if drop_last:
+        assert len(set(covered)) == len(covered) == num_items // num_shards // 2 * 2 * num_shards
+    else:  # wrapped around: every item, the first ones twice
+        assert set(covered) == set(range(num_items)) and len(covered) == -(-num_items // num_shards) * num_shards
+    unshuffled = shard_batches(5, 2, False, 3, 0, 0, 1, False)
+    assert unshuffled == [[0, 1], [2, 3], [4]] and shard_batches(5, 2, False, 3, 0, 0, 1, True) == [[0, 1], [2, 3]]
+    assert shard_batches(8, 3, True, 9, 4, 0, 1, True) == epoch_batches(8, 3, 9, 4, 0)
+
+
+def test_shard_batches_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="shard_id"):
+        shard_batches(8, 2, False, 0, 0, 2, 2, False)
+    with pytest.raises(ValueError, match="batch_size"):
+        shard_batches(8, 0, False, 0, 0, 0, 1, False)
+
+
+@needs_dali
+def test_sharded_loaders_split_the_data(synth_root: Path) -> None:
+    ids = [
+        [name for batch in make_dali_loader(AudioVisualDataset(synth_root, "train", IMAGE, AUDIO), 2, True, 4, shard, 2, "cpu") for name in batch["id"]]
+        for shard in range(2)
+    ]  # fmt: skip
+    assert len(ids[0]) == len(ids[1]) == 4
+    assert sorted(ids[0] + ids[1]) == [f"train_{i:06d}" for i in range(8)]
+
+
+@needs_dali
+def test_a_corrupt_jpeg_is_named_or_skipped(root_copy: Path) -> None:
+    jpeg = root_copy / "frames" / "test_000004.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])  # the header still opens
+    loader = make_dali_loader(AudioVisualDataset(root_copy, "test", IMAGE, AUDIO), 2, False, 0, device="cpu")
+    with pytest.raises(BadFilesError, match="test_000004.jpg") as caught:
+        list(loader)
+    assert caught.value.problems[0][0] == jpeg
+
+    skipping = make_dali_loader(AudioVisualDataset(root_copy, "test", IMAGE, AUDIO, on_bad_file="skip"), 2, False, 0, device="cpu")
+    with pytest.warns(UserWarning, match="test_000004.jpg"):
+        first = list(skipping)
+    expected = [["test_000000", "test_000001"], ["test_000002", "test_000003"], ["test_000005"]]
+    assert [batch["id"] for batch in first] == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the bad item stays out of later epochs, unwarned
+        assert [batch["id"] for batch in list(skipping)] == expected
+    assert len(skipping) == 3
+
+
+def test_without_dali_the_module_imports_and_says_what_to_install(
+    synth_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = AudioVisualDataset(synth_root, "train", IMAGE, AUDIO)
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import nvidia.dali now fails
+    assert not dali_available("cpu") and not dali_available("cuda")
+    with pytest.raises(ImportError, match="requirements-dali.txt"):
+        make_dali_loader(dataset, 2, False, 0, device="cpu")
+
+
+@needs_dali
+def test_unreadable_files_are_named_at_construction(root_copy: Path) -> None:
+    (root_copy / "audio" / "train_000003.wav").write_bytes(b"RIFF....WAVE")
+    with pytest.raises(BadFilesError, match="train_000003.wav"):
+        make_dali_loader(AudioVisualDataset(root_copy, "train", IMAGE, AUDIO), 2, False, 0, device="cpu")
+
+
+@needs_dali
+def test_bad_arguments_are_named(synth_root: Path) -> None:
+    with pytest.raises(ValueError, match="color_augment"):
+        make_dali_loader(AudioVisualDataset(synth_root, "train", ImageConfig(48, 56, True), AUDIO), 2, True, 0, device="cpu")
+    with pytest.raises(ValueError, match="shard_id"):
+        make_dali_loader(AudioVisualDataset(synth_root, "train", IMAGE, AUDIO), 2, True, 0, 3, 2, "cpu")
+    with pytest.raises(ValueError, match="device"):
+        make_dali_loader(AudioVisualDataset(synth_root, "train", IMAGE, AUDIO), 2, True, 0, device="meta")
+    assert not dali_available("cuda:64")
