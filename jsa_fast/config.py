@@ -1,14 +1,15 @@
 """Run configuration: one flat dataclass, the presets, and the command-line overrides.
 
 Every field can be overridden on the command line as `--field-name VALUE` (underscores
-become dashes); the model, loss and preprocessing configs are derived from it.
+become dashes; a boolean field also takes `--field-name` alone and `--no-field-name`); the
+model, loss and preprocessing configs are derived from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jsa_fast.data.audio import AudioConfig
@@ -50,10 +51,16 @@ class RunConfig:
     directions: str = "sum"
     # optimisation
     epochs: int = 100
-    batch_size: int = 256
+    batch_size: int = field(
+        default=256,
+        metadata={"help": "the GLOBAL batch: pairs per optimiser step over all processes (each of N takes B / N)"},
+    )
     lr: float = 5e-5
     weight_decay: float = 0.01
     amp: str = "bf16"  # autocast dtype on CUDA ("bf16", "fp16" or "none"); CPU runs fp32
+    compile: bool = field(
+        default=True, metadata={"help": "torch.compile the model and losses (pays off for long runs, not tiny ones)"}
+    )
     num_workers: int = 8
     seed: int = 0
     log_every: int = 10
@@ -124,6 +131,8 @@ PRESETS: dict[str, RunConfig] = {
         batch_size=64,
         lr=1e-3,
         weight_decay=0.01,
+        # compiling costs a 2-core CPU minutes, more than a tiny run saves
+        compile=False,
         num_workers=2,
         log_every=5,
         synth_image_size=128,
@@ -151,10 +160,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `--preset` and one `--field-name` option per RunConfig field (default: the preset's)."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="configuration preset")
     group = parser.add_argument_group("preset overrides")
-    for field in dataclasses.fields(RunConfig):
-        parse = _parse_optional_str if field.default is None else _PARSERS[type(field.default)]
-        flag = f"--{field.name.replace('_', '-')}"
-        group.add_argument(flag, dest=field.name, type=parse, default=None, metavar=str(field.type))
+    for option in dataclasses.fields(RunConfig):
+        parse = _parse_optional_str if option.default is None else _PARSERS[type(option.default)]
+        flag = f"--{option.name.replace('_', '-')}"
+        help_text = option.metadata.get("help")
+        if parse is _parse_bool:
+            group.add_argument(flag, dest=option.name, type=parse, nargs="?", const=True, default=None, metavar="BOOL", help=help_text)
+            group.add_argument(f"--no-{flag[2:]}", dest=option.name, action="store_const", const=False)
+        else:
+            group.add_argument(flag, dest=option.name, type=parse, default=None, metavar=str(option.type), help=help_text)
 
 
 def config_from_args(args: argparse.Namespace, default_preset: str) -> RunConfig:

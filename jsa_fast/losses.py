@@ -1,11 +1,14 @@
 """The training objective L_total = L_ctr + l1 L_match + l2 L_div + l3 L_recon (paper eq. 11).
 
 The terms themselves are the reference functions of `jsa_fast.reference`; this module
-weights them and computes the false-negative mask with the fastest available op.
+weights them and computes the false-negative mask with the fastest available op. Under
+data parallelism the contrastive term and the mask take the whole global batch (see
+`jsa_fast.distributed`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -41,20 +44,32 @@ class LossConfig:
             raise ValueError(f"directions must be 'sum' or 'mean', got {self.directions!r}")
 
 
-def jsa_loss(out: ModelOutput, cfg: LossConfig) -> dict[str, Tensor]:
+def jsa_loss(
+    out: ModelOutput,
+    cfg: LossConfig,
+    *,
+    gather: Callable[[Tensor], Tensor] | None = None,
+    false_negative_mask: Callable[[Tensor, Tensor, int], Tensor] = k_reciprocal_mask,
+) -> dict[str, Tensor]:
     """All loss terms of one batch from the model's output (slots B x S x d, tokens and
     their reconstructions B x L x d).
 
+    gather: maps this process's b x d target slots to the global batch's B x d
+    (`jsa_fast.distributed.gather_with_grad`); L_ctr and the false-negative mask R are then
+    computed over the global batch, the other terms over the local one. None: b = B.
+    false_negative_mask: the op computing R (the reference's, for benchmarks).
     Returns {"loss", "loss_ctr", "loss_match", "loss_div", "loss_recon"} (scalars).
     """
     jsa = out.jsa
     p_img, p_aud = jsa.slots_img[:, 0], jsa.slots_aud[:, 0]
+    if gather is not None:
+        p_img, p_aud = gather(p_img), gather(p_aud)
     false_negatives = None
     if cfg.k > 0:
         batch = p_img.shape[0]
         if cfg.k > batch:
             raise ValueError(f"LossConfig.k={cfg.k} exceeds the batch size {batch}; lower k or raise the batch size")
-        false_negatives = k_reciprocal_mask(p_img.detach(), p_aud.detach(), cfg.k)
+        false_negatives = false_negative_mask(p_img.detach(), p_aud.detach(), cfg.k)
     terms = {
         "loss_ctr": info_nce_loss(p_img.float(), p_aud.float(), cfg.tau, false_negatives, cfg.directions),
         "loss_match": match_loss(jsa.ca_img.float(), jsa.ia_img.float(), jsa.ca_aud.float(), jsa.ia_aud.float()),

@@ -1,6 +1,7 @@
 """The full JSA model: encoders + joint slot attention + decoders, and localisation.
 
-forward(image: B x 3 x H x W, spec: B x 1 x F x T) -> ModelOutput (what training needs);
+forward(image: B x 3 x H x W, spec: B x 1 x F x T[, mask_img: B x Lv, mask_aud: B x La bool])
+-> ModelOutput (what training needs);
 localize(image, spec, alpha) -> the ca^{a,v} map and the IQR map at image resolution.
 """
 
@@ -84,9 +85,14 @@ class JSAModel(nn.Module):
             raise ValueError(f"image and spec must share the batch size, got {tuple(image.shape)} and {tuple(spec.shape)}")
         return self.image_encoder(image), self.audio_encoder(spec)
 
-    def forward(self, image: Tensor, spec: Tensor) -> ModelOutput:
+    def forward(
+        self, image: Tensor, spec: Tensor, mask_img: Tensor | None = None, mask_aud: Tensor | None = None
+    ) -> ModelOutput:
+        """Token masks as in FusedJointSlotAttention (None: drawn in training). Training
+        passes them in so that they are drawn outside a compiled graph, and per global
+        batch when several processes share it."""
         tokens_img, tokens_aud = self.encode(image, spec)
-        jsa = self.jsa(tokens_img, tokens_aud)
+        jsa = self.jsa(tokens_img, tokens_aud, mask_img, mask_aud)
         return ModelOutput(
             tokens_img, tokens_aud, jsa, self.image_decoder(jsa.slots_img), self.audio_decoder(jsa.slots_aud)
         )

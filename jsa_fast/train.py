@@ -4,6 +4,11 @@ With no --data the bundled synthetic world is built once in a cache folder and t
 preset is trained on it. Writes OUT/last.pt (atomically, every epoch and on Ctrl-C),
 OUT/metrics.jsonl (a line per logged step and per epoch) and OUT/loss_curves.png.
 `--resume` continues exactly where OUT/last.pt stopped, mid-epoch included.
+
+Several GPUs (or CPU processes): `torchrun --nproc-per-node N -m jsa_fast.train ...` runs
+DDP (`jsa_fast.distributed`). --batch-size is the global batch; each process takes its
+B / N slice of every batch of `epoch_batches`, and rank 0 alone writes the outputs, so a
+run can be resumed with another process count.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -29,15 +35,28 @@ from jsa_fast.checkpoint import load_checkpoint, save_checkpoint
 from jsa_fast.config import RunConfig, add_config_arguments, config_from_args
 from jsa_fast.data.datasets import AudioVisualDataset, collate_skip_none
 from jsa_fast.data.synth import ensure_synthetic_dataset
+from jsa_fast.distributed import World, convert_batchnorm, gather_with_grad, process_group, wrap_ddp
 from jsa_fast.losses import jsa_loss
-from jsa_fast.model import JSAModel
+from jsa_fast.model import JSAModel, ModelConfig
 from jsa_fast.viz import plot_loss_curves
 
-__all__ = ["main", "train", "resolve_data_root", "resolve_device", "autocast_context"]
+__all__ = [
+    "main",
+    "train",
+    "resolve_data_root",
+    "resolve_device",
+    "autocast_context",
+    "memory_format",
+    "token_masks",
+    "build_optimizer",
+    "loss_function",
+    "train_step",
+]
 
 LOSS_TERMS = ("loss", "loss_ctr", "loss_match", "loss_div", "loss_recon")
-# What may differ between a run and its --resume without changing the result.
-RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "log_every"})
+# What may differ between a run and its --resume without changing the result (compile:
+# beyond floating-point rounding). The process count is not in the config at all.
+RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "log_every", "compile"})
 
 
 def default_cache_dir() -> Path:
@@ -71,6 +90,69 @@ def autocast_context(device: torch.device, amp: str):
     if device.type != "cuda" or dtypes[amp] is None:
         return nullcontext()
     return torch.autocast("cuda", dtype=dtypes[amp])
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """Channels-last on CUDA, where cuDNN runs convolutions fastest in it (NHWC tensor-core
+    kernels, no layout transposes); NCHW on the CPU."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def _seed(*parts: int) -> int:
+    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def token_masks(cfg: ModelConfig, batch: int, seed: int, step: int) -> tuple[Tensor, Tensor]:
+    """JSA's training masks for the global batch of optimiser step `step` (SPEC.md: each
+    token replaced with probability mask_prob): B x Lv and B x La bool, on the CPU.
+
+    A function of (seed, step) alone, like the data: the same for any process count (each
+    process takes its rows), on a resume, and with or without torch.compile.
+    """
+    generator = torch.Generator().manual_seed(_seed(seed, step, 1))
+    grid_h, grid_w = cfg.image_grid
+    mask_img = torch.rand(batch, grid_h * grid_w, generator=generator) < cfg.mask_prob
+    mask_aud = torch.rand(batch, cfg.audio_tokens, generator=generator) < cfg.mask_prob
+    return mask_img, mask_aud
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW of the config; the fused single-kernel implementation on CUDA."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
+def loss_function(module: nn.Module, cfg: RunConfig, **loss_options: Any) -> Callable[..., dict[str, Tensor]]:
+    """(image B x 3 x H x W, spec B x 1 x F x T, mask_img B x Lv, mask_aud B x La) -> the
+    `jsa_loss` terms of `module`'s output, torch.compile'd as one graph when cfg.compile.
+
+    module: the JSAModel, or its DDP wrapper; loss_options: keyword arguments of jsa_loss
+    (`gather` under several processes, `false_negative_mask` for benchmarks).
+    """
+    loss_cfg = cfg.loss_config()
+
+    def forward_loss(image: Tensor, spec: Tensor, mask_img: Tensor, mask_aud: Tensor) -> dict[str, Tensor]:
+        return jsa_loss(module(image, spec, mask_img, mask_aud), loss_cfg, **loss_options)
+
+    return torch.compile(forward_loss) if cfg.compile else forward_loss
+
+
+def train_step(
+    loss_fn: Callable[..., dict[str, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    inputs: tuple[Tensor, Tensor, Tensor, Tensor],
+    device: torch.device,
+    amp: str,
+) -> dict[str, Tensor]:
+    """One optimiser step on `inputs` (image, spec, mask_img, mask_aud, as `loss_function`
+    takes them); returns the loss terms."""
+    with autocast_context(device, amp):
+        terms = loss_fn(*inputs)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(terms["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return terms
 
 
 class EpochSeededDataset(Dataset):
@@ -151,20 +233,29 @@ class MetricsLog:
             file.write(json.dumps(record) + "\n")
 
 
-def _batches(loader: DataLoader, device: torch.device) -> Iterator[dict[str, Any]]:
-    for batch in loader:
-        if batch is None:  # every item of the batch was a skipped bad file
-            continue
-        yield {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value for key, value in batch.items()}
-
-
 def train(
-    cfg: RunConfig, data: str | None, out: Path, device: torch.device, resume: bool = False, on_bad_file: str = "fail"
+    cfg: RunConfig,
+    data: str | None,
+    out: Path,
+    device: torch.device,
+    resume: bool = False,
+    on_bad_file: str = "fail",
+    world: World = World(),
 ) -> dict[str, float]:
     """Train `cfg` on the train split of `data` (a root folder, or None for the synthetic
-    world); returns the last epoch's mean loss terms."""
+    world) as process `world.rank` of `world.size` (each on its B / N slice of every
+    global batch); returns the last epoch's mean loss terms (over the global batch)."""
+    if cfg.batch_size % world.size:
+        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the {world.size} processes")
+    local_batch = cfg.batch_size // world.size
+    builds_data = world.local_rank == 0  # one synthetic-world build per node; the others wait
+    if not builds_data:
+        world.barrier()
     data_root = resolve_data_root(data, cfg)
-    print(f"training on {data_root} ({device}); writing {out}")
+    if builds_data:
+        world.barrier()
+    if world.is_main:
+        print(f"training on {data_root} ({device}, {world.size} process(es)); writing {out}")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out / "last.pt"
     torch.manual_seed(cfg.seed)
@@ -174,10 +265,14 @@ def train(
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {len(dataset)} training items of {data_root}")
     seeded = EpochSeededDataset(dataset, cfg.seed)
-    model = JSAModel(cfg.model_config()).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model_cfg = cfg.model_config()
+    model = JSAModel(model_cfg)
+    if world.size > 1:
+        convert_batchnorm(model)
+    layout = memory_format(device)
+    model.to(device, memory_format=layout)
+    optimizer = build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
-    loss_cfg = cfg.loss_config()
     epoch, batch_in_epoch, step = 0, 0, 0
     sums = dict.fromkeys(LOSS_TERMS, 0.0)  # this epoch's running loss sums, for its summary line
     log = MetricsLog(out / "metrics.jsonl")
@@ -197,10 +292,14 @@ def train(
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
         sums = state["epoch_sums"]
         _set_rng_state(state["rng"])
-    elif log.path.exists():
+    elif log.path.exists() and world.is_main:
         log.path.unlink()  # a fresh run starts a fresh log
+    # Loaded before DDP wraps the model (DDP starts every rank from rank 0's state).
+    loss_fn = loss_function(wrap_ddp(model, world, device), cfg, **({"gather": gather_with_grad} if world.size > 1 else {}))
 
     def checkpoint() -> None:
+        if not world.is_main:
+            return
         save_checkpoint(
             {
                 "model": model.state_dict(),
@@ -225,7 +324,7 @@ def train(
             batches = epoch_batches(len(dataset), cfg.batch_size, cfg.seed, epoch, batch_in_epoch)
             loader = DataLoader(
                 seeded,
-                batch_sampler=batches,
+                batch_sampler=[world.shard(indices, "--batch-size") for indices in batches],
                 num_workers=cfg.num_workers,
                 collate_fn=collate_skip_none,
                 pin_memory=device.type == "cuda",
@@ -235,41 +334,52 @@ def train(
             )
             seen_items, started = 0, time.perf_counter()
             progress = tqdm(
-                _batches(loader, device),
+                loader,
                 total=len(batches),
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 dynamic_ncols=True,
-                disable=None,
+                disable=None if world.is_main else True,
             )
             for batch in progress:
-                with autocast_context(device, cfg.amp):
-                    terms = jsa_loss(model(batch["image"], batch["spec"]), loss_cfg)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(terms["loss"]).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                # None: every item was a skipped bad file. Several processes must also skip a
+                # batch that one of them could not load in full (the gathers need equal shards).
+                complete = batch is not None and (world.size == 1 or batch["image"].shape[0] == local_batch)
+                if world.any(not complete):
+                    continue
+                global_batch = batch["image"].shape[0] * world.size
+                masks = (world.shard(mask) for mask in token_masks(model_cfg, global_batch, cfg.seed, step))
+                inputs = (
+                    batch["image"].to(device, non_blocking=True, memory_format=layout),
+                    batch["spec"].to(device, non_blocking=True, memory_format=layout),
+                    *(mask.to(device, non_blocking=True) for mask in masks),
+                )
+                terms = train_step(loss_fn, optimizer, scaler, inputs, device, cfg.amp)
                 step += 1
                 batch_in_epoch += 1
-                values = {name: float(terms[name].detach()) for name in LOSS_TERMS}
+                means = world.mean(torch.stack([terms[name].detach().float() for name in LOSS_TERMS]))
+                values = dict(zip(LOSS_TERMS, means.tolist()))
                 for name, value in values.items():
                     sums[name] += value
-                seen_items += batch["image"].shape[0]
+                seen_items += global_batch
                 throughput = seen_items / (time.perf_counter() - started)
                 progress.set_postfix({name.removeprefix("loss_"): f"{v:.3g}" for name, v in values.items()} | {"samples/s": f"{throughput:.1f}"})
-                if step % cfg.log_every == 0:
+                if step % cfg.log_every == 0 and world.is_main:
                     log.write({"kind": "step", "step": step, "epoch": epoch, **values, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": throughput})
-                if interrupt.requested:
+                if world.any(interrupt.requested):  # every rank stops after the same step
                     progress.close()
                     checkpoint()
-                    print(f"interrupted: state saved to {checkpoint_path}; continue with --resume", file=sys.stderr)
+                    if world.is_main:
+                        print(f"interrupted: state saved to {checkpoint_path}; continue with --resume", file=sys.stderr)
                     raise KeyboardInterrupt
             if batch_in_epoch == 0:
                 raise RuntimeError(f"epoch {epoch}: no batch could be loaded from {data_root}")
             epoch_means = {name: total / batch_in_epoch for name, total in sums.items()}
-            log.write({"kind": "epoch", "step": step, "epoch": epoch, **epoch_means, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": seen_items / (time.perf_counter() - started)})
+            if world.is_main:
+                log.write({"kind": "epoch", "step": step, "epoch": epoch, **epoch_means, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": seen_items / (time.perf_counter() - started)})
             epoch, batch_in_epoch, sums = epoch + 1, 0, dict.fromkeys(LOSS_TERMS, 0.0)
             checkpoint()
-    plot_loss_curves(log.path, out / "loss_curves.png")
+    if world.is_main:
+        plot_loss_curves(log.path, out / "loss_curves.png")
     return epoch_means
 
 
@@ -289,11 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args, default_preset="tiny" if args.data is None else "paper")
     device = resolve_device(args.device)
-    try:
-        means = train(cfg, args.data, Path(args.out), device, resume=args.resume, on_bad_file=args.on_bad_file)
-    except KeyboardInterrupt:
-        return 130
-    print("last epoch: " + ", ".join(f"{name} {value:.4f}" for name, value in means.items()))
+    with process_group(device) as world:
+        try:
+            means = train(cfg, args.data, Path(args.out), world.local_device(device), args.resume, args.on_bad_file, world)
+        except KeyboardInterrupt:
+            return 130
+    if world.is_main:
+        print("last epoch: " + ", ".join(f"{name} {value:.4f}" for name, value in means.items()))
     return 0
 
 

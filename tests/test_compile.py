@@ -1,0 +1,64 @@
+"""torch.compile of the full training objective (encoders, JSA, decoders, losses), and the
+--compile switch."""
+
+import argparse
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from jsa_fast.config import PRESETS, add_config_arguments, config_from_args
+from jsa_fast.model import JSAModel
+from jsa_fast.train import loss_function, token_masks, train
+from test_train import MICRO, world  # noqa: F401  (the micro synthetic world fixture)
+
+
+def _inputs(cfg):
+    torch.manual_seed(1)
+    model_cfg = cfg.model_config()
+    image = torch.randn(4, 3, model_cfg.image_size, model_cfg.image_size)
+    spec = torch.randn(4, 1, model_cfg.spec_bins, model_cfg.spec_frames)
+    return (image, spec, *token_masks(model_cfg, 4, seed=0, step=0))
+
+
+def test_the_whole_objective_compiles_as_one_graph():
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward as
+    inductor would, without its (slow on CPU) code generation."""
+    cfg = dataclasses.replace(MICRO, mask_prob=0.5)
+    torch.manual_seed(0)
+    eager_model = JSAModel(cfg.model_config())
+    compiled_model = copy.deepcopy(eager_model)
+    inputs = _inputs(cfg)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_function(compiled_model, cfg), fullgraph=True, backend="aot_eager")
+    expected, terms = loss_function(eager_model, cfg)(*inputs), compiled(*inputs)
+    expected["loss"].backward()
+    terms["loss"].backward()
+    assert terms.keys() == expected.keys()
+    for name in terms:
+        torch.testing.assert_close(terms[name], expected[name], rtol=1e-5, atol=1e-6)
+    for (name, reference), parameter in zip(eager_model.named_parameters(), compiled_model.parameters()):
+        atol = max(1e-7, 1e-5 * float(reference.grad.abs().max()))
+        torch.testing.assert_close(parameter.grad, reference.grad, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_compile_flag_and_preset_defaults():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    assert PRESETS["paper"].compile and not PRESETS["tiny"].compile
+    assert config_from_args(parser.parse_args(["--preset", "tiny", "--compile"]), "paper").compile
+    assert not config_from_args(parser.parse_args(["--no-compile"]), "paper").compile
+    assert not config_from_args(parser.parse_args(["--compile", "false"]), "paper").compile
+    assert config_from_args(parser.parse_args(["--color-augment"]), "paper").color_augment
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--compile", "maybe"])
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(world, tmp_path):  # noqa: F811
+    """Inductor on the CPU: minutes of compilation on a 2-core machine."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    means = train(dataclasses.replace(MICRO, epochs=1), str(world), eager, torch.device("cpu"))
+    compiled_means = train(dataclasses.replace(MICRO, epochs=1, compile=True), str(world), compiled, torch.device("cpu"))
+    assert compiled_means == pytest.approx(means, rel=1e-4)
