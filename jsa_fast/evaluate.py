@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from jsa_fast.checkpoint import load_checkpoint
 from jsa_fast.config import RunConfig
-from jsa_fast.data.dali import dali_available, make_dali_loader
+from jsa_fast.data.dali import make_dali_loader, resolve_loader
 from jsa_fast.data.datasets import AudioVisualDataset, make_loader
 from jsa_fast.metrics import LocalizationEvaluator, SegmentationEvaluator, centre_prior_map, cross_modal_retrieval
 from jsa_fast.model import JSAModel, localization_maps
@@ -47,10 +47,8 @@ def test_loader(
     kind: str, dataset: AudioVisualDataset, device: torch.device, batch_size: int, num_workers: int
 ) -> Iterable[dict[str, Any] | None]:
     """Batches of a test split in order: the PyTorch DataLoader ("torch") or DALI ("dali";
-    "auto" picks DALI for a CUDA device when it is installed)."""
-    if kind == "auto":
-        kind = "dali" if device.type == "cuda" and dali_available(device) else "torch"
-    if kind == "dali":
+    "auto": see `resolve_loader`)."""
+    if resolve_loader(kind, device, dataset.image_cfg) == "dali":
         return make_dali_loader(dataset, batch_size, shuffle=False, seed=0, device=device)
     return make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, seed=0, drop_last=False)
 

@@ -21,7 +21,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from jsa_fast.checkpoint import load_checkpoint, save_checkpoint
 from jsa_fast.config import RunConfig, add_config_arguments, config_from_args
-from jsa_fast.data.datasets import AudioVisualDataset, collate_skip_none
+from jsa_fast.data.dali import make_dali_loader, resolve_loader
+from jsa_fast.data.datasets import AudioVisualDataset, collate_skip_none, epoch_order
 from jsa_fast.data.synth import ensure_synthetic_dataset
 from jsa_fast.distributed import World, convert_batchnorm, gather_with_grad, process_group, wrap_ddp
 from jsa_fast.losses import jsa_loss
@@ -175,17 +176,22 @@ class EpochSeededDataset(Dataset):
         torch.set_num_threads(1)
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+                torch.manual_seed(_seed(self.seed, self.epoch, index))
                 return self.dataset[index]
         finally:
             torch.set_num_threads(threads)
 
 
+def new_epoch_sums() -> dict[str, float]:
+    """Running sums of an epoch's loss terms, and the number of batches trained."""
+    return {"batches": 0, **dict.fromkeys(LOSS_TERMS, 0.0)}
+
+
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, start: int) -> list[list[int]]:
     """The epoch's shuffled full batches (the last partial one dropped), from batch `start` on."""
-    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(hash((seed, epoch)) & 0x7FFF_FFFF))
+    order = epoch_order(num_items, seed, epoch)
     full = num_items // batch_size
-    return [order[i * batch_size : (i + 1) * batch_size].tolist() for i in range(start, full)]
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(start, full)]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -241,10 +247,14 @@ def train(
     resume: bool = False,
     on_bad_file: str = "fail",
     world: World = World(),
+    loader: str = "torch",
 ) -> dict[str, float]:
     """Train `cfg` on the train split of `data` (a root folder, or None for the synthetic
     world) as process `world.rank` of `world.size` (each on its B / N slice of every
-    global batch); returns the last epoch's mean loss terms (over the global batch)."""
+    global batch); returns the last epoch's mean loss terms (over the global batch).
+
+    loader: "torch" (exact --resume), "dali" (decoding on the GPU; its random crops come
+    from DALI's generator, so a resume is not bit-exact) or "auto" (`resolve_loader`)."""
     if cfg.batch_size % world.size:
         raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the {world.size} processes")
     local_batch = cfg.batch_size // world.size
@@ -265,6 +275,9 @@ def train(
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {len(dataset)} training items of {data_root}")
     seeded = EpochSeededDataset(dataset, cfg.seed)
+    dali = None
+    if resolve_loader(loader, device, dataset.image_cfg) == "dali":
+        dali = make_dali_loader(dataset, local_batch, shuffle=False, seed=cfg.seed, device=device, drop_last=True)
     model_cfg = cfg.model_config()
     model = JSAModel(model_cfg)
     if world.size > 1:
@@ -274,7 +287,7 @@ def train(
     optimizer = build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
     epoch, batch_in_epoch, step = 0, 0, 0
-    sums = dict.fromkeys(LOSS_TERMS, 0.0)  # this epoch's running loss sums, for its summary line
+    sums = new_epoch_sums()  # this epoch's trained batches and loss sums, for its summary line
     log = MetricsLog(out / "metrics.jsonl")
 
     if resume:
@@ -322,25 +335,30 @@ def train(
         while epoch < cfg.epochs:
             seeded.epoch = epoch
             batches = epoch_batches(len(dataset), cfg.batch_size, cfg.seed, epoch, batch_in_epoch)
-            loader = DataLoader(
-                seeded,
-                batch_sampler=[world.shard(indices, "--batch-size") for indices in batches],
-                num_workers=cfg.num_workers,
-                collate_fn=collate_skip_none,
-                pin_memory=device.type == "cuda",
-                # its own generator: a loader would otherwise draw its worker seed from
-                # the process RNG and shift the model's masks after a mid-epoch resume
-                generator=torch.Generator().manual_seed(epoch),
-            )
+            rank_batches = [world.shard(indices, "--batch-size") for indices in batches]
+            if dali is not None:
+                batch_iterator: Iterable[dict[str, Any] | None] = dali.iterate(rank_batches)
+            else:
+                batch_iterator = DataLoader(
+                    seeded,
+                    batch_sampler=rank_batches,
+                    num_workers=cfg.num_workers,
+                    collate_fn=collate_skip_none,
+                    pin_memory=device.type == "cuda",
+                    # its own generator: a loader would otherwise draw its worker seed from
+                    # the process RNG and shift the model's masks after a mid-epoch resume
+                    generator=torch.Generator().manual_seed(epoch),
+                )
             seen_items, started = 0, time.perf_counter()
             progress = tqdm(
-                loader,
+                batch_iterator,
                 total=len(batches),
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 dynamic_ncols=True,
                 disable=None if world.is_main else True,
             )
             for batch in progress:
+                batch_in_epoch += 1  # the position a --resume continues from, skipped batches included
                 # None: every item was a skipped bad file. Several processes must also skip a
                 # batch that one of them could not load in full (the gathers need equal shards).
                 complete = batch is not None and (world.size == 1 or batch["image"].shape[0] == local_batch)
@@ -355,7 +373,7 @@ def train(
                 )
                 terms = train_step(loss_fn, optimizer, scaler, inputs, device, cfg.amp)
                 step += 1
-                batch_in_epoch += 1
+                sums["batches"] += 1
                 means = world.mean(torch.stack([terms[name].detach().float() for name in LOSS_TERMS]))
                 values = dict(zip(LOSS_TERMS, means.tolist()))
                 for name, value in values.items():
@@ -371,12 +389,12 @@ def train(
                     if world.is_main:
                         print(f"interrupted: state saved to {checkpoint_path}; continue with --resume", file=sys.stderr)
                     raise KeyboardInterrupt
-            if batch_in_epoch == 0:
+            if sums["batches"] == 0:
                 raise RuntimeError(f"epoch {epoch}: no batch could be loaded from {data_root}")
-            epoch_means = {name: total / batch_in_epoch for name, total in sums.items()}
+            epoch_means = {name: sums[name] / sums["batches"] for name in LOSS_TERMS}
             if world.is_main:
                 log.write({"kind": "epoch", "step": step, "epoch": epoch, **epoch_means, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": seen_items / (time.perf_counter() - started)})
-            epoch, batch_in_epoch, sums = epoch + 1, 0, dict.fromkeys(LOSS_TERMS, 0.0)
+            epoch, batch_in_epoch, sums = epoch + 1, 0, new_epoch_sums()
             checkpoint()
     if world.is_main:
         plot_loss_curves(log.path, out / "loss_curves.png")
@@ -390,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail")
-    parser.add_argument("--loader", choices=("torch", "auto"), default="auto", help="data loader (DALI: a later release)")
+    parser.add_argument("--loader", choices=("torch", "dali", "auto"), default="auto", help="auto: DALI on CUDA when installed")
     add_config_arguments(parser)
     return parser
 
@@ -401,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     with process_group(device) as world:
         try:
-            means = train(cfg, args.data, Path(args.out), world.local_device(device), args.resume, args.on_bad_file, world)
+            means = train(
+                cfg, args.data, Path(args.out), world.local_device(device), args.resume, args.on_bad_file, world, args.loader
+            )
         except KeyboardInterrupt:
             return 130
     if world.is_main:

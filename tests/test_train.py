@@ -234,3 +234,12 @@ def test_evaluate_with_the_dali_loader_on_cpu_matches_the_torch_loader(world, tm
     # Images differ by at most a few grey levels (DALI's resize vs PIL's): the metrics agree closely.
     for key in ("mean_ciou", "mean_ciou_iqr", "mean_ciou_centre_prior"):
         assert results["dali"][key] == pytest.approx(results["torch"][key], abs=0.05), key
+
+
+def test_training_with_the_dali_loader_on_cpu(world, tmp_path):
+    from jsa_fast.data.dali import dali_available
+
+    if not dali_available("cpu"):
+        pytest.skip("nvidia-dali-cuda130 is not installed (pip install -r requirements-dali.txt; `make test` does)")
+    means = train(MICRO, str(world), tmp_path, torch.device("cpu"), loader="dali")
+    assert final_state(tmp_path)["step"] == 4 and all(torch.isfinite(torch.tensor(v)) for v in means.values())

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from jsa_fast.data.audio import AudioConfig
-from jsa_fast.data.datasets import AudioVisualDataset
+from jsa_fast.data.datasets import AudioVisualDataset, epoch_order
 from jsa_fast.data.image import IMAGENET_MEAN, IMAGENET_STD, ImageConfig, load_image
 
 INSTALL_HINT = "pip install -r requirements-dali.txt"
@@ -50,6 +50,17 @@ def dali_available(device: str | torch.device = "cpu") -> bool:
     return device.type == "cuda" and backend.GetCUDADeviceCount() > (device.index or 0)
 
 
+def resolve_loader(kind: str, device: torch.device, image_cfg: ImageConfig) -> Literal["torch", "dali"]:
+    """The loader that --loader KIND means: "auto" is DALI on a CUDA device when DALI is
+    installed (and no colour augmentation is asked for, which only the PyTorch path has)."""
+    if kind not in ("torch", "dali", "auto"):
+        raise ValueError(f"--loader must be torch, dali or auto, got {kind!r}")
+    if kind == "auto":
+        usable = device.type == "cuda" and dali_available(device) and not image_cfg.color_augment
+        return "dali" if usable else "torch"
+    return kind  # type: ignore[return-value]
+
+
 def shard_batches(
     num_items: int,
     batch_size: int,
@@ -62,9 +73,8 @@ def shard_batches(
 ) -> list[list[int]]:
     """Item indices of one shard's batches for one epoch.
 
-    The epoch's order is torch.randperm(num_items) drawn from Generator(hash((seed, epoch))
-    & 0x7FFF_FFFF) (the order `jsa_fast.train.epoch_batches` uses), or 0..num_items-1 without
-    shuffle. With several shards, the order is first cut (drop_last) or wrapped around from
+    The epoch's order is `epoch_order(num_items, seed, epoch)` (the order
+    `jsa_fast.train.epoch_batches` uses), or 0..num_items-1 without shuffle. With several shards, the order is first cut (drop_last) or wrapped around from
     its start (otherwise) to a multiple of num_shards, as DistributedSampler does, so that
     every shard has as many items; shard s takes positions s, s + num_shards, ... The last
     partial batch is dropped when drop_last, else kept, as a DataLoader does.
@@ -73,11 +83,7 @@ def shard_batches(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if num_shards < 1 or not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id must be in [0, num_shards), got shard {shard_id} of {num_shards}")
-    if shuffle:
-        generator = torch.Generator().manual_seed(hash((seed, epoch)) & 0x7FFF_FFFF)
-        order = torch.randperm(num_items, generator=generator).tolist()
-    else:
-        order = list(range(num_items))
+    order = epoch_order(num_items, seed, epoch) if shuffle else list(range(num_items))
     if num_shards > 1:
         if drop_last:
             order = order[: num_items // num_shards * num_shards]
@@ -288,8 +294,14 @@ class DALILoader:
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        remaining = self._plan()
+        batches = self._plan()
         self.epoch += 1
+        return self.iterate(batches)
+
+    def iterate(self, batches: list[list[int]]) -> Iterator[dict[str, Any]]:
+        """The given batches of item indices (at most batch_size each), in order: what a
+        caller that plans its own batches (the training loop) iterates."""
+        remaining = [kept for batch in batches if (kept := [i for i in batch if i not in self._bad])]
         # The pipeline is kept for the next epoch only when this pass runs to its end; one
         # left mid-epoch still holds prefetched batches.
         iterator, self._iterator = self._iterator, None

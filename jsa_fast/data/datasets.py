@@ -319,6 +319,14 @@ class AudioVisualDataset(Dataset):
         return item
 
 
+def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of an epoch's items: a function of (seed, epoch) alone, shared by
+    every loader (PyTorch, DALI) and process count so that runs are comparable and
+    resumable."""
+    generator = torch.Generator().manual_seed(hash((seed, epoch)) & 0x7FFF_FFFF)
+    return torch.randperm(num_items, generator=generator).tolist()
+
+
 def collate_skip_none(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
     """default_collate over the items that are not None; None when every item was dropped.
 
