@@ -115,7 +115,7 @@ def bench_one(impl: str, batch: int, dtype_name: str, args: argparse.Namespace, 
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 256, 1024, 4096])
     parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows, ["impl", "mode", "batch", "dtype", "ms", "peak_mib", "gflop", "tflops", "pct_peak"])
     config = {k: v for k, v in vars(args).items() if k != "json"}
     print(f"wrote {write_results('slot_attn', device, config, rows, args.json)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

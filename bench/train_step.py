@@ -62,7 +62,7 @@ def bench_variant(cfg: RunConfig, device: torch.device, steps: int, warmup: int,
     return {"step_ms": ms, "samples_per_s": batch / (ms / 1e3), "peak_mib": peak_memory_mib(step, device)}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's (256 for paper)")
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     config = {"preset": args.preset, "batch_size": cfg.batch_size, "steps": args.steps, "warmup": warmup, "amp": amp}
     config |= {"image_size": cfg.image_size, "dim": cfg.dim, "spec": list(cfg.audio_config().spectrogram_shape)}
     print(f"wrote {write_results('train_step', device, config, rows, args.json)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
