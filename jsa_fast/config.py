@@ -32,8 +32,13 @@ class RunConfig:
     mask_prob: float = 0.1
     encoder_width: int = 64
     backend: str = "auto"
-    pretrained_image: str | None = None
-    pretrained_audio: str | None = None
+    pretrained_image: str | None = field(
+        default=None,
+        metadata={"help": "a local torchvision ResNet-18 checkpoint for the image encoder", "aliases": ("--pretrained",)},
+    )
+    pretrained_audio: str | None = field(
+        default=None, metadata={"help": "a local torchvision ResNet-18 checkpoint for the audio encoder (conv1 summed over RGB)"}
+    )
     # preprocessing
     image_size: int = 224
     train_resize: int = 246
@@ -168,7 +173,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=option.name, type=parse, nargs="?", const=True, default=None, metavar="BOOL", help=help_text)
             group.add_argument(f"--no-{flag[2:]}", dest=option.name, action="store_const", const=False)
         else:
-            group.add_argument(flag, dest=option.name, type=parse, default=None, metavar=str(option.type), help=help_text)
+            flags = (flag, *option.metadata.get("aliases", ()))
+            group.add_argument(*flags, dest=option.name, type=parse, default=None, metavar=str(option.type), help=help_text)
 
 
 def config_from_args(args: argparse.Namespace, default_preset: str) -> RunConfig:

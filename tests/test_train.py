@@ -161,6 +161,7 @@ def test_preset_overrides_from_the_command_line():
     cfg = config_from_args(args, default_preset="paper")
     assert cfg == dataclasses.replace(PRESETS["tiny"], lr=0.5, color_augment=True, pretrained_image="w.pth")
     assert config_from_args(parser.parse_args([]), default_preset="paper") == PRESETS["paper"]
+    assert config_from_args(parser.parse_args(["--pretrained", "r18.pth"]), "paper").pretrained_image == "r18.pth"
 
 
 def test_paper_preset_is_the_paper():
