@@ -22,16 +22,18 @@ __all__ = ["RunConfig", "PRESETS", "add_config_arguments", "config_from_args"]
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything a training run needs; defaults are the `paper` preset (SPEC.md)."""
+    """Everything a training run needs, flat so that every field is a command-line
+    option; defaults are the `paper` preset (SPEC.md), taken from the model, loss and
+    preprocessing configs that own them."""
 
     # model
-    dim: int = 512
-    num_slots: int = 2
-    iters: int = 5
-    mlp_hidden: int = 1024
-    mask_prob: float = 0.1
-    encoder_width: int = 64
-    backend: str = "auto"
+    dim: int = ModelConfig.dim
+    num_slots: int = ModelConfig.num_slots
+    iters: int = ModelConfig.iters
+    mlp_hidden: int = ModelConfig.mlp_hidden
+    mask_prob: float = ModelConfig.mask_prob
+    encoder_width: int = ModelConfig.encoder_width
+    backend: str = ModelConfig.backend
     pretrained_image: str | None = field(
         default=None,
         metadata={"help": "a local torchvision ResNet-18 checkpoint for the image encoder", "aliases": ("--pretrained",)},
@@ -40,20 +42,20 @@ class RunConfig:
         default=None, metadata={"help": "a local torchvision ResNet-18 checkpoint for the audio encoder (conv1 summed over RGB)"}
     )
     # preprocessing
-    image_size: int = 224
-    train_resize: int = 246
-    color_augment: bool = False
-    audio_seconds: float = 5.0
-    n_fft: int = 512
-    win_length: int = 512
-    hop_length: int = 160
+    image_size: int = ImageConfig.size
+    train_resize: int = ImageConfig.train_resize
+    color_augment: bool = ImageConfig.color_augment
+    audio_seconds: float = AudioConfig.seconds
+    n_fft: int = AudioConfig.n_fft
+    win_length: int = AudioConfig.win_length
+    hop_length: int = AudioConfig.hop_length
     # loss
-    tau: float = 0.03
-    k: int = 20
-    weight_match: float = 100.0
-    weight_div: float = 0.1
-    weight_recon: float = 0.1
-    directions: str = "sum"
+    tau: float = LossConfig.tau
+    k: int = LossConfig.k
+    weight_match: float = LossConfig.weight_match
+    weight_div: float = LossConfig.weight_div
+    weight_recon: float = LossConfig.weight_recon
+    directions: str = LossConfig.directions
     # optimisation
     epochs: int = 100
     batch_size: int = field(
