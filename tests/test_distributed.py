@@ -5,7 +5,6 @@ import copy
 import dataclasses
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
