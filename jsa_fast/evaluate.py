@@ -43,7 +43,7 @@ def _threshold(text: str) -> str | float:
     return value
 
 
-def test_loader(
+def evaluation_loader(
     kind: str, dataset: AudioVisualDataset, device: torch.device, batch_size: int, num_workers: int
 ) -> Iterable[dict[str, Any] | None]:
     """Batches of a test split in order: the PyTorch DataLoader ("torch") or DALI ("dali";
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = AudioVisualDataset(data_root, "test", cfg.image_config(), cfg.audio_config(), args.on_bad_file)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    loader = test_loader(args.loader, dataset, device, args.batch_size, args.num_workers)
+    loader = evaluation_loader(args.loader, dataset, device, args.batch_size, args.num_workers)
     results = evaluate(model, loader, cfg.image_size, device, args.threshold, args.alpha, cfg.amp, args.overlays, out)
     results.update(checkpoint=str(args.checkpoint), data=str(data_root))
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -160,7 +160,7 @@ class EpochSeededDataset(Dataset):
     """Makes each item a function of (seed, epoch, index) alone.
 
     The item's random draws run on a forked RNG, so they neither depend on nor disturb
-    the process's RNG (the model's masking). This is what lets --resume be exact from
+    the process's RNG (saved in checkpoints). This is what lets --resume be exact from
     any batch, with any number of loader workers.
     """
 
@@ -346,7 +346,7 @@ def train(
                     collate_fn=collate_skip_none,
                     pin_memory=device.type == "cuda",
                     # its own generator: a loader would otherwise draw its worker seed from
-                    # the process RNG and shift the model's masks after a mid-epoch resume
+                    # the process RNG, which a mid-epoch resume restores to another point
                     generator=torch.Generator().manual_seed(epoch),
                 )
             seen_items, started = 0, time.perf_counter()
