@@ -1,9 +1,10 @@
 """Benchmark k-reciprocal masks: `python bench/kreciprocal.py [--device cpu|cuda]
 [--batch 256 4096 ...] [--dim 512] [--k 20] [--json PATH]`.
 
-Compares jsa_fast.k_reciprocal_mask (the jsa_fast._C kernel for the device) with the
-reference (torch sort on the full B x B similarity): median time, peak memory (CUDA),
-and whether the two masks are identical. Writes JSON to bench/results/.
+Compares jsa_fast.k_reciprocal_mask (the jsa_fast._C kernel for the device), as a B x B
+bool mask ("extension") and as packed bit words ("packed"), with the reference (torch
+sort on the full B x B similarity): median time, peak memory above the inputs (CUDA),
+and whether the masks are identical. Writes JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from common import median_time_ms, peak_memory_mib, print_table, write_results  
 
 from jsa_fast import k_reciprocal_mask  # noqa: E402
 from jsa_fast import reference  # noqa: E402
-from jsa_fast.ops import extension_available  # noqa: E402
+from jsa_fast.ops import extension_available, pack_mask  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,17 +44,28 @@ def main(argv: list[str] | None = None) -> int:
         z_aud = torch.randn(batch, args.dim, device=device, generator=gen)
         row = {"B": batch, "D": args.dim, "k": args.k}
         results = {}
-        for name, fn in (("extension", k_reciprocal_mask), ("reference", reference.k_reciprocal_mask)):
-            call = lambda fn=fn: fn(z_img, z_aud, args.k)  # noqa: E731
+        implementations = {
+            "extension": lambda: k_reciprocal_mask(z_img, z_aud, args.k),
+            "packed": lambda: k_reciprocal_mask(z_img, z_aud, args.k, packed=True),
+            "reference": lambda: reference.k_reciprocal_mask(z_img, z_aud, args.k),
+        }
+        for name, call in implementations.items():
             try:
                 row[f"{name}_ms"] = median_time_ms(call, device, warmup=1, repeats=args.repeats)
                 row[f"{name}_peak_mib"] = peak_memory_mib(call, device)
                 results[name] = call()
             except (torch.OutOfMemoryError, RuntimeError) as error:  # the reference's B x B matrices
                 row[f"{name}_ms"], row[f"{name}_error"] = None, str(error).splitlines()[0]
-        if len(results) == 2:
-            row["identical"] = bool(torch.equal(results["extension"], results["reference"]))
-            row["speedup"] = row["reference_ms"] / row["extension_ms"]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if "reference" in results:
+            expected = results.pop("reference")
+            row["identical"] = all(
+                torch.equal(mask, pack_mask(expected) if name == "packed" else expected) for name, mask in results.items()
+            )
+            if row.get("extension_ms"):
+                row["speedup"] = row["reference_ms"] / row["extension_ms"]
+        results.clear()
         rows.append(row)
         print_table([row], list(row))
     path = write_results("kreciprocal", device, vars(args) | {"batch": batches}, rows, args.json)

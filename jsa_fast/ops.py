@@ -1,8 +1,8 @@
 """Custom ops of jsa_fast._C, with PyTorch fallbacks.
 
 k_reciprocal_mask runs the extension's kernel for the tensors' device when it has one
-(CPU today) and `jsa_fast.reference.k_reciprocal_mask` otherwise; both give the same
-mask bit for bit.
+(CPU always; CUDA when the extension was built with nvcc) and
+`jsa_fast.reference.k_reciprocal_mask` otherwise; both give the same mask bit for bit.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from jsa_fast import reference
+from jsa_fast.reference import pack_mask, unpack_mask
 
-__all__ = ["k_reciprocal_mask", "extension_available"]
+__all__ = ["k_reciprocal_mask", "extension_available", "pack_mask", "unpack_mask"]
 
 _OP_NAME = "jsa_fast::k_reciprocal_mask"
 
@@ -38,8 +39,10 @@ else:
     )
 
     @torch.library.register_fake(_OP_NAME)
-    def _k_reciprocal_mask_fake(z_img: Tensor, z_aud: Tensor, k: int) -> Tensor:
+    def _k_reciprocal_mask_fake(z_img: Tensor, z_aud: Tensor, k: int, packed: bool = False) -> Tensor:
         batch = z_img.shape[0]
+        if packed:
+            return z_img.new_empty((batch, (batch + 31) // 32), dtype=torch.int32)
         return z_img.new_empty((batch, batch), dtype=torch.bool)
 
 
@@ -48,7 +51,7 @@ def extension_available(device: torch.device | str) -> bool:
     return torch.device(device).type in _KERNEL_DEVICE_TYPES
 
 
-def k_reciprocal_mask(z_img: Tensor, z_aud: Tensor, k: int = 20) -> Tensor:
+def k_reciprocal_mask(z_img: Tensor, z_aud: Tensor, k: int = 20, *, packed: bool = False) -> Tensor:
     """Predicted false negatives R (paper eq. 12-13), as in SPEC.md.
 
     z_img, z_aud: B x D float (fp32, fp64, bf16, fp16; rows are L2-normalised inside)
@@ -56,11 +59,19 @@ def k_reciprocal_mask(z_img: Tensor, z_aud: Tensor, k: int = 20) -> Tensor:
     and i among the k nearest to j, by cosine similarity of both the image and the audio
     rows (self included, ties to the lower index). Raises ValueError for k < 1, k > B,
     mismatched shapes, non-float or non-finite input.
+
+    packed=True returns B x ceil(B / 32) int32 words instead (`pack_mask`'s layout, bit b
+    of word w of row i is R[i, 32 w + b]; `unpack_mask` expands it): the form for large
+    global batches, 512 MiB instead of 4 GiB at B = 65,536. The kernels never hold more
+    than a tile of the B x B similarity and O(B k) neighbour lists (csrc/k_reciprocal.h).
     """
     if not torch.compiler.is_compiling():
         # The finiteness check reads the data, which a compiled graph cannot branch on;
         # the C++ kernel repeats every check, so compiled callers get the ValueError too.
         reference.check_k_reciprocal_inputs(z_img, z_aud, k)
+    if not isinstance(packed, bool):
+        raise ValueError(f"packed must be a bool, got {packed!r}")
     if extension_available(z_img.device):
-        return torch.ops.jsa_fast.k_reciprocal_mask(z_img, z_aud, k)
-    return reference.k_reciprocal_mask(z_img, z_aud, k)
+        return torch.ops.jsa_fast.k_reciprocal_mask(z_img, z_aud, k, packed)
+    mask = reference.k_reciprocal_mask(z_img, z_aud, k)
+    return pack_mask(mask) if packed else mask

@@ -25,6 +25,8 @@ __all__ = [
     "slot_attention",
     "k_reciprocal_mask",
     "check_k_reciprocal_inputs",
+    "pack_mask",
+    "unpack_mask",
     "info_nce_loss",
     "match_loss",
     "divergence_loss",
@@ -282,6 +284,33 @@ def k_reciprocal_mask(z_img: Tensor, z_aud: Tensor, k: int = 20) -> Tensor:
         mask = n_img & n_img.T & n_aud & n_aud.T
         mask.fill_diagonal_(False)
     return mask
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """B x C bool -> B x ceil(C / 32) int32 words: bit b of word w of row i is mask[i, 32 w + b].
+
+    The packed form of k_reciprocal_mask(..., packed=True), 8x smaller than bools: 512 MiB
+    instead of 4 GiB at B = 65,536. Padding bits are 0.
+    """
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a 2-D bool tensor, got {_describe(mask)}")
+    rows, columns = mask.shape
+    padded = F.pad(mask, (0, -columns % 32)).view(rows, -1, 32).to(torch.int64)
+    weights = torch.ones(32, dtype=torch.int64, device=mask.device) << torch.arange(32, device=mask.device)
+    words = (padded * weights).sum(-1)
+    # Bit 31 set means a negative int32: wrap the unsigned 32-bit value into range.
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_mask(words: Tensor, columns: int) -> Tensor:
+    """B x ceil(C / 32) int32 words (pack_mask's layout) -> B x C bool."""
+    if words.dim() != 2 or words.dtype != torch.int32:
+        raise ValueError(f"words must be a 2-D int32 tensor, got {_describe(words)}")
+    if not 0 <= columns <= 32 * words.shape[1] or -(-columns // 32) != words.shape[1]:
+        raise ValueError(f"columns must need exactly {words.shape[1]} words of 32 bits, got {columns}")
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(1)[:, :columns].bool()
 
 
 # ----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """k-reciprocal false-negative masks: the reference on hand-checked ties, jsa_fast._C's op
-against the reference bit for bit, and the op under torch.compile and opcheck."""
+(its C++ kernel, and its CUDA kernel when a GPU is present) against the reference bit
+for bit, the packed form, the general path, and the op under torch.compile and opcheck."""
 
 import pytest
 import torch
@@ -7,6 +8,9 @@ import torch
 from jsa_fast import ops, reference
 
 CPU = torch.device("cpu")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# The extension's kernels: CPU in CI, CUDA on a GPU machine.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda])]
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 BATCH_SIZES = [1, 2, 7, 64, 300]
 IMPLEMENTATIONS = {
@@ -164,40 +168,122 @@ def test_cpp_op_rejects_float64_beyond_float32_range():
 # ---------------------------------------------------------------------------------------
 
 
-def assert_matches_reference(z_img: torch.Tensor, z_aud: torch.Tensor, k: int) -> None:
+def assert_matches_reference(z_img: torch.Tensor, z_aud: torch.Tensor, k: int, device: str = "cpu") -> None:
+    """The extension's kernel for `device` against the reference on that device, in both forms."""
+    assert ops.extension_available(device), f"jsa_fast._C has no {device} kernel"
+    z_img, z_aud = z_img.to(device), z_aud.to(device)
     expected = reference.k_reciprocal_mask(z_img, z_aud, k)
     got = ops.k_reciprocal_mask(z_img, z_aud, k)
-    assert got.dtype == torch.bool and got.shape == expected.shape
+    assert got.dtype == torch.bool and got.shape == expected.shape and got.device == expected.device
     assert torch.equal(got, expected), f"B={z_img.shape[0]}, k={k}: {int((got != expected).sum())} entries differ"
+    packed = ops.k_reciprocal_mask(z_img, z_aud, k, packed=True)
+    assert torch.equal(packed, reference.pack_mask(expected))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("batch", BATCH_SIZES)
-def test_cpp_matches_reference_on_exact_ties(batch, dtype):
-    assert ops.extension_available(CPU)
+def test_kernel_matches_reference_on_exact_ties(batch, dtype, device):
     for seed in range(12 if batch <= 64 else 4):
         z_img, z_aud = tied_rows(batch, 2 * seed, dtype), tied_rows(batch, 2 * seed + 1, dtype)
         for k in k_values(batch):
-            assert_matches_reference(z_img, z_aud, k)
+            assert_matches_reference(z_img, z_aud, k, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("width", [32, 512])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("batch", BATCH_SIZES)
-def test_cpp_matches_reference_on_random_rows(batch, dtype, width):
+def test_kernel_matches_reference_on_random_rows(batch, dtype, width, device):
     # Here the similarities are rounded, and the reference's matrix product sums in
     # another order than the kernel: the masks agree unless two similarities at a row's
     # k-th place lie within rounding of each other, which random rows practically never do.
-    assert ops.extension_available(CPU)
     gen = torch.Generator().manual_seed(batch * width)
     for _ in range(4 if batch <= 64 else 2):
         z_img = torch.randn(batch, width, generator=gen).to(dtype)
         z_aud = torch.randn(batch, width, generator=gen).to(dtype)
         for k in k_values(batch):
-            assert_matches_reference(z_img, z_aud, k)
+            assert_matches_reference(z_img, z_aud, k, device)
 
 
-def test_cpp_matches_reference_on_strided_input():
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_matches_reference_on_tight_clusters(device):
+    # Rows within ~3e-2 of a few centres: a cluster's similarities (1 - 2e-3 .. 1) differ by less than
+    # the bfloat16 filter's error bound (~8e-3), so whole clusters become candidates and the
+    # float64 refinement alone orders them.
+    gen = torch.Generator().manual_seed(3)
+    centres = torch.randn(4, 64, generator=gen)
+    z_img = centres[torch.arange(300) % 4] + 3e-2 * torch.randn(300, 64, generator=gen)
+    z_aud = centres[torch.arange(300) % 3] + 3e-2 * torch.randn(300, 64, generator=gen)
+    for k in (5, 20, 100):
+        assert_matches_reference(z_img, z_aud, k, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_general_path_for_rows_with_many_candidates(device):
+    # 2,100 copies of one direction (scaled) tie with each other: each has 2,100 candidates,
+    # more than the fast path holds (kMaxCandidates = 2048), and takes the general path;
+    # the 60 random rows keep the fast path. Ties still go to the lower index.
+    gen = torch.Generator().manual_seed(4)
+    scales = torch.rand(2100, 1, generator=gen) + 0.5
+    copies = torch.zeros(2100, 16).index_fill_(1, torch.tensor([0]), 1.0) * scales
+    z_img = torch.cat([copies, torch.randn(60, 16, generator=gen)])[torch.randperm(2160, generator=gen)]
+    z_aud = torch.cat([copies[:1050], torch.randn(1110, 16, generator=gen)])
+    for k in (1, 20):
+        assert_matches_reference(z_img, z_aud, k, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [256, 257, 299])
+def test_kernel_large_k_takes_the_general_path(device, k):
+    # k = 256 is the fast path's largest; above it every row takes the general path.
+    z_img, z_aud = tied_rows(300, 5, torch.float32), tied_rows(300, 6, torch.float32)
+    assert_matches_reference(z_img, z_aud, k, device)
+    gen = torch.Generator().manual_seed(k)
+    assert_matches_reference(torch.randn(300, 32, generator=gen), torch.randn(300, 32, generator=gen), k, device)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_kernel_matches_cpu_kernel_on_exact_ties():
+    for seed in range(4):
+        z_img, z_aud = tied_rows(1000, seed, torch.float32), tied_rows(1000, seed + 100, torch.float32)
+        for k in (1, 20, 256, 300):
+            on_cpu = ops.k_reciprocal_mask(z_img, z_aud, k)
+            assert torch.equal(ops.k_reciprocal_mask(z_img.cuda(), z_aud.cuda(), k).cpu(), on_cpu)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_kernel_at_a_large_global_batch():
+    # B = 65,536 (the issue's bound), too large for the reference's B x B matrices: 4,096
+    # shuffled clusters of 16 rows around random centres, k = 16, so that each row's
+    # neighbours are exactly its cluster in both modalities and R is known. The packed mask
+    # is 512 MiB; the kernel's scratch (a 256 MiB filter tile, normalised rows, neighbour
+    # lists) about as much again.
+    batch, width, k = 65536, 512, 16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cluster = torch.randperm(batch, device="cuda", generator=gen) // k
+    z_img, z_aud = (
+        torch.randn(batch // k, width, device="cuda", generator=gen)[cluster]
+        + 1e-3 * torch.randn(batch, width, device="cuda", generator=gen)
+        for _ in range(2)
+    )
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    words = ops.k_reciprocal_mask(z_img, z_aud, k, packed=True)
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 2 * 2**30, f"{extra / 2**20:.0f} MiB beyond the inputs"
+    assert words.shape == (batch, batch // 32)
+    for start in range(0, batch, 4096):
+        rows = torch.arange(start, start + 4096, device="cuda")
+        expected = cluster[rows, None] == cluster[None, :]
+        expected[torch.arange(4096, device="cuda"), rows] = False
+        assert torch.equal(ops.unpack_mask(words[start : start + 4096], batch), expected)
+
+
+def test_kernel_matches_reference_on_strided_input():
     base = tied_rows(64, 7, torch.float32).T.contiguous()
     z_img = base.T  # 64 x 32, column-major
     z_aud = tied_rows(128, 8, torch.float32)[::2]
@@ -206,18 +292,60 @@ def test_cpp_matches_reference_on_strided_input():
         assert_matches_reference(z_img, z_aud, k)
 
 
-def test_cpp_op_under_torch_compile_fullgraph():
+# ---------------------------------------------------------------------------------------
+# The packed form
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("columns", [1, 31, 32, 33, 100])
+def test_pack_unpack_round_trip(columns):
+    mask = torch.rand(7, columns, generator=torch.Generator().manual_seed(columns)) < 0.4
+    words = ops.pack_mask(mask)
+    assert words.dtype == torch.int32 and words.shape == (7, -(-columns // 32))
+    assert torch.equal(ops.unpack_mask(words, columns), mask)
+
+
+def test_pack_layout_and_sign_bit():
+    mask = torch.zeros(1, 64, dtype=torch.bool)
+    mask[0, [0, 3, 31, 32]] = True
+    # Column 31 is bit 31 of word 0, the int32 sign bit.
+    assert ops.pack_mask(mask).tolist() == [[1 + 8 - 2**31, 1]]
+
+
+def test_pack_unpack_reject_bad_input():
+    with pytest.raises(ValueError, match="mask"):
+        ops.pack_mask(torch.ones(3, 3))
+    with pytest.raises(ValueError, match="words"):
+        ops.unpack_mask(torch.ones(3, 1, dtype=torch.int64), 3)
+    with pytest.raises(ValueError, match="columns"):
+        ops.unpack_mask(torch.ones(3, 1, dtype=torch.int32), 33)
+
+
+def test_public_op_rejects_non_bool_packed():
+    with pytest.raises(ValueError, match="packed"):
+        ops.k_reciprocal_mask(GOOD, GOOD, 2, packed=1)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile and opcheck
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cpp_op_under_torch_compile_fullgraph(packed):
     def masks(z_img, z_aud):
-        return ops.k_reciprocal_mask(z_img, z_aud, k=5)
+        return ops.k_reciprocal_mask(z_img, z_aud, k=5, packed=packed)
 
     compiled = torch.compile(masks, fullgraph=True)
     for seed in range(2):
         z_img, z_aud = tied_rows(40, seed, torch.float32), tied_rows(40, seed + 10, torch.float32)
-        assert torch.equal(compiled(z_img, z_aud), reference.k_reciprocal_mask(z_img, z_aud, 5))
+        expected = reference.k_reciprocal_mask(z_img, z_aud, 5)
+        assert torch.equal(compiled(z_img, z_aud), reference.pack_mask(expected) if packed else expected)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_cpp_op_passes_opcheck(requires_grad):
+def test_cpp_op_passes_opcheck(requires_grad, packed):
     z_img = torch.randn(9, 6, requires_grad=requires_grad)
     z_aud = torch.randn(9, 6, requires_grad=requires_grad)
-    torch.library.opcheck(torch.ops.jsa_fast.k_reciprocal_mask.default, (z_img, z_aud, 4))
+    torch.library.opcheck(torch.ops.jsa_fast.k_reciprocal_mask.default, (z_img, z_aud, 4, packed))
