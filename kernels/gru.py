@@ -17,7 +17,7 @@ from torch import Tensor
 
 from kernels.registry import INTERPRET, io_dtype, kernel_input, launcher, register_op
 
-__all__ = ["gru_gates"]
+__all__ = ["gru_gates", "launch_config"]
 
 
 @triton.jit
@@ -74,9 +74,11 @@ def _gru_bwd_kernel(GI, GH, H, G_OUT, G_GI, G_GH, G_H, N, D, BLOCK: tl.constexpr
     tl.store(G_H + offs, (g * z).to(G_H.dtype.element_ty), mask=mask)
 
 
-def _block(numel: int) -> int:
-    # Under the interpreter every program costs the same whatever its size: use one.
-    return triton.next_power_of_2(numel) if INTERPRET else 1024
+def launch_config(numel: int, dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
+    """BLOCK elements per program (one program under the interpreter, where every
+    program costs the same whatever its size)."""
+    block = triton.next_power_of_2(numel) if interpret else 1024
+    return {"BLOCK": block, "FP64": dtype == torch.float64}
 
 
 def _fwd_fake(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
@@ -87,9 +89,9 @@ def _fwd_fake(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
 def _gru_fwd(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:
     numel, dim = h.numel(), h.shape[1]
     out = torch.empty(h.shape, device=h.device, dtype=io_dtype(h.dtype))
-    block = _block(numel)
-    launcher(_gru_fwd_kernel)[(triton.cdiv(numel, block),)](
-        kernel_input(gi), kernel_input(gh), kernel_input(h), out, numel, dim, BLOCK=block, FP64=h.dtype == torch.float64
+    config = launch_config(numel, h.dtype)
+    launcher(_gru_fwd_kernel)[(triton.cdiv(numel, config["BLOCK"]),)](
+        kernel_input(gi), kernel_input(gh), kernel_input(h), out, numel, dim, **config
     )
     return out.to(h.dtype)
 
@@ -105,10 +107,9 @@ def _gru_bwd(gi: Tensor, gh: Tensor, h: Tensor, g_out: Tensor) -> tuple[Tensor, 
     g_gi = torch.empty(gi.shape, device=h.device, dtype=buffer)
     g_gh = torch.empty(gh.shape, device=h.device, dtype=buffer)
     g_h = torch.empty(h.shape, device=h.device, dtype=buffer)
-    block = _block(numel)
-    launcher(_gru_bwd_kernel)[(triton.cdiv(numel, block),)](
-        kernel_input(gi), kernel_input(gh), kernel_input(h), kernel_input(g_out), g_gi, g_gh, g_h,
-        numel, dim, BLOCK=block, FP64=h.dtype == torch.float64,
+    config = launch_config(numel, h.dtype)
+    launcher(_gru_bwd_kernel)[(triton.cdiv(numel, config["BLOCK"]),)](
+        kernel_input(gi), kernel_input(gh), kernel_input(h), kernel_input(g_out), g_gi, g_gh, g_h, numel, dim, **config
     )
     return g_gi.to(gi.dtype), g_gh.to(gh.dtype), g_h.to(h.dtype)
 

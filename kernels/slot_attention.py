@@ -24,10 +24,17 @@ from torch import Tensor
 
 from kernels.registry import INTERPRET, io_dtype, kernel_input, launcher, register_op
 
-__all__ = ["slot_attention"]
+__all__ = ["slot_attention", "launch_config"]
 
-# Work of one program on a GPU: BLOCK_L x BLOCK_S x BLOCK_D products held in registers.
-_GPU_TILE = 8192
+# On a GPU: warps per program, and the BLOCK_L x BLOCK_S x BLOCK_D products one program
+# holds in registers per pass. Checked by `python -m kernels.compile_check` (sm_90, no GPU
+# needed): at Lv = 49 (BLOCK_L 64), S = 2 these give 102 (forward) and 128 (backward)
+# registers per thread and no spills; 4 warps or twice the products spill in the backward.
+# A program holds all L keys, so registers bound L: no spills up to L = 256 (16 x 16
+# tokens) in fp32/bf16/fp16; from L = 512 the backward spills (16 warps do not help), as
+# does fp64 (gradcheck only) at L = 256.
+_GPU_NUM_WARPS = 8
+_GPU_PRODUCTS = {"forward": 8192, "backward": 4096}
 
 
 @triton.jit
@@ -145,15 +152,17 @@ def _slot_attention_bwd_kernel(
         tl.store(gq_rows + cols[None, :], g_q.to(GQK.dtype.element_ty), mask=mask_sd)
 
 
-def _blocks(x: Tensor, num_slots: int) -> dict[str, int]:
-    """Tile sizes: all L keys and S slots of one batch element at once, d in strips."""
-    length, dim = x.shape[1], x.shape[2]
+def launch_config(length: int, dim: int, num_slots: int, dtype: torch.dtype, direction: str, interpret: bool = INTERPRET) -> dict:
+    """Tile sizes and warps of one kernel launch: all L keys and S slots of one batch
+    element at once, d in strips. direction: "forward" or "backward"."""
     block_l = triton.next_power_of_2(length)
     block_s = triton.next_power_of_2(num_slots)
     block_d = triton.next_power_of_2(dim)
-    if not INTERPRET:  # under the interpreter one strip is cheapest; on a GPU, registers bound it
-        block_d = min(block_d, max(16, _GPU_TILE // (block_l * block_s)))
-    return {"BLOCK_L": block_l, "BLOCK_S": block_s, "BLOCK_D": block_d, "FP64": x.dtype == torch.float64}
+    config = {"FP64": dtype == torch.float64}
+    if not interpret:  # under the interpreter one strip is cheapest; on a GPU, registers bound it
+        block_d = min(block_d, max(16, _GPU_PRODUCTS[direction] // (block_l * block_s)))
+        config["num_warps"] = _GPU_NUM_WARPS
+    return {"BLOCK_L": block_l, "BLOCK_S": block_s, "BLOCK_D": block_d} | config
 
 
 def _check(x: Tensor, qk: Tensor, c: Tensor) -> None:
@@ -178,7 +187,7 @@ def _slot_attention_fwd(x: Tensor, qk: Tensor, c: Tensor, eps: float) -> tuple[T
     attn = torch.empty(batch, length, num_slots, device=x.device, dtype=buffer)
     ctx = torch.empty(batch, num_slots, dim, device=x.device, dtype=buffer)
     launcher(_slot_attention_fwd_kernel)[(batch,)](
-        xk, qkk, ck, attn, ctx, length, dim, num_slots, eps, **_blocks(xk, num_slots)
+        xk, qkk, ck, attn, ctx, length, dim, num_slots, eps, **launch_config(length, dim, num_slots, xk.dtype, "forward")
     )
     return attn.to(x.dtype), ctx.to(x.dtype)
 
@@ -201,7 +210,7 @@ def _slot_attention_bwd(
     g_c = torch.empty(c.shape, device=x.device, dtype=io_dtype(c.dtype))
     launcher(_slot_attention_bwd_kernel)[(batch,)](
         xk, kernel_input(qk), kernel_input(c), kernel_input(g_attn), kernel_input(g_ctx),
-        g_x, g_qk, g_c, length, dim, num_slots, eps, **_blocks(xk, num_slots)
+        g_x, g_qk, g_c, length, dim, num_slots, eps, **launch_config(length, dim, num_slots, xk.dtype, "backward")
     )
     return g_x.to(x.dtype), g_qk.to(qk.dtype), g_c.to(c.dtype)
 
