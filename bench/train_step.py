@@ -7,7 +7,9 @@
 
 Each on the preset's architecture with bf16 autocast, fused AdamW and channels-last on
 CUDA, exactly as `jsa_fast.train` runs a step. Reports the median step time, samples/s and
-peak memory; writes JSON through bench/common.py.
+peak memory, and JSA's share of the step: the variant's JSA module alone (compiled when
+the variant is), forward and backward on the step's token shapes, dtype and masks,
+timed the same way, over the step time. Writes JSON through bench/common.py.
 
     python bench/train_step.py [--preset paper] [--batch-size 256] [--steps 20] [--device cuda]
     python bench/train_step.py --device cpu --preset tiny --batch-size 8 --steps 2   # smoke test
@@ -29,13 +31,15 @@ from common import median_time_ms, peak_memory_mib, print_table, write_results  
 from jsa_fast import reference  # noqa: E402
 from jsa_fast.config import PRESETS, RunConfig  # noqa: E402
 from jsa_fast.model import JSAModel  # noqa: E402
-from jsa_fast.train import build_optimizer, loss_function, memory_format, token_masks, train_step  # noqa: E402
+from jsa_fast.train import autocast_context, build_optimizer, loss_function, memory_format, token_masks, train_step  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "eager reference": dict(backend="torch", compile=False, false_negative_mask=reference.k_reciprocal_mask),
     "compiled reference": dict(backend="torch", compile=True, false_negative_mask=reference.k_reciprocal_mask),
     "compiled fused": dict(backend="auto", compile=True, false_negative_mask=None),
 }
+
+COLUMNS = ["variant", "step_ms", "samples_per_s", "peak_mib", "jsa_ms", "jsa_share"]
 
 
 def bench_variant(cfg: RunConfig, device: torch.device, steps: int, warmup: int, options: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +63,25 @@ def bench_variant(cfg: RunConfig, device: torch.device, steps: int, warmup: int,
         train_step(loss_fn, optimizer, scaler, inputs, device, cfg.amp)
 
     ms = median_time_ms(step, device, warmup=warmup, repeats=steps)
-    return {"step_ms": ms, "samples_per_s": batch / (ms / 1e3), "peak_mib": peak_memory_mib(step, device)}
+    result = {"step_ms": ms, "samples_per_s": batch / (ms / 1e3), "peak_mib": peak_memory_mib(step, device)}
+    jsa_ms = time_jsa(model, cfg, device, inputs, steps, warmup, options["compile"])
+    return result | {"jsa_ms": jsa_ms, "jsa_share": jsa_ms / ms}
+
+
+def time_jsa(model: JSAModel, cfg: RunConfig, device: torch.device, inputs: tuple, steps: int, warmup: int, compile: bool) -> float:
+    """Median ms of the model's JSA module alone, forward and backward through every output,
+    on the encoders' tokens for `inputs` (as the step feeds it: autocast, masks)."""
+    image, spec, mask_img, mask_aud = inputs
+    with torch.no_grad(), autocast_context(device, cfg.amp):
+        tokens = [t.detach().requires_grad_() for t in model.encode(image, spec)]
+    jsa = torch.compile(model.jsa, fullgraph=True) if compile else model.jsa
+
+    def forward_backward() -> None:
+        with autocast_context(device, cfg.amp):
+            out = jsa(*tokens, mask_img, mask_aud)
+        sum(field.float().sum() for field in out).backward()
+
+    return median_time_ms(forward_backward, device, warmup=warmup, repeats=steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.variants:
         row = {"variant": name, **bench_variant(cfg, device, args.steps, warmup, VARIANTS[name])}
         rows.append(row)
-        print_table([row], ["variant", "step_ms", "samples_per_s", "peak_mib"])
+        print_table([row], COLUMNS)
     print()
-    print_table(rows, ["variant", "step_ms", "samples_per_s", "peak_mib"])
+    print_table(rows, COLUMNS)
     amp = cfg.amp if device.type == "cuda" else "none"  # autocast is CUDA-only (autocast_context)
     config = {"preset": args.preset, "batch_size": cfg.batch_size, "steps": args.steps, "warmup": warmup, "amp": amp}
     config |= {"image_size": cfg.image_size, "dim": cfg.dim, "spec": list(cfg.audio_config().spectrogram_shape)}

@@ -44,6 +44,15 @@ def test_slot_attention_benchmark(tmp_path):
     assert {row["impl"] for row in rows} == {"eager", "fused"}
 
 
+def test_train_step_benchmark_eager(tmp_path):
+    out = tmp_path / "train_step.json"
+    args = ["--device", "cpu", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--variants", "eager reference", "--json", str(out)]  # fmt: skip
+    assert load_benchmark("train_step").main(args) == 0
+    (row,) = read_record(out)["rows"]
+    assert row["variant"] == "eager reference" and row["samples_per_s"] > 0
+    assert 0 < row["jsa_ms"] < row["step_ms"] and row["jsa_share"] == pytest.approx(row["jsa_ms"] / row["step_ms"])
+
+
 @pytest.mark.slow
 def test_train_step_benchmark(tmp_path):
     out = tmp_path / "train_step.json"
