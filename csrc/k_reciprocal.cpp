@@ -58,12 +58,14 @@ at::Tensor normalized_rows(const at::Tensor& z, const char* name) {
 
 namespace {
 
-// eps of the filter, |s~ - s| (k_reciprocal.h), doubled for safety. Rows have norm <= 1
-// (to float32 rounding); rounding them to bfloat16 changes each entry by at most 2^-9 of
-// itself, so the products' sum moves by at most (2^-8 + 2^-18) sum_d |a_d b_d| <= ~2^-8;
-// a float32 sum of D terms in any order adds at most ~D 2^-24, and s's own rounding 2^-24.
+// eps of the filter: twice the worst |s~ - s| (k_reciprocal.h). Rows have norm <= 1 (to
+// float32 rounding). bfloat16 keeps 8 significant bits, so rounding a row to it moves each
+// entry by at most 2^-8 of itself and each product by at most (1 + 2^-8)^2 - 1 < 2^-7 of
+// itself: the products' sum moves by < 2^-7 sum_d |a_d b_d| <= ~2^-7. A float32 sum of D
+// terms in any order adds at most ~D 2^-24 (2^-23 per addition covers accumulators that
+// truncate), and s's own rounding 2^-24.
 double filter_margin(int64_t width) {
-  return std::ldexp(1.0, -7) + static_cast<double>(width + 1) * std::ldexp(1.0, -23);
+  return 2.0 * (std::ldexp(1.0, -7) + static_cast<double>(width + 1) * std::ldexp(1.0, -23));
 }
 
 // The filter similarities of rows [start, start + count) against all rows: T x B
@@ -105,7 +107,14 @@ at::Tensor nearest_lists(const at::Tensor& rows, int64_t k, const Kernels& kerne
   if (general_rows.numel() > 0) {
     kernels.exact_top_k(rows, general_rows, k, neighbours);
   }
-  return std::get<0>(at::sort(neighbours, /*dim=*/1));
+  // Sorted by index for binary searches, a chunk of rows at a time: a sort's values,
+  // int64 indices and buffers take ~16 bytes per entry.
+  const int64_t chunk_rows = std::max<int64_t>(1, kScratchBytes / (16 * k));
+  for (int64_t start = 0; start < batch; start += chunk_rows) {
+    at::Tensor chunk = neighbours.narrow(0, start, std::min(chunk_rows, batch - start));
+    chunk.copy_(std::get<0>(at::sort(chunk, /*dim=*/1)));
+  }
+  return neighbours;
 }
 
 // ---------------------------------------------------------------------------------------

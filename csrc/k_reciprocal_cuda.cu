@@ -98,15 +98,16 @@ __global__ void refine_kernel(
   }
 }
 
-// out[r, j] = s[row_ids[r], j] for a chunk of rows; grid (rows, ceil(B / kColumnsPerBlock)).
+// out[r, j] = s[row_ids[r], j] for a chunk of rows; grid (ceil(B / kColumnsPerBlock), rows):
+// columns on x, whose limit is 2^31 - 1 blocks; a chunk holds at most 2^24 / B rows.
 __global__ void exact_similarities_kernel(
     const float* __restrict__ rows, const int64_t* __restrict__ row_ids, int64_t batch, int64_t width,
     float* __restrict__ out) {
-  const int64_t r = blockIdx.x;
+  const int64_t r = blockIdx.y;
   const float* self = rows + row_ids[r] * width;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t first_column = static_cast<int64_t>(blockIdx.y) * kColumnsPerBlock;
+  const int64_t first_column = static_cast<int64_t>(blockIdx.x) * kColumnsPerBlock;
   for (int c = warp; c < kColumnsPerBlock; c += kWarps) {
     const int64_t j = first_column + c;
     if (j >= batch) {
@@ -160,7 +161,7 @@ void exact_top_k_cuda(const at::Tensor& rows, const at::Tensor& row_ids, int64_t
   for (int64_t start = 0; start < row_ids.numel(); start += chunk_rows) {
     const at::Tensor ids = row_ids.narrow(0, start, std::min(chunk_rows, row_ids.numel() - start)).contiguous();
     at::Tensor values = at::empty({ids.numel(), batch}, rows.options());
-    const dim3 grid(ids.numel(), (batch + kColumnsPerBlock - 1) / kColumnsPerBlock);
+    const dim3 grid((batch + kColumnsPerBlock - 1) / kColumnsPerBlock, ids.numel());
     exact_similarities_kernel<<<grid, kThreads, 0, stream>>>(
         rows.const_data_ptr<float>(), ids.const_data_ptr<int64_t>(), batch, rows.size(1),
         values.mutable_data_ptr<float>());

@@ -216,7 +216,12 @@ def test_kernel_matches_reference_on_tight_clusters(device):
     z_img = centres[torch.arange(300) % 4] + 3e-2 * torch.randn(300, 64, generator=gen)
     z_aud = centres[torch.arange(300) % 3] + 3e-2 * torch.randn(300, 64, generator=gen)
     for k in (5, 20, 100):
-        assert_matches_reference(z_img, z_aud, k, device)
+        assert_matches_reference(z_img, z_aud, k)
+        if device == "cuda":
+            # cuBLAS's float32 sums (the reference on CUDA) may order near-ties in a cluster
+            # differently; the kernels' float64 sums agree across devices.
+            got = ops.k_reciprocal_mask(z_img.cuda(), z_aud.cuda(), k).cpu()
+            assert torch.equal(got, ops.k_reciprocal_mask(z_img, z_aud, k))
 
 
 @pytest.mark.parametrize("device", DEVICES)
