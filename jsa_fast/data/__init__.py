@@ -27,6 +27,7 @@ from jsa_fast.data.image import (
     eval_transform,
     load_image,
     train_transform,
+    video_frame_count,
     video_middle_frame,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "read_vggss_json",
     "train_transform",
     "vggss_gt_map",
+    "video_frame_count",
     "video_middle_frame",
     "wav_to_spectrogram",
 ]

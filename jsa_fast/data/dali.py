@@ -4,9 +4,12 @@ pipeline, decoding frames and spectrograms on the GPU.
 Per item of a data set in API.md's layout (the same items, probes and bad-file policy as
 `AudioVisualDataset`, which this path builds and reads its entries from):
 
-- frame: ROOT/frames/<id>.jpg decoded by nvJPEG (`fn.decoders.image`, "mixed"); an .mp4's
-  middle frame is decoded with PyAV on the host (DALI's video decoder has no H.264 on the
-  CPU) and handed over losslessly as a PPM. Evaluation: bicubic resize to size x size;
+- frame: ROOT/frames/<id>.jpg decoded by nvJPEG (`fn.decoders.image`, "mixed"). In a data
+  set of videos (ROOT/videos/<id>.mp4 for every item) the middle frame, index n // 2 of
+  the n frames the container lists (read on the host without decoding), is decoded by
+  DALI's video decoder (`fn.decoders.video`: NVDEC on the GPU; on the CPU it has only
+  VP8, VP9 and MJPEG). A stray .mp4 among image files is decoded with PyAV on the host and
+  handed over losslessly as a PPM. Evaluation: bicubic resize to size x size;
   training: resize to train_resize, a uniformly drawn size x size crop and a flip with
   probability 1/2. Then (x / 255 - mean) / std with ImageNet's mean and std.
 - audio: ROOT/audio/<id>.wav decoded, averaged over channels and resampled to
@@ -31,7 +34,7 @@ from torch.utils.data import default_collate
 
 from jsa_fast.data.audio import AudioConfig
 from jsa_fast.data.datasets import AudioVisualDataset, epoch_order
-from jsa_fast.data.image import IMAGENET_MEAN, IMAGENET_STD, ImageConfig, load_image
+from jsa_fast.data.image import IMAGENET_MEAN, IMAGENET_STD, ImageConfig, load_image, video_frame_count
 
 INSTALL_HINT = "pip install -r requirements-dali.txt"
 LOG_FLOOR = 1e-7
@@ -108,29 +111,37 @@ def _frame_bytes(path: Path) -> np.ndarray:
     return np.fromfile(path, dtype=np.uint8)
 
 
+def _is_video(path: Path) -> bool:
+    return path.suffix.lower() == ".mp4"
+
+
 class _Source:
-    """The pipeline's external source: encoded frames, WAV bytes and item indices, one
-    planned batch per call, StopIteration after the last."""
+    """The pipeline's external source: encoded frames (or videos and their middle frame's
+    index), WAV bytes and item indices, one planned batch per call, StopIteration after the
+    last."""
 
     def __init__(self, dataset: AudioVisualDataset) -> None:
         self.entries = dataset.entries
+        self.videos = bool(self.entries) and all(_is_video(entry.image_path) for entry in self.entries)
         self.batches: list[list[int]] = []
         self.served = 0
 
     def restart(self, batches: list[list[int]]) -> None:
         self.batches, self.served = batches, 0
 
-    def __call__(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    def __call__(self) -> tuple[list[np.ndarray], ...]:
         if self.served == len(self.batches):
             raise StopIteration
         indices = self.batches[self.served]
         self.served += 1
         entries = [self.entries[index] for index in indices]
-        return (
-            [_frame_bytes(entry.image_path) for entry in entries],
-            [np.fromfile(entry.audio_path, dtype=np.uint8) for entry in entries],
-            [np.array([index], dtype=np.int64) for index in indices],
-        )
+        waves = [np.fromfile(entry.audio_path, dtype=np.uint8) for entry in entries]
+        index = [np.array([index], dtype=np.int64) for index in indices]
+        if self.videos:
+            videos = [np.fromfile(entry.image_path, dtype=np.uint8) for entry in entries]
+            middle = [np.array([video_frame_count(entry.image_path) // 2], dtype=np.int32) for entry in entries]
+            return videos, waves, index, middle
+        return [_frame_bytes(entry.image_path) for entry in entries], waves, index
 
 
 def _build_pipeline(
@@ -158,10 +169,18 @@ def _build_pipeline(
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
     def pipeline() -> tuple[Any, Any, Any]:
-        frames, waves, index = fn.external_source(
-            source=source, num_outputs=3, batch=True, dtype=[types.UINT8, types.UINT8, types.INT64]
-        )
-        image = fn.decoders.image(frames, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
+        decoder_device = "mixed" if on_gpu else "cpu"
+        if source.videos:
+            encoded, waves, index, middle = fn.external_source(
+                source=source, num_outputs=4, batch=True, dtype=[types.UINT8, types.UINT8, types.INT64, types.INT32]
+            )
+            # 1 x H x W x 3 (one frame of the sequence) -> H x W x 3
+            image = fn.squeeze(fn.decoders.video(encoded, device=decoder_device, frames=middle), axes=[0])
+        else:
+            encoded, waves, index = fn.external_source(
+                source=source, num_outputs=3, batch=True, dtype=[types.UINT8, types.UINT8, types.INT64]
+            )
+            image = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
         side = image_cfg.train_resize if train else image_cfg.size
         image = fn.resize(image, size=[side, side], interp_type=types.INTERP_CUBIC, antialias=True)
         crop: dict[str, Any] = {}

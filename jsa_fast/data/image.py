@@ -76,8 +76,9 @@ def train_transform(cfg: ImageConfig) -> ImageTransform:
     )
 
 
-def video_middle_frame(path: str | Path) -> Image.Image:
-    """The frame at index n // 2 of a video's n frames, as a PIL RGB image (decoded with PyAV)."""
+def video_frame_count(path: str | Path) -> int:
+    """The number of frames of a video's first video stream, from its container (PyAV),
+    without decoding any."""
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError(f"{path}: the file has no video stream")
@@ -86,6 +87,12 @@ def video_middle_frame(path: str | Path) -> Image.Image:
         # Some containers do not record a frame count; counting packets needs no decoding.
         with av.open(str(path)) as container:
             num_frames = sum(1 for packet in container.demux(video=0) if packet.size)
+    return num_frames
+
+
+def video_middle_frame(path: str | Path) -> Image.Image:
+    """The frame at index n // 2 of a video's n frames, as a PIL RGB image (decoded with PyAV)."""
+    num_frames = video_frame_count(path)
     with av.open(str(path)) as container:
         for index, frame in enumerate(container.decode(video=0)):
             if index == num_frames // 2:
