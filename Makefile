@@ -7,7 +7,7 @@ STAMP := $(VENV)/.jsa-fast-installed
 DALI_STAMP := $(VENV)/.jsa-fast-dali
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-all test-gpu bench-gpu clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,17 @@ test: $(STAMP) $(DALI_STAMP)
 
 test-all: $(STAMP) $(DALI_STAMP)
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+# On a GPU machine: the GPU-marked tests, then every benchmark at the issues' sizes
+# (JSON to bench/results/). Each benchmark stays within a few minutes on an H100.
+test-gpu: $(STAMP) $(DALI_STAMP)
+	$(PY) -m pytest -m gpu -ra $(PYTEST_ARGS)
+
+bench-gpu: $(STAMP) $(DALI_STAMP)
+	$(PY) bench/slot_attn.py
+	$(PY) bench/kreciprocal.py --device cuda
+	$(PY) bench/train_step.py --device cuda --preset paper --batch-size 256 --steps 20
+	$(PY) bench/loader.py --device cuda --n 20000 --batch 256 --batches 20
 
 clean:
 	rm -rf build *.egg-info jsa_fast/_C*.so
