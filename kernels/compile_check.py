@@ -2,7 +2,8 @@
 `python -m kernels.compile_check [--arch 90] [--shapes paper|all] [--json PATH]`.
 
 For each kernel, dtype and shape, the launch configuration the op uses on a GPU
-(`launch_config(..., interpret=False)`) is compiled by Triton for sm_<arch> (Triton
+(`launch_config(..., interpret=False)`), with the argument specialisations a launch gets
+(alignment and divisibility hints, sizes of 1 as constants), is compiled by Triton for sm_<arch> (Triton
 ships ptxas and cuobjdump, so no GPU or CUDA toolkit is needed) and cuobjdump reports
 registers per thread, spill stack bytes and shared memory. The exit status is 1 when a
 kernel spills registers in fp32, bf16 or fp16 (fp64, there for gradcheck, may: it is
@@ -46,16 +47,21 @@ SHAPES = {
         ("odd", 7, 100, 3),
         ("one slot", 100, 96, 1),
         ("16x16 image", 256, 512, 2),
+        ("512 tokens", 512, 512, 2),
     ],
 }
 INTEGER_ARGS = {"L", "D", "S", "N"}
 FLOAT_ARGS = {"eps"}
 
 
-def signature(kernel: Any, dtype: torch.dtype, constants: dict[str, Any]) -> dict[str, str]:
-    """Triton's type string for every argument: tensors in `dtype`, sizes i32, eps fp32."""
-    types = {}
-    for name in kernel.arg_names:
+def specialise(kernel: Any, dtype: torch.dtype, config: dict[str, Any], sizes: dict[str, int]) -> ASTSource:
+    """The kernel as a launch on a GPU compiles it: Triton's JIT gives tensor pointers
+    (16-byte aligned) and sizes divisible by 16 a divisibility hint, and makes sizes equal to
+    1 constants. Tensors are in `dtype`, sizes i32, eps fp32; config holds the constexprs."""
+    constants = {name: value for name, value in config.items() if name != "num_warps"}
+    constants |= {name: 1 for name, value in sizes.items() if value == 1}
+    types, attrs = {}, {}
+    for position, name in enumerate(kernel.arg_names):
         if name in constants:
             types[name] = "constexpr"
         elif name in INTEGER_ARGS:
@@ -64,7 +70,9 @@ def signature(kernel: Any, dtype: torch.dtype, constants: dict[str, Any]) -> dic
             types[name] = "fp32"
         else:
             types[name] = "*" + TRITON_TYPES[dtype]
-    return types
+        if types[name].startswith("*") or (name in INTEGER_ARGS and name not in constants and sizes[name] % 16 == 0):
+            attrs[(position,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=kernel, signature=types, constexprs=constants, attrs=attrs)
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
@@ -81,10 +89,9 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {"registers": registers, "spill_bytes": stack + local, "static_shared_bytes": shared}
 
 
-def compile_kernel(kernel: Any, dtype: torch.dtype, config: dict[str, Any], arch: int) -> dict[str, Any]:
-    constants = {name: value for name, value in config.items() if name != "num_warps"}
-    source = ASTSource(fn=kernel, signature=signature(kernel, dtype, constants), constexprs=constants)
+def compile_kernel(kernel: Any, dtype: torch.dtype, config: dict[str, Any], sizes: dict[str, int], arch: int) -> dict[str, Any]:
     options = {"num_warps": config["num_warps"]} if "num_warps" in config else {}
+    source = specialise(kernel, dtype, config, sizes)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     usage = resource_usage(compiled.asm["cubin"])
     # Triton's shared memory (compiled.metadata.shared) is what it allocates dynamically.
@@ -93,19 +100,23 @@ def compile_kernel(kernel: Any, dtype: torch.dtype, config: dict[str, Any], arch
     return usage
 
 
-def launches(shapes: str) -> list[tuple[str, Any, torch.dtype, str, dict[str, Any]]]:
-    """(kernel name, kernel, dtype, shape description, launch config) for every launch."""
+def launches(shapes: str) -> list[tuple[str, Any, torch.dtype, str, dict[str, Any], dict[str, int]]]:
+    """(kernel name, kernel, dtype, shape description, launch config, size arguments) for
+    every launch."""
     rows = []
     for dtype in TRITON_TYPES:
         for name, length, dim, num_slots in SHAPES[shapes]:
             shape = f"{name}: L={length} d={dim} S={num_slots}"
+            sizes = {"L": length, "D": dim, "S": num_slots}
             for direction, kernel in (("forward", _slot_attention_fwd_kernel), ("backward", _slot_attention_bwd_kernel)):
                 config = attention_launch_config(length, dim, num_slots, dtype, direction, interpret=False)
-                rows.append((f"slot_attention {direction}", kernel, dtype, shape, config))
-        # The GRU epilogue is elementwise: one configuration whatever the size.
-        config = gru_launch_config(1 << 20, dtype, interpret=False)
-        rows.append(("gru_gates forward", _gru_fwd_kernel, dtype, "any", config))
-        rows.append(("gru_gates backward", _gru_bwd_kernel, dtype, "any", config))
+                rows.append((f"slot_attention {direction}", kernel, dtype, shape, config, sizes))
+        # The GRU epilogue is elementwise: one configuration whatever the size (B S x d
+        # elements: B = 256, S = 2, d = 512 here).
+        sizes = {"N": 256 * 2 * 512, "D": 512}
+        config = gru_launch_config(sizes["N"], dtype, interpret=False)
+        rows.append(("gru_gates forward", _gru_fwd_kernel, dtype, "R x d = 512 x 512", config, sizes))
+        rows.append(("gru_gates backward", _gru_bwd_kernel, dtype, "R x d = 512 x 512", config, sizes))
     return rows
 
 
@@ -120,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     limit = SHARED_MEMORY_LIMIT.get(args.arch)
     rows, failures = [], []
-    for name, kernel, dtype, shape, config in launches(args.shapes):
-        usage = compile_kernel(kernel, dtype, config, args.arch)
+    for name, kernel, dtype, shape, config, sizes in launches(args.shapes):
+        usage = compile_kernel(kernel, dtype, config, sizes, args.arch)
         row = {"kernel": name, "dtype": TRITON_TYPES[dtype], "shape": shape, "config": config} | usage
         rows.append(row)
         print(f"{name:26s} {row['dtype']:5s} {shape:28s} warps {usage['num_warps']}  registers {usage['registers']:3d}  "

@@ -28,11 +28,11 @@ __all__ = ["slot_attention", "launch_config"]
 
 # On a GPU: warps per program, and the BLOCK_L x BLOCK_S x BLOCK_D products one program
 # holds in registers per pass. Checked by `python -m kernels.compile_check` (sm_90, no GPU
-# needed): at Lv = 49 (BLOCK_L 64), S = 2 these give 102 (forward) and 128 (backward)
-# registers per thread and no spills; 4 warps or twice the products spill in the backward.
-# A program holds all L keys, so registers bound L: no spills up to L = 256 (16 x 16
-# tokens) in fp32/bf16/fp16; from L = 512 the backward spills (16 warps do not help), as
-# does fp64 (gradcheck only) at L = 256.
+# needed, with a launch's specialisations): at Lv = 49 (BLOCK_L 64), S = 2 these take 80
+# (bf16) and 111 (fp32) registers per thread in the forward, 80 and 108 in the backward,
+# with no spills; 4 warps with 64-wide strips spill 192 bytes in the fp32 backward. A
+# program holds all L keys, so registers bound L: no spills up to L = 512 in fp32, bf16
+# and fp16 (255 registers there in the fp32 backward); fp64 (gradcheck only) spills at 512.
 _GPU_NUM_WARPS = 8
 _GPU_PRODUCTS = {"forward": 8192, "backward": 4096}
 

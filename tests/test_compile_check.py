@@ -23,14 +23,12 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     kernels = {row["kernel"] for row in rows}
     assert kernels == {"slot_attention forward", "slot_attention backward", "gru_gates forward", "gru_gates backward"}
     assert {row["dtype"] for row in rows} == {"fp32", "bf16", "fp16", "fp64"}
-    assert all(0 < row["registers"] <= 255 for row in rows)
+    assert all(row["registers"] > 0 and row["shared_bytes"] >= 0 for row in rows)  # cuobjdump parsed
     # fp64 is for gradcheck; speed needs no spills in the others.
     assert all(row["spill_bytes"] == 0 for row in rows if row["dtype"] != "fp64")
-    paper_backward = [
-        row for row in rows
-        if row["kernel"] == "slot_attention backward" and row["shape"].startswith("image") and row["dtype"] != "fp64"
-    ]
-    assert all(row["num_warps"] == 8 and row["registers"] <= 128 for row in paper_backward)
+    # At the paper's shapes at most 128 registers a thread: two 8-warp programs fit an SM.
+    paper = [row for row in rows if row["shape"].startswith(("image", "audio")) and row["dtype"] != "fp64"]
+    assert len(paper) == 12 and all(row["num_warps"] == 8 and row["registers"] <= 128 for row in paper)
 
 
 def test_compile_check_refuses_to_run_interpreted():

@@ -337,6 +337,16 @@ def collate_skip_none(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any] 
     return default_collate(items) if items else None
 
 
+def _worker_context() -> Any:
+    """Loader workers start from a fork server, not by forking this process: a fork
+    inherits the state of every library's threads here, and after DALI's decoders have run
+    in this process (bench/loader.py runs DALI, then this loader) forked workers were seen
+    to crash. The server imports torch and the data path once, so workers start quickly."""
+    context = torch.multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "jsa_fast.data"])
+    return context
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -363,4 +373,5 @@ def make_loader(
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        multiprocessing_context=_worker_context() if num_workers > 0 else None,
     )
