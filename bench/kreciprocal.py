@@ -54,17 +54,16 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"{name}_ms"] = median_time_ms(call, device, warmup=1, repeats=args.repeats)
                 row[f"{name}_peak_mib"] = peak_memory_mib(call, device)
                 results[name] = call()
-            except (torch.OutOfMemoryError, RuntimeError) as error:  # the reference's B x B matrices
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if name != "reference":
+                    raise  # the kernels must run at every size; only the reference's B x B matrices may not fit
                 row[f"{name}_ms"], row[f"{name}_error"] = None, str(error).splitlines()[0]
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if "reference" in results:
             expected = results.pop("reference")
-            row["identical"] = all(
-                torch.equal(mask, pack_mask(expected) if name == "packed" else expected) for name, mask in results.items()
-            )
-            if row.get("extension_ms"):
-                row["speedup"] = row["reference_ms"] / row["extension_ms"]
+            row["identical"] = torch.equal(results["extension"], expected) and torch.equal(results["packed"], pack_mask(expected))
+            row["speedup"] = row["reference_ms"] / row["extension_ms"]
         results.clear()
         rows.append(row)
         print_table([row], list(row))

@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <limits>
 #include <numeric>
 #include <tuple>
 #include <vector>
@@ -56,14 +58,27 @@ at::Tensor normalized_rows(const at::Tensor& z, const char* name) {
   return (rows / norms).contiguous();
 }
 
+int64_t scratch_bytes() {
+  const char* mib = std::getenv("JSA_FAST_KRECIPROCAL_SCRATCH_MIB");
+  if (mib == nullptr || *mib == '\0') {
+    return kScratchBytes;
+  }
+  char* end = nullptr;
+  const double value = std::strtod(mib, &end);
+  TORCH_CHECK_VALUE(
+      end != mib && *end == '\0' && value > 0, "JSA_FAST_KRECIPROCAL_SCRATCH_MIB must be a positive number, got '",
+      mib, "'");
+  return std::max<int64_t>(1, static_cast<int64_t>(value * (1 << 20)));
+}
+
 namespace {
 
-// eps of the filter: twice the worst |s~ - s| (k_reciprocal.h). Rows have norm <= 1 (to
-// float32 rounding). bfloat16 keeps 8 significant bits, so rounding a row to it moves each
-// entry by at most 2^-8 of itself and each product by at most (1 + 2^-8)^2 - 1 < 2^-7 of
-// itself: the products' sum moves by < 2^-7 sum_d |a_d b_d| <= ~2^-7. A float32 sum of D
-// terms in any order adds at most ~D 2^-24 (2^-23 per addition covers accumulators that
-// truncate), and s's own rounding 2^-24.
+// eps of the filter (k_reciprocal.h): twice the worst |s~ - s|. Rows have norm <= 1 (to
+// float32 rounding). Rounding to bfloat16 (8 significant bits, to nearest) moves an entry
+// by less than 2^-8 of itself, so a product by less than (1 + 2^-8)^2 - 1 = 2^-7 + 2^-16
+// of itself, and the products' sum by less than (2^-7 + 2^-16) sum_d |a_d b_d| <= ~2^-7.
+// A float32 sum of D terms in any order adds at most ~D 2^-24 (2^-23 per addition covers
+// accumulators that truncate), and s's own rounding 2^-24.
 double filter_margin(int64_t width) {
   return 2.0 * (std::ldexp(1.0, -7) + static_cast<double>(width + 1) * std::ldexp(1.0, -23));
 }
@@ -92,7 +107,7 @@ at::Tensor nearest_lists(const at::Tensor& rows, int64_t k, const Kernels& kerne
       filter_rows = filter_rows.to(at::kFloat);
     }
     const double margin = filter_margin(rows.size(1));
-    const int64_t tile_rows = std::clamp<int64_t>(kScratchBytes / (4 * batch), 1, batch);
+    const int64_t tile_rows = std::clamp<int64_t>(scratch_bytes() / (4 * batch), 1, batch);
     for (int64_t start = 0; start < batch; start += tile_rows) {
       const int64_t count = std::min(tile_rows, batch - start);
       const at::Tensor approx = filter_similarities(filter_rows, start, count);
@@ -109,7 +124,7 @@ at::Tensor nearest_lists(const at::Tensor& rows, int64_t k, const Kernels& kerne
   }
   // Sorted by index for binary searches, a chunk of rows at a time: a sort's values,
   // int64 indices and buffers take ~16 bytes per entry.
-  const int64_t chunk_rows = std::max<int64_t>(1, kScratchBytes / (16 * k));
+  const int64_t chunk_rows = std::max<int64_t>(1, scratch_bytes() / (16 * k));
   for (int64_t start = 0; start < batch; start += chunk_rows) {
     at::Tensor chunk = neighbours.narrow(0, start, std::min(chunk_rows, batch - start));
     chunk.copy_(std::get<0>(at::sort(chunk, /*dim=*/1)));

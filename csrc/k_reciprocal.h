@@ -12,10 +12,12 @@
 //      on CUDA), t_i = the k-th largest s~[i, :], candidates C_i = {j : s~[i, j] >=
 //      t_i - 2 eps}. With |s~ - s| <= eps for the exact similarity s below, C_i holds
 //      every true neighbour: at least k rows have s > t_i - eps >= s of any row outside.
+//      (eps is twice the worst-case error: filter_margin in k_reciprocal.cpp.)
 //   3. Refine: s[i, j] for j in C_i, exactly as documented below, and the k first of
 //      C_i by (s descending, index ascending) are N(i). Rows with more than
 //      kMaxCandidates candidates (many near-ties) and every row when k > kFastPathMaxK
-//      take the general path: s against all B rows and a stable sort.
+//      take the general path: s against all B rows and the same selection (a stable sort
+//      on CUDA, nth_element by that order on the CPU).
 //   4. Assemble R from the B x k neighbour lists (each sorted by index, so that
 //      membership is a binary search): O(B k log k) work, O(B k) memory.
 //
@@ -49,6 +51,9 @@ constexpr int64_t kFastPathMaxK = 256;
 // Scratch memory per step: the float32 tile of filter similarities, the general path's
 // similarities, values and indices.
 constexpr int64_t kScratchBytes = int64_t{256} << 20;
+// kScratchBytes, or JSA_FAST_KRECIPROCAL_SCRATCH_MIB MiB when that is set: a smaller bound
+// means more, smaller tiles (the tests use it to run many tiles at small B).
+int64_t scratch_bytes();
 
 // Raises ValueError (TORCH_CHECK_VALUE), naming the argument, for inputs the op cannot
 // take. The data-dependent finiteness check lives in normalized_rows.

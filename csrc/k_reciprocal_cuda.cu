@@ -156,7 +156,7 @@ void refine_cuda(
 void exact_top_k_cuda(const at::Tensor& rows, const at::Tensor& row_ids, int64_t k, at::Tensor& neighbours) {
   const int64_t batch = rows.size(0);
   // Similarities (4 bytes), sorted values (4) and indices (8) per entry.
-  const int64_t chunk_rows = std::max<int64_t>(1, kScratchBytes / (16 * batch));
+  const int64_t chunk_rows = std::max<int64_t>(1, scratch_bytes() / (16 * batch));
   const auto stream = at::cuda::getCurrentCUDAStream();
   for (int64_t start = 0; start < row_ids.numel(); start += chunk_rows) {
     const at::Tensor ids = row_ids.narrow(0, start, std::min(chunk_rows, row_ids.numel() - start)).contiguous();

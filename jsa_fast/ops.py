@@ -2,7 +2,11 @@
 
 k_reciprocal_mask runs the extension's kernel for the tensors' device when it has one
 (CPU always; CUDA when the extension was built with nvcc) and
-`jsa_fast.reference.k_reciprocal_mask` otherwise; both give the same mask bit for bit.
+`jsa_fast.reference.k_reciprocal_mask` otherwise. The kernels give the reference's mask
+bit for bit wherever the similarities are exact in float32 (ties included); they sum
+dot products in float64, so two similarities within a float32 rounding of each other may
+be ordered differently from the reference's float32 matrix product (csrc/k_reciprocal.h),
+as two float32 summation orders may.
 """
 
 from __future__ import annotations

@@ -249,8 +249,9 @@ def check_k_reciprocal_inputs(z_img: Tensor, z_aud: Tensor, k: int) -> None:
             raise ValueError(f"{name} must be a floating-point tensor, got {_describe(z)}")
         if z.shape[0] < 1 or z.shape[1] < 1:
             raise ValueError(f"{name} must be non-empty, got {_describe(z)}")
-        if not bool(torch.isfinite(z).all()):
-            raise ValueError(f"{name} holds non-finite values ({_describe(z)})")
+        # Similarities are computed in float32, where a large float64 becomes inf.
+        if not bool(torch.isfinite(z.float()).all()):
+            raise ValueError(f"{name} holds values that are not finite in float32 ({_describe(z)})")
     if z_img.shape != z_aud.shape:
         raise ValueError(f"z_img and z_aud must have one shape, got {_describe(z_img)} and {_describe(z_aud)}")
     if z_img.device != z_aud.device:
@@ -295,7 +296,7 @@ def pack_mask(mask: Tensor) -> Tensor:
     if mask.dim() != 2 or mask.dtype != torch.bool:
         raise ValueError(f"mask must be a 2-D bool tensor, got {_describe(mask)}")
     rows, columns = mask.shape
-    padded = F.pad(mask, (0, -columns % 32)).view(rows, -1, 32).to(torch.int64)
+    padded = F.pad(mask, (0, -columns % 32)).reshape(rows, -(-columns // 32), 32).to(torch.int64)
     weights = torch.ones(32, dtype=torch.int64, device=mask.device) << torch.arange(32, device=mask.device)
     words = (padded * weights).sum(-1)
     # Bit 31 set means a negative int32: wrap the unsigned 32-bit value into range.
@@ -306,7 +307,9 @@ def unpack_mask(words: Tensor, columns: int) -> Tensor:
     """B x ceil(C / 32) int32 words (pack_mask's layout) -> B x C bool."""
     if words.dim() != 2 or words.dtype != torch.int32:
         raise ValueError(f"words must be a 2-D int32 tensor, got {_describe(words)}")
-    if not 0 <= columns <= 32 * words.shape[1] or -(-columns // 32) != words.shape[1]:
+    if isinstance(columns, bool) or not isinstance(columns, int):
+        raise ValueError(f"columns must be an int, got {columns!r}")
+    if columns < 0 or -(-columns // 32) != words.shape[1]:
         raise ValueError(f"columns must need exactly {words.shape[1]} words of 32 bits, got {columns}")
     shifts = torch.arange(32, dtype=torch.int32, device=words.device)
     bits = (words.unsqueeze(-1) >> shifts) & 1

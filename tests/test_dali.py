@@ -307,3 +307,4 @@ def test_bad_arguments_are_named(synth_root: Path) -> None:
     with pytest.raises(ValueError, match="device"):
         make_dali_loader(AudioVisualDataset(synth_root, "train", IMAGE, AUDIO), 2, True, 0, device="meta")
     assert not dali_available("cuda:64")
+

@@ -1,6 +1,8 @@
 """k-reciprocal false-negative masks: the reference on hand-checked ties, jsa_fast._C's op
 (its C++ kernel, and its CUDA kernel when a GPU is present) against the reference bit
-for bit, the packed form, the general path, and the op under torch.compile and opcheck."""
+for bit (on exact similarities with many ties, and on random rows, whose near-ties are
+far apart), the packed form, the general path, and the op under torch.compile and
+opcheck."""
 
 import pytest
 import torch
@@ -129,7 +131,7 @@ BAD_INPUTS = {
     "1-D image": (torch.randn(4), GOOD, 2, "z_img"),
     "3-D audio": (GOOD, torch.randn(4, 3, 1), 2, "z_aud"),
     "integer image": (torch.ones(4, 3, dtype=torch.int64), GOOD, 2, "z_img"),
-    "empty rows": (GOOD[:, :0], GOOD[:, :0], 2, "z_img"),
+    "no columns": (GOOD[:, :0], GOOD[:, :0], 2, "z_img"),
     "nan image": (torch.tensor([[float("nan")]] * 4).expand(4, 3), GOOD, 2, "z_img"),
     "inf audio": (GOOD, GOOD.clone().index_fill_(0, torch.tensor([2]), float("inf")), 2, "z_aud"),
 }
@@ -156,11 +158,12 @@ def test_cpp_op_rejects_bad_input(case):
         torch.ops.jsa_fast.k_reciprocal_mask(z_img, z_aud, k)
 
 
-def test_cpp_op_rejects_float64_beyond_float32_range():
+@pytest.mark.parametrize("op", [torch.ops.jsa_fast.k_reciprocal_mask, ops.k_reciprocal_mask, reference.k_reciprocal_mask])
+def test_float64_beyond_float32_range_is_rejected(op):
     # Finite in float64 but infinite once cast to float32, where the similarity is computed.
     z = torch.full((3, 2), 1e300, dtype=torch.float64)
     with pytest.raises(ValueError, match="z_img"):
-        torch.ops.jsa_fast.k_reciprocal_mask(z, torch.ones(3, 2), 1)
+        op(z, torch.ones(3, 2, dtype=torch.float64), 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,6 +242,25 @@ def test_kernel_general_path_for_rows_with_many_candidates(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_kernel_with_many_tiles_and_chunks(device, monkeypatch):
+    # A 0.05 MiB scratch bound: filter tiles of 5-24 rows, general-path chunks of 1-6 rows
+    # and list-sorting chunks of 10-3276 rows, so tile and chunk boundaries are crossed.
+    monkeypatch.setenv("JSA_FAST_KRECIPROCAL_SCRATCH_MIB", "0.05")
+    gen = torch.Generator().manual_seed(9)
+    z_img, z_aud = tied_rows(540, 3, torch.float32), torch.randn(540, 32, generator=gen)
+    for k in (1, 20, 300):
+        assert_matches_reference(z_img, z_aud, k, device)
+    z_copies = torch.zeros(2200, 8).index_fill_(1, torch.tensor([2]), 1.0)  # every row overflows
+    assert_matches_reference(z_copies, torch.randn(2200, 8, generator=gen), 4, device)
+
+
+def test_bad_scratch_bound_is_named(monkeypatch):
+    monkeypatch.setenv("JSA_FAST_KRECIPROCAL_SCRATCH_MIB", "lots")
+    with pytest.raises(ValueError, match="JSA_FAST_KRECIPROCAL_SCRATCH_MIB"):
+        torch.ops.jsa_fast.k_reciprocal_mask(GOOD, GOOD, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [256, 257, 299])
 def test_kernel_large_k_takes_the_general_path(device, k):
     # k = 256 is the fast path's largest; above it every row takes the general path.
@@ -302,11 +324,11 @@ def test_kernel_matches_reference_on_strided_input():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("columns", [1, 31, 32, 33, 100])
-def test_pack_unpack_round_trip(columns):
-    mask = torch.rand(7, columns, generator=torch.Generator().manual_seed(columns)) < 0.4
+@pytest.mark.parametrize("rows,columns", [(7, 1), (7, 31), (7, 32), (7, 33), (7, 100), (0, 5), (3, 0), (0, 0)])
+def test_pack_unpack_round_trip(rows, columns):
+    mask = torch.rand(rows, columns, generator=torch.Generator().manual_seed(columns)) < 0.4
     words = ops.pack_mask(mask)
-    assert words.dtype == torch.int32 and words.shape == (7, -(-columns // 32))
+    assert words.dtype == torch.int32 and words.shape == (rows, -(-columns // 32))
     assert torch.equal(ops.unpack_mask(words, columns), mask)
 
 
@@ -322,8 +344,9 @@ def test_pack_unpack_reject_bad_input():
         ops.pack_mask(torch.ones(3, 3))
     with pytest.raises(ValueError, match="words"):
         ops.unpack_mask(torch.ones(3, 1, dtype=torch.int64), 3)
-    with pytest.raises(ValueError, match="columns"):
-        ops.unpack_mask(torch.ones(3, 1, dtype=torch.int32), 33)
+    for columns in (33, 0, -1, 32.0, True):
+        with pytest.raises(ValueError, match="columns"):
+            ops.unpack_mask(torch.ones(3, 1, dtype=torch.int32), columns)
 
 
 def test_public_op_rejects_non_bool_packed():

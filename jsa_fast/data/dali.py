@@ -123,8 +123,14 @@ class _Source:
     def __init__(self, dataset: AudioVisualDataset) -> None:
         self.entries = dataset.entries
         self.videos = bool(self.entries) and all(_is_video(entry.image_path) for entry in self.entries)
+        self.middle_frames: dict[int, int] = {}  # item index -> its middle frame's index, read once
         self.batches: list[list[int]] = []
         self.served = 0
+
+    def _middle_frame(self, index: int) -> int:
+        if index not in self.middle_frames:
+            self.middle_frames[index] = video_frame_count(self.entries[index].image_path) // 2
+        return self.middle_frames[index]
 
     def restart(self, batches: list[list[int]]) -> None:
         self.batches, self.served = batches, 0
@@ -139,7 +145,7 @@ class _Source:
         index = [np.array([index], dtype=np.int64) for index in indices]
         if self.videos:
             videos = [np.fromfile(entry.image_path, dtype=np.uint8) for entry in entries]
-            middle = [np.array([video_frame_count(entry.image_path) // 2], dtype=np.int32) for entry in entries]
+            middle = [np.array([self._middle_frame(index)], dtype=np.int32) for index in indices]
             return videos, waves, index, middle
         return [_frame_bytes(entry.image_path) for entry in entries], waves, index
 
