@@ -95,6 +95,22 @@ def test_slot_attention_op_matches_reference(batch, length, num_slots, dim):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.skipif(CUDA, reason="on a GPU the GPU tiles are what every test runs")
+def test_kernels_with_the_gpu_tiles_under_the_interpreter(monkeypatch):
+    # The interpreter normally runs one strip over d and one GRU program; a GPU runs d in
+    # 64-wide (forward) and 32-wide (backward) strips and 1024-element GRU programs. Here the
+    # GPU configurations run under the interpreter, tails included (d = 100, 1,200 elements).
+    import importlib
+
+    for name in ("kernels.slot_attention", "kernels.gru"):
+        module = importlib.import_module(name)
+        gpu_config = module.launch_config
+        monkeypatch.setattr(module, "launch_config", lambda *args, _config=gpu_config: _config(*args, interpret=False))
+    assert importlib.import_module("kernels.slot_attention").launch_config(49, 100, 2, torch.float32, "backward")["BLOCK_D"] == 32
+    test_slot_attention_op_matches_reference(2, 49, 2, 100)
+    test_gru_gates_match_grucell(6, 200)
+
+
 def test_slot_attention_op_eps_keeps_an_empty_slot_uniform():
     # A slot that loses every key gets A = eps everywhere: after key normalisation 1/L.
     x = torch.full((1, 4, 1), 100.0, device=DEVICE)
