@@ -268,6 +268,22 @@ def test_a_corrupt_jpeg_is_named_or_skipped(root_copy: Path) -> None:
 
 
 @needs_dali
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("videos", [False, True], ids=["images", "videos"])
+def test_the_gpu_pipeline_is_a_valid_dali_graph(root_copy: Path, videos: bool, train: bool) -> None:
+    # Without a GPU, DALI can neither build nor run a device_id=0 pipeline, but defining one
+    # checks every operator's arguments and where each input lives (CPU, GPU, mixed).
+    from jsa_fast.data.dali import _build_pipeline, _Source
+
+    if videos:
+        _test_items_as_videos(root_copy, "cuda")
+    source = _Source(AudioVisualDataset(root_copy, "test", IMAGE, AUDIO))
+    assert source.videos == videos
+    pipeline = _build_pipeline(source, train, IMAGE, AUDIO, batch_size=2, device_id=0, seed=1, num_threads=1)
+    assert pipeline.device_id == 0
+
+
+@needs_dali
 def test_a_corrupt_video_is_named_or_skipped(root_copy: Path) -> None:
     _test_items_as_videos(root_copy, "cpu")
     video = root_copy / "videos" / "test_000002.mp4"
