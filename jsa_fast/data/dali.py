@@ -34,7 +34,7 @@ from torch.utils.data import default_collate
 
 from jsa_fast.data.audio import AudioConfig
 from jsa_fast.data.datasets import AudioVisualDataset, epoch_order
-from jsa_fast.data.image import IMAGENET_MEAN, IMAGENET_STD, ImageConfig, load_image, video_frame_count
+from jsa_fast.data.image import IMAGENET_MEAN, IMAGENET_STD, ImageConfig, is_video, load_image, video_frame_count
 
 INSTALL_HINT = "pip install -r requirements-dali.txt"
 LOG_FLOOR = 1e-7
@@ -106,13 +106,9 @@ def _ppm(image: Any) -> np.ndarray:
 
 
 def _frame_bytes(path: Path) -> np.ndarray:
-    if path.suffix.lower() == ".mp4":
+    if is_video(path):
         return _ppm(load_image(path))
     return np.fromfile(path, dtype=np.uint8)
-
-
-def _is_video(path: Path) -> bool:
-    return path.suffix.lower() == ".mp4"
 
 
 class _Source:
@@ -122,7 +118,7 @@ class _Source:
 
     def __init__(self, dataset: AudioVisualDataset) -> None:
         self.entries = dataset.entries
-        self.videos = bool(self.entries) and all(_is_video(entry.image_path) for entry in self.entries)
+        self.videos = bool(self.entries) and all(is_video(entry.image_path) for entry in self.entries)
         self.middle_frames: dict[int, int] = {}  # item index -> its middle frame's index, read once
         self.batches: list[list[int]] = []
         self.served = 0

@@ -100,9 +100,14 @@ def video_middle_frame(path: str | Path) -> Image.Image:
     raise ValueError(f"{path}: decoded fewer frames than the {num_frames} the container lists")
 
 
+def is_video(path: str | Path) -> bool:
+    """Whether a frame path names a video (.mp4), whose middle frame is the clip's frame."""
+    return Path(path).suffix.lower() == ".mp4"
+
+
 def load_image(path: str | Path) -> Image.Image:
     """A frame as a decoded PIL RGB image: a video's middle frame for .mp4, else the image file."""
-    if Path(path).suffix.lower() == ".mp4":
+    if is_video(path):
         return video_middle_frame(path)
     with Image.open(path) as image:
         return image.convert("RGB")
