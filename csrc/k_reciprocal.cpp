@@ -236,32 +236,15 @@ void exact_top_k_cpu(const at::Tensor& rows, const at::Tensor& row_ids, int64_t 
   });
 }
 
-at::Tensor assemble_cpu(const at::Tensor& img, const at::Tensor& aud, bool packed) {
-  const int64_t batch = img.size(0);
+void assemble_cpu(const at::Tensor& img, const at::Tensor& aud, const MaskView& mask) {
   const int64_t k = img.size(1);
   const int32_t* img_lists = img.const_data_ptr<int32_t>();
   const int32_t* aud_lists = aud.const_data_ptr<int32_t>();
-  const int64_t words = (batch + 31) / 32;
-  at::Tensor mask = packed ? at::zeros({batch, words}, img.options()) : at::zeros({batch, batch}, img.options().dtype(at::kBool));
-  // Each row is written by one thread only, so bits need no atomics.
-  auto* bits = packed ? reinterpret_cast<uint32_t*>(mask.mutable_data_ptr<int32_t>()) : nullptr;
-  bool* entries = packed ? nullptr : mask.mutable_data_ptr<bool>();
-  at::parallel_for(0, batch, std::max<int64_t>(1, kMinWorkPerThread / (k * 8)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, mask.batch, std::max<int64_t>(1, kMinWorkPerThread / (k * 8)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      for (int64_t rank = 0; rank < k; ++rank) {
-        const int32_t j = img_lists[i * k + rank];
-        if (!reciprocal_pair(i, j, img_lists, aud_lists, k)) {
-          continue;
-        }
-        if (packed) {
-          bits[i * words + j / 32] |= uint32_t{1} << (j % 32);
-        } else {
-          entries[i * batch + j] = true;
-        }
-      }
+      assemble_row(i, img_lists, aud_lists, k, mask);
     }
   });
-  return mask;
 }
 
 constexpr Kernels kCpuKernels{&refine_cpu, &exact_top_k_cpu, &assemble_cpu};
@@ -279,7 +262,15 @@ at::Tensor k_reciprocal_mask(
   const at::Tensor rows_aud = normalized_rows(z_aud, "z_aud");
   const at::Tensor img = nearest_lists(rows_img, k, kernels);
   const at::Tensor aud = nearest_lists(rows_aud, k, kernels);
-  return kernels.assemble(img, aud, packed);
+  const int64_t batch = z_img.size(0);
+  const int64_t words = (batch + 31) / 32;
+  at::Tensor mask = packed ? at::zeros({batch, words}, img.options())
+                           : at::zeros({batch, batch}, img.options().dtype(at::kBool));
+  const MaskView view{
+      packed ? nullptr : mask.mutable_data_ptr<bool>(),
+      packed ? reinterpret_cast<uint32_t*>(mask.mutable_data_ptr<int32_t>()) : nullptr, batch, words};
+  kernels.assemble(img, aud, view);
+  return mask;
 }
 
 TORCH_LIBRARY(jsa_fast, m) {

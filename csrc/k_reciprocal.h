@@ -62,6 +62,15 @@ void check_inputs(const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k);
 // Step 1: B x D any float -> B x D contiguous float32 rows of unit norm (or zero).
 at::Tensor normalized_rows(const at::Tensor& z, const char* name);
 
+// The output R: B x B bool entries, or (packed) B x words int32 words, bit b of word w of
+// row i being R[i, 32 w + b]; exactly one of the two pointers is set.
+struct MaskView {
+  bool* entries;
+  uint32_t* bits;
+  int64_t batch;
+  int64_t words;
+};
+
 // The device-specific steps 2-4; each function handles one device's tensors.
 struct Kernels {
   // Step 3 for tile rows [tile_start, tile_start + T): filter similarities approx (T x B
@@ -73,9 +82,8 @@ struct Kernels {
       at::Tensor& neighbours, at::Tensor& overflow);
   // The general path for the listed rows (int64): neighbours[row] <- its k first rows.
   void (*exact_top_k)(const at::Tensor& rows, const at::Tensor& row_ids, int64_t k, at::Tensor& neighbours);
-  // Step 4: two B x k int32 lists sorted by index -> B x B bool, or B x ceil(B / 32)
-  // int32 words when packed (bit b of word w of row i is R[i, 32 w + b]).
-  at::Tensor (*assemble)(const at::Tensor& img, const at::Tensor& aud, bool packed);
+  // Step 4: two B x k int32 lists sorted by index -> R, written into a zeroed mask.
+  void (*assemble)(const at::Tensor& img, const at::Tensor& aud, const MaskView& mask);
 };
 
 // Steps 1-4 for both modalities on the device whose kernels are given.
@@ -110,6 +118,23 @@ JSA_FAST_HOST_DEVICE inline bool reciprocal_pair(
   const auto self = static_cast<int32_t>(i);
   return j != self && sorted_contains(img + j * k, k, self) && sorted_contains(aud + i * k, k, j) &&
       sorted_contains(aud + j * k, k, self);
+}
+
+// Writes row i of R: R[i, j] for each j in row i's image list. Only row i is written, so
+// rows can be written in parallel without atomics.
+JSA_FAST_HOST_DEVICE inline void assemble_row(
+    int64_t i, const int32_t* img, const int32_t* aud, int64_t k, const MaskView& mask) {
+  for (int64_t rank = 0; rank < k; ++rank) {
+    const int32_t j = img[i * k + rank];
+    if (!reciprocal_pair(i, j, img, aud, k)) {
+      continue;
+    }
+    if (mask.bits != nullptr) {
+      mask.bits[i * mask.words + j / 32] |= uint32_t{1} << (j % 32);
+    } else {
+      mask.entries[i * mask.batch + j] = true;
+    }
+  }
 }
 
 }  // namespace k_reciprocal

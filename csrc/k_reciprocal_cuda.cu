@@ -120,24 +120,12 @@ __global__ void exact_similarities_kernel(
   }
 }
 
-// One thread per row i writes R[i, :] (entries, or bits when packed): no atomics needed.
+// One thread per row i writes R[i, :] (assemble_row).
 __global__ void assemble_kernel(
-    const int32_t* __restrict__ img, const int32_t* __restrict__ aud, int64_t batch, int64_t k,
-    bool* __restrict__ entries, uint32_t* __restrict__ bits, int64_t words) {
+    const int32_t* __restrict__ img, const int32_t* __restrict__ aud, int64_t k, const MaskView mask) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= batch) {
-    return;
-  }
-  for (int64_t rank = 0; rank < k; ++rank) {
-    const int32_t j = img[i * k + rank];
-    if (!reciprocal_pair(i, j, img, aud, k)) {
-      continue;
-    }
-    if (bits != nullptr) {
-      bits[i * words + j / 32] |= 1u << (j % 32);
-    } else {
-      entries[i * batch + j] = true;
-    }
+  if (i < mask.batch) {
+    assemble_row(i, img, aud, k, mask);
   }
 }
 
@@ -172,18 +160,11 @@ void exact_top_k_cuda(const at::Tensor& rows, const at::Tensor& row_ids, int64_t
   }
 }
 
-at::Tensor assemble_cuda(const at::Tensor& img, const at::Tensor& aud, bool packed) {
-  const int64_t batch = img.size(0);
-  const int64_t words = (batch + 31) / 32;
-  at::Tensor mask = packed ? at::zeros({batch, words}, img.options()) : at::zeros({batch, batch}, img.options().dtype(at::kBool));
+void assemble_cuda(const at::Tensor& img, const at::Tensor& aud, const MaskView& mask) {
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const auto blocks = static_cast<unsigned>((batch + kThreads - 1) / kThreads);
-  assemble_kernel<<<blocks, kThreads, 0, stream>>>(
-      img.const_data_ptr<int32_t>(), aud.const_data_ptr<int32_t>(), batch, img.size(1),
-      packed ? nullptr : mask.mutable_data_ptr<bool>(),
-      packed ? reinterpret_cast<uint32_t*>(mask.mutable_data_ptr<int32_t>()) : nullptr, words);
+  const auto blocks = static_cast<unsigned>((mask.batch + kThreads - 1) / kThreads);
+  assemble_kernel<<<blocks, kThreads, 0, stream>>>(img.const_data_ptr<int32_t>(), aud.const_data_ptr<int32_t>(), img.size(1), mask);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return mask;
 }
 
 constexpr Kernels kCudaKernels{&refine_cuda, &exact_top_k_cuda, &assemble_cuda};
