@@ -116,6 +116,18 @@ def test_unshuffled_train_split_has_the_torch_spectrograms(synth_root: Path, dev
         assert (batch["spec"][row].cpu() - dataset[row]["spec"]).abs().max() < SPEC_ATOL
 
 
+def _write_video(path: Path, frames: list[np.ndarray], codec: str) -> None:
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=5)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for pixels in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
 @needs_dali
 @pytest.mark.parametrize("device", DEVICES)
 def test_resampled_stereo_short_clips_and_video_frames_match(root_copy: Path, device: str) -> None:
@@ -127,29 +139,13 @@ def test_resampled_stereo_short_clips_and_video_frames_match(root_copy: Path, de
     soundfile.write(root_copy / "audio" / "test_000002.wav", 0.3 * rng.standard_normal(3200), 16000, subtype="PCM_24")
     (root_copy / "frames" / "test_000003.jpg").unlink()
     (root_copy / "videos").mkdir()
-    with av.open(str(root_copy / "videos" / "test_000003.mp4"), "w") as container:
-        stream = container.add_stream("libx264", rate=5)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        for level in (10, 90, 170, 250, 30):
-            pixels = np.full((64, 64, 3), level, np.uint8)
-            pixels[:32, :, 0] = 255 - level  # some structure for the resize
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    frames = []
+    for level in (10, 90, 170, 250, 30):
+        pixels = np.full((64, 64, 3), level, np.uint8)
+        pixels[:32, :, 0] = 255 - level  # some structure for the resize
+        frames.append(pixels)
+    _write_video(root_copy / "videos" / "test_000003.mp4", frames, "libx264")
     _assert_matches_torch_path(root_copy, "test", device)
-
-
-def _write_video(path: Path, frames: list[np.ndarray], codec: str) -> None:
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=5)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for pixels in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def _test_items_as_videos(root: Path, device: str) -> None:
