@@ -12,8 +12,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def compiling_env() -> dict[str, str]:
+    """This process's environment without TRITON_INTERPRET: Triton compiles there."""
+    return {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+
+
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env = compiling_env()
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from a cache
     out = tmp_path / "compile_check.json"
     command = [sys.executable, "-m", "kernels.compile_check", "--arch", "90", "--shapes", "all", "--json", str(out)]
@@ -62,6 +67,6 @@ print("ok")
 def test_gpu_op_bodies_trace_on_fake_cuda_tensors():
     # On a GPU the ops are triton_op's whose bodies launch through wrap_triton; no GPU here,
     # but their Python (launch configurations, buffers, dtypes) runs on fake CUDA tensors.
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env = compiling_env()
     result = subprocess.run([sys.executable, "-c", GPU_OPS_ON_FAKE_CUDA_TENSORS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
