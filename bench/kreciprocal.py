@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             expected = results.pop("reference")
             row["identical"] = torch.equal(results["extension"], expected) and torch.equal(results["packed"], pack_mask(expected))
             row["speedup"] = row["reference_ms"] / row["extension_ms"]
-        results.clear()
+        results.clear()  # frees this size's masks before the next size's inputs are drawn
         rows.append(row)
         print_table([row], list(row))
     path = write_results("kreciprocal", device, vars(args) | {"batch": batches}, rows, args.json)
