@@ -1,0 +1,126 @@
+"""The command lines' error convention, in one place for every `python -m jsa_fast.*` CLI.
+
+A CLI's bad input (a flag, a file, a data set, an output folder it must not overwrite)
+ends in ONE line on stderr, `<prog>: error: <what, naming the culprit>`, and exit status 2;
+a run that stops on its own (a non-finite loss, a full disk) in one such line and exit
+status 1. No traceback, unless `--debug` is on the command line or JSA_FAST_DEBUG=1 is in
+the environment; then the traceback comes first and the same line and status follow.
+
+    from jsa_fast.cli import ArgumentParser, DataError, UsageError, command
+
+    @command("jsa_fast.prepare")
+    def main(argv: list[str] | None = None) -> int:
+        args = ArgumentParser(prog="python -m jsa_fast.prepare").parse_args(argv)  # has --debug
+        if args.workers < 1:
+            raise UsageError(f"--workers must be >= 1, got {args.workers}")
+        ...
+        return 0
+
+What counts as bad input: `CLIError` and its subclasses, and any ValueError or OSError
+(the library's argument and file checks raise those, naming what they saw).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import NoReturn
+
+__all__ = [
+    "CLIError",
+    "UsageError",
+    "DataError",
+    "RunError",
+    "ArgumentParser",
+    "command",
+    "one_line",
+    "DEBUG_ENV",
+]
+
+DEBUG_ENV = "JSA_FAST_DEBUG"
+INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
+
+
+class CLIError(Exception):
+    """An error a command line reports in one line; `exit_code` is its exit status."""
+
+    exit_code = 2
+
+
+class UsageError(CLIError, ValueError):
+    """A flag, a combination of flags or an output folder that cannot be used."""
+
+
+class DataError(CLIError, ValueError):
+    """A file or data set whose content cannot be used (named in the message)."""
+
+
+class RunError(CLIError, RuntimeError):
+    """A run that had to stop although its input was accepted: a non-finite loss, a full
+    disk. Exit status 1."""
+
+    exit_code = 1
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line: its lines joined with '; ', indentation dropped."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with `--debug`, whose errors are raised as UsageError (so that `command`
+    prints them as one line) instead of a usage block and SystemExit."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help=f"show tracebacks of errors (or set {DEBUG_ENV}=1)")
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see --help)")
+
+
+def _debug_requested(argv: list[str] | None) -> bool:
+    arguments = sys.argv[1:] if argv is None else argv
+    return "--debug" in arguments or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - warnings' signature
+    return f"warning: {one_line(message) if isinstance(message, Warning) else message}\n"
+
+
+def command(prog: str) -> Callable[[Callable[[list[str] | None], int]], Callable[[list[str] | None], int]]:
+    """Decorate a CLI's `main(argv) -> exit status` with the convention above; `prog`
+    starts each error line. Warnings print as one `warning: ...` line; Ctrl-C ends with
+    status 130 and one line."""
+
+    def decorate(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            debug = _debug_requested(argv)
+            previous_format = warnings.formatwarning
+            if not debug:
+                warnings.formatwarning = _format_warning
+            try:
+                return main(argv)
+            except KeyboardInterrupt:
+                if debug:
+                    traceback.print_exc()
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return INTERRUPTED
+            except (CLIError, ValueError, OSError) as error:
+                if debug:
+                    traceback.print_exc()
+                print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+                return error.exit_code if isinstance(error, CLIError) else 2
+            finally:
+                warnings.formatwarning = previous_format
+
+        return run
+
+    return decorate
