@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 import traceback
 import warnings
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 __all__ = [
     "CLIError",
@@ -37,6 +38,7 @@ __all__ = [
     "DataError",
     "RunError",
     "ArgumentParser",
+    "bounded",
     "command",
     "one_line",
     "DEBUG_ENV",
@@ -83,6 +85,27 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see --help)")
+
+
+def bounded(kind: type, low: float | None = None, high: float | None = None) -> Callable[[str], Any]:
+    """An argparse `type=` for a finite int or float within [low, high] (None: unbounded),
+    so that a bad value is named when the flags are parsed: `type=bounded(int, low=1)`."""
+    if low is not None and high is not None:
+        limit = f" in [{low}, {high}]"
+    else:
+        limit = f" >= {low}" if low is not None else f" <= {high}" if high is not None else ""
+    expected = f"{'an integer' if kind is int else 'a finite number'}{limit}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
+        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _debug_requested(argv: list[str] | None) -> bool:
