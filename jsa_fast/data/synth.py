@@ -11,6 +11,8 @@ masks/<id>.png (AVSBench, the object's silhouette).
 
     python -m jsa_fast.data.synth --out DIR [--n-train N --n-test M --seed S
         --image-size 224 --audio-seconds 2.0 --num-classes 6]
+    python -m jsa_fast.data.synth --video OUT.mp4 [--clip-seconds 4 --fps 25 --seed S
+        --image-size 224 --num-classes 6]      # a moving clip and its boxes, OUT.csv
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import soundfile
 from PIL import Image
+
+from jsa_fast.data.video import write_video
 
 SAMPLE_RATE = 16000
 # Part of every cache folder's name: bump it whenever the generator's output changes.
@@ -154,15 +158,37 @@ def _distractor_boxes(rng: np.random.Generator, size: int, sounding: Box, count:
     return boxes
 
 
-def _paint(image: np.ndarray, rng: np.random.Generator, cls: SynthClass, box: Box) -> np.ndarray:
-    """Paint the class's object into `box` (in place, colour jittered per object); its mask."""
+def _object_color(rng: np.random.Generator, cls: SynthClass) -> np.ndarray:
+    """The class's colour, jittered per object: 3 float32 in [0, 255]."""
+    return np.clip(np.asarray(cls.color, dtype=np.float32) + rng.uniform(-15, 15, size=3), 0, 255)
+
+
+def _paint(image: np.ndarray, cls: SynthClass, color: np.ndarray, box: Box) -> np.ndarray:
+    """Paint the class's silhouette into `box` of a float image (in place); its mask."""
     x0, y0, x1, y1 = box
     silhouette = _shape_mask(cls.shape, x1 - x0, y1 - y0)
-    color = np.clip(np.asarray(cls.color, dtype=np.float32) + rng.uniform(-15, 15, size=3), 0, 255)
     image[y0:y1, x0:x1][silhouette] = color
     mask = np.zeros(image.shape[:2], dtype=bool)
     mask[y0:y1, x0:x1] = silhouette
     return mask
+
+
+# An object in a scene: its class, its (jittered) colour and its box.
+SceneObject = tuple[SynthClass, np.ndarray, Box]
+
+
+def _render(
+    rng: np.random.Generator, background: np.ndarray, objects: Sequence[SceneObject]
+) -> tuple[np.ndarray, np.ndarray]:
+    """One picture: the objects painted in order over a copy of the background, then fine
+    noise. Returns (size x size x 3 uint8, the last object's mask). A still image is one
+    call; a moving clip calls it per frame with the objects' boxes of that frame."""
+    image = background.copy()
+    mask = np.zeros(image.shape[:2], dtype=bool)
+    for cls, color, box in objects:
+        mask = _paint(image, cls, color, box)
+    image += rng.standard_normal(image.shape, dtype=np.float32) * 8
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8), mask
 
 
 def _class_sound(rng: np.random.Generator, cls: SynthClass, t: np.ndarray) -> np.ndarray:
@@ -198,23 +224,33 @@ def _make_sample(
         others, size=min(len(others), int(rng.integers(1, 3))), replace=False
     )
 
-    image = _background(rng, size)
+    background = _background(rng, size)
     sounding_box = _sounding_box(rng, size)
     distractor_boxes = _distractor_boxes(rng, size, sounding_box, len(distractor_indices))
     distractor_indices = distractor_indices[: len(distractor_boxes)]  # drop any that did not fit
-    for index, box in zip(distractor_indices, distractor_boxes, strict=True):
-        _paint(image, rng, classes[index], box)
-    mask = _paint(image, rng, classes[sounding_index], sounding_box)
-    image += rng.standard_normal(image.shape, dtype=np.float32) * 8
-    pixels = np.clip(image + 0.5, 0, 255).astype(np.uint8)
+    objects = [
+        (classes[index], _object_color(rng, classes[index]), box)
+        for index, box in zip(distractor_indices, distractor_boxes, strict=True)
+    ]
+    sounding = classes[sounding_index]
+    pixels, mask = _render(rng, background, [*objects, (sounding, _object_color(rng, sounding), sounding_box)])
 
-    t = np.arange(num_samples, dtype=np.float32) / np.float32(SAMPLE_RATE)
-    wave = _class_sound(rng, classes[sounding_index], t)
+    t = _times(num_samples)
+    wave = _class_sound(rng, sounding, t)
     if rng.random() < DISTRACTOR_SOUND_PROBABILITY:
         wave = wave + DISTRACTOR_SOUND_GAIN * _class_sound(rng, classes[distractor_indices[0]], t)
-    wave = wave + NOISE_LEVEL * rng.standard_normal(num_samples, dtype=np.float32)
-    wave = (0.8 * wave / np.abs(wave).max()).astype(np.float32)
-    return _Sample(pixels, wave, classes[sounding_index], sounding_box, mask)
+    return _Sample(pixels, _noisy_normalized(rng, wave), sounding, sounding_box, mask)
+
+
+def _times(num_samples: int) -> np.ndarray:
+    """Sample times in seconds at SAMPLE_RATE, float32."""
+    return np.arange(num_samples, dtype=np.float32) / np.float32(SAMPLE_RATE)
+
+
+def _noisy_normalized(rng: np.random.Generator, wave: np.ndarray) -> np.ndarray:
+    """A clip's wave with background noise added, scaled to a peak of 0.8: float32."""
+    wave = wave + NOISE_LEVEL * rng.standard_normal(wave.shape[0], dtype=np.float32)
+    return (0.8 * wave / np.abs(wave).max()).astype(np.float32)
 
 
 def _fraction(pixel: int, size: int) -> float:
@@ -330,16 +366,107 @@ def ensure_synthetic_dataset(
     return final
 
 
+@dataclass(frozen=True)
+class MovingClip:
+    """A clip of the synthetic world in which the sounding object crosses the picture
+    (left to right or back) while a silent distractor of another class stays put.
+
+    frames: T x size x size x 3 uint8 at `fps`; wave: float32 at SAMPLE_RATE, as long as
+    the frames (T / fps seconds); boxes: T x 4 int, the sounding object's box per frame
+    (x0, y0, x1, y1 in pixels, covering [y0:y1, x0:x1]).
+    """
+
+    frames: np.ndarray
+    wave: np.ndarray
+    boxes: np.ndarray
+    fps: int
+    cls: SynthClass
+    distractor: SynthClass
+    distractor_box: Box
+
+
+def render_moving_clip(
+    seed: int = 0, image_size: int = 224, seconds: float = 4.0, fps: int = 25, num_classes: int = 6
+) -> MovingClip:
+    """A moving clip drawn from `seed`, painted and sounded like the still data set.
+
+    The sounding object is as large as the smallest of the still set (its box a square of
+    30 % of the picture) and travels along the top or bottom edge from one side to the
+    other; the distractor sits in the band left free above or below its path.
+    """
+    _check_arguments(1, 1, image_size, seconds, num_classes)
+    if not isinstance(fps, int) or fps < 1:
+        raise ValueError(f"fps must be a positive int, got {fps!r}")
+    num_frames = round(seconds * fps)
+    if num_frames < 2:
+        raise ValueError(f"a clip of {seconds} s at {fps} fps has fewer than 2 frames")
+    rng = np.random.default_rng(seed)
+    classes = CLASSES[:num_classes]
+    sounding_index, distractor_index = (int(i) for i in rng.choice(len(classes), size=2, replace=False))
+    sounding, distractor = classes[sounding_index], classes[distractor_index]
+    background = _background(rng, image_size)
+
+    side = round(math.sqrt(SOUNDING_AREA_RANGE[0]) * image_size)
+    along_top = rng.random() < 0.5
+    path_y0 = 0 if along_top else image_size - side
+    band_y0, band_y1 = (side, image_size) if along_top else (0, image_size - side)
+    distractor_side = math.floor(math.sqrt(rng.uniform(*DISTRACTOR_AREA_RANGE)) * side)
+    distractor_side = max(4, min(distractor_side, band_y1 - band_y0))
+    dx0 = int(rng.integers(0, image_size - distractor_side + 1))
+    dy0 = int(rng.integers(band_y0, band_y1 - distractor_side + 1))
+    distractor_box = (dx0, dy0, dx0 + distractor_side, dy0 + distractor_side)
+    distractor_color, sounding_color = _object_color(rng, distractor), _object_color(rng, sounding)
+
+    starts = np.linspace(0, image_size - side, num_frames).round().astype(int)
+    if rng.random() < 0.5:
+        starts = starts[::-1]
+    boxes = np.stack([starts, np.full_like(starts, path_y0), starts + side, np.full_like(starts, path_y0 + side)], axis=1)
+    frames = np.stack(
+        [
+            _render(rng, background, [(distractor, distractor_color, distractor_box), (sounding, sounding_color, tuple(box))])[0]
+            for box in boxes.tolist()
+        ]
+    )
+    wave = _noisy_normalized(rng, _class_sound(rng, sounding, _times(round(num_frames / fps * SAMPLE_RATE))))
+    return MovingClip(frames, wave, boxes, fps, sounding, distractor, distractor_box)
+
+
+def write_moving_clip(clip: MovingClip, video_path: Path) -> Path:
+    """Write the clip as an MP4 (H.264 + AAC) and its boxes as a CSV beside it (same name,
+    .csv: frame, time_s, x0, y0, x1, y1 in pixels of the frame). Returns the CSV's path."""
+    video_path = Path(video_path)
+    video_path.parent.mkdir(parents=True, exist_ok=True)
+    write_video(video_path, clip.frames, clip.fps, audio=(clip.wave[None], SAMPLE_RATE))
+    csv_path = video_path.with_suffix(".csv")
+    rows = [f"{index},{index / clip.fps:.6f},{x0},{y0},{x1},{y1}\n" for index, (x0, y0, x1, y1) in enumerate(clip.boxes.tolist())]
+    csv_path.write_text("frame,time_s,x0,y0,x1,y1\n" + "".join(rows))
+    return csv_path
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder to write the data set into")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", type=Path, help="folder to write the data set into")
+    target.add_argument(
+        "--video", type=Path, help="write a moving clip instead: VIDEO.mp4 and its boxes VIDEO.csv"
+    )
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--audio-seconds", type=float, default=2.0)
     parser.add_argument("--num-classes", type=int, default=6)
+    parser.add_argument("--clip-seconds", type=float, default=4.0, help="--video: the clip's length")
+    parser.add_argument("--fps", type=int, default=25, help="--video: frames per second")
     args = parser.parse_args(argv)
+    if args.video is not None:
+        clip = render_moving_clip(args.seed, args.image_size, args.clip_seconds, args.fps, args.num_classes)
+        csv_path = write_moving_clip(clip, args.video)
+        print(
+            f"wrote {args.video} ({len(clip.frames)} frames, a {clip.cls.name} crossing, "
+            f"a silent {clip.distractor.name}) and its boxes {csv_path}"
+        )
+        return
     out = generate_synthetic_dataset(
         args.out,
         args.n_train,
