@@ -50,12 +50,14 @@ class MissingStreamError(ValueError):
 class VideoProbe:
     """What a video holds, read from its container without decoding any frame.
 
-    frame_times: presentation time of each frame (sorted; its length is the frame count);
-    duration_s: the container's duration (the frames' span when it records none);
+    frame_times: presentation time of each frame in the file (sorted; its length is the
+    frame count); listed_frames: the count the container's header states (0 when it
+    states none; more than the file holds in a truncated file); duration_s: the container's duration (the frames' span when it records none);
     audio_rate / audio_channels: of the first audio stream, None when there is none.
     """
 
     frame_times: tuple[float, ...]
+    listed_frames: int
     fps: float
     duration_s: float
     width: int
@@ -98,6 +100,7 @@ def probe_video(path: str | Path) -> VideoProbe:
         audio = container.streams.audio[0] if container.streams.audio else None
         return VideoProbe(
             tuple(times),
+            stream.frames,
             fps,
             duration,
             stream.width,
