@@ -10,6 +10,8 @@ import torch
 import torchaudio.functional as AF
 from torch import Tensor
 
+from jsa_fast.cli import DataError
+
 
 @dataclass(frozen=True)
 class AudioConfig:
@@ -32,6 +34,11 @@ class AudioConfig:
             raise ValueError(
                 f"AudioConfig.win_length ({self.win_length}) must not exceed n_fft ({self.n_fft})"
             )
+        if self.num_samples <= self.n_fft // 2:  # the centred frames reflect-pad n_fft // 2 samples
+            raise ValueError(
+                f"AudioConfig.seconds ({self.seconds}) gives {self.num_samples} samples at "
+                f"{self.sample_rate} Hz, too few for n_fft {self.n_fft} (more than {self.n_fft // 2} needed)"
+            )
 
     @property
     def num_samples(self) -> int:
@@ -48,13 +55,21 @@ def load_audio(path: str | Path, sample_rate: int) -> Tensor:
     """Read any WAV soundfile understands (int, 24-bit, float; any channel count or rate).
 
     Returns a 1-D float32 tensor: the channel average, resampled to `sample_rate`.
+    DataError naming the file when it holds no samples, NaN or infinite ones (a float WAV
+    can), or only zeros (a silent clip has no sound to localise).
     """
     if sample_rate < 1:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
     samples, file_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     if samples.shape[0] == 0:
-        raise ValueError(f"{path}: the audio file holds no samples")
-    wave = torch.from_numpy(samples).mean(dim=1)
+        raise DataError(f"{path}: the audio file holds no samples")
+    wave = torch.from_numpy(samples)
+    non_finite = int((~torch.isfinite(wave)).sum())
+    if non_finite:
+        raise DataError(f"{path}: {non_finite} of {wave.numel()} samples are not finite (NaN or inf)")
+    if not wave.any():
+        raise DataError(f"{path}: the audio is silent (all {wave.numel()} samples are 0)")
+    wave = wave.mean(dim=1)
     if file_rate != sample_rate:
         wave = AF.resample(wave, orig_freq=file_rate, new_freq=sample_rate)
     return wave
@@ -100,6 +115,13 @@ def log_spectrogram(wave: Tensor, cfg: AudioConfig) -> Tensor:
 
 
 def wav_to_spectrogram(path: str | Path, cfg: AudioConfig) -> Tensor:
-    """SPEC.md's whole audio path: file -> mono at cfg.sample_rate -> middle clip -> 1 x F x T."""
+    """SPEC.md's whole audio path: file -> mono at cfg.sample_rate -> middle clip -> 1 x F x T.
+
+    DataError naming the file when the spectrogram is not finite (samples so large that
+    their power overflows float32)."""
     wave = load_audio(path, cfg.sample_rate)
-    return log_spectrogram(middle_clip(wave, cfg.num_samples), cfg)
+    spec = log_spectrogram(middle_clip(wave, cfg.num_samples), cfg)
+    if not torch.isfinite(spec).all():
+        peak = float(wave.abs().max())
+        raise DataError(f"{path}: the spectrogram is not finite (samples up to {peak:.3g}, beyond float32's range once squared)")
+    return spec

@@ -246,7 +246,9 @@ class DALILoader:
     A file that fails to decode (DALI stops with an error that does not name the sample) is
     found by loading the batches in flight with the PyTorch path: on_bad_file="fail" raises
     its BadFilesError naming the path; "skip" warns, drops the item from this and later
-    epochs and continues on a rebuilt pipeline. A batch left with no item is not yielded.
+    epochs and continues on a rebuilt pipeline. A WAV that decodes to NaN, inf or silence
+    (a spectrogram that is not finite, or constant) is found the same way, by the PyTorch
+    path's content checks. A batch left with no item is not yielded.
     """
 
     def __init__(
@@ -336,7 +338,8 @@ class DALILoader:
                 for outputs in iterator:
                     batch = self._batch(outputs[0])
                     remaining = remaining[1:]
-                    yield batch
+                    if batch is not None:
+                        yield batch
             except Exception:  # noqa: BLE001 - DALI raises RuntimeError, a reader what it raised
                 in_flight = remaining[: self._source.served]
                 bad = self._find_bad([index for batch in in_flight for index in batch])
@@ -353,13 +356,30 @@ class DALILoader:
         with torch.random.fork_rng(devices=[]):  # the PyTorch transforms draw from the global RNG
             return {index for index in indices if self.dataset[index] is None}
 
-    def _batch(self, outputs: dict[str, Tensor]) -> dict[str, Any]:
-        """The DALI outputs with id, label and the test split's ground truth attached by index."""
+    def _unusable_rows(self, indices: list[int], spec: Tensor) -> set[int]:
+        """Items whose spectrogram (N x 1 x F x T) is not finite or constant: DALI decoded a
+        WAV holding NaN or inf, or silence, which the PyTorch path's checks name. They are
+        routed through `_find_bad` (raises under "fail"; under "skip" they are dropped)."""
+        flat = spec.flatten(1)
+        suspect = ~torch.isfinite(flat).all(dim=1) | (flat.amax(dim=1) == flat.amin(dim=1))
+        rows = [index for index, flagged in zip(indices, suspect.tolist()) if flagged]
+        return self._find_bad(rows) if rows else set()
+
+    def _batch(self, outputs: dict[str, Tensor]) -> dict[str, Any] | None:
+        """The DALI outputs with id, label and the test split's ground truth attached by
+        index, less the items `_unusable_rows` drops; None when none is left."""
         all_entries = self.dataset.entries
-        entries = [all_entries[index] for index in outputs["index"].view(-1).tolist()]
+        indices = outputs["index"].view(-1).tolist()
+        unusable = self._unusable_rows(indices, outputs["spec"])
+        self._bad |= unusable
+        keep = [row for row, index in enumerate(indices) if index not in unusable]
+        if not keep:
+            return None
+        entries = [all_entries[indices[row]] for row in keep]
         # A mask that does not decode raises here; __iter__ maps it to its path.
         batch = default_collate([self.dataset.annotations(entry) for entry in entries])
-        batch.update(image=outputs["image"], spec=outputs["spec"])
+        rows = torch.tensor(keep, device=outputs["image"].device) if unusable else slice(None)
+        batch.update(image=outputs["image"][rows], spec=outputs["spec"][rows])
         return {
             key: value.to(self.device, non_blocking=True) if torch.is_tensor(value) else value
             for key, value in batch.items()

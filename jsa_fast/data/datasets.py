@@ -21,20 +21,30 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from jsa_fast.cli import DataError
 from jsa_fast.data.audio import AudioConfig, wav_to_spectrogram
-from jsa_fast.data.groundtruth import flickr_gt_map, load_mask, read_flickr_boxes, vggss_gt_map
+from jsa_fast.data.groundtruth import (
+    flickr_box_problem,
+    flickr_gt_map,
+    load_mask,
+    read_flickr_boxes,
+    vggss_box_problem,
+    vggss_gt_map,
+)
 from jsa_fast.data.image import ImageConfig, eval_transform, load_image, train_transform
 
 # What decoders raise on a broken file (PIL: OSError/SyntaxError, soundfile: RuntimeError,
 # PyAV: FFmpegError, ours: ValueError).
 _DECODE_ERRORS = (OSError, RuntimeError, ValueError, EOFError, SyntaxError, av.FFmpegError)
+MAX_LISTED = 20  # problems a message lists in full; `BadFilesError.problems` holds them all
 
 
-class BadFilesError(ValueError):
-    """Files of a data set that are missing or do not decode.
+class BadFilesError(DataError):
+    """Files of a data set that are missing, do not decode or hold unusable content.
 
-    `problems` holds (path, reason) pairs; the message lists them all. The message-only
-    constructor lets DataLoader workers re-raise it in the main process.
+    `problems` holds (path, reason) pairs; the one-line message lists the first MAX_LISTED
+    and counts the rest. The message-only constructor lets DataLoader workers re-raise it
+    in the main process.
     """
 
     def __init__(self, message: str, problems: Sequence[tuple[Path, str]] = ()) -> None:
@@ -43,8 +53,9 @@ class BadFilesError(ValueError):
 
     @classmethod
     def from_problems(cls, problems: Sequence[tuple[Path, str]]) -> BadFilesError:
-        listing = "\n".join(f"  {path}: {reason}" for path, reason in problems)
-        return cls(f"{len(problems)} bad file(s):\n{listing}", problems)
+        listing = "; ".join(f"{path}: {reason}" for path, reason in problems[:MAX_LISTED])
+        more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        return cls(f"{len(problems)} data problem(s): {listing}{more}", problems)
 
 
 @dataclass(frozen=True)
@@ -155,7 +166,9 @@ def _decode(path: Path, read: Callable[[Path], Any]) -> Any:
     try:
         return read(path)
     except _DECODE_ERRORS as error:
-        raise BadFilesError.from_problems([(path, f"cannot decode ({error})")]) from error
+        # Our content checks (DataError) name the file themselves: keep their reason alone.
+        reason = str(error).removeprefix(f"{path}: ") if isinstance(error, DataError) else f"cannot decode ({error})"
+        raise BadFilesError.from_problems([(path, reason)]) from error
 
 
 class AudioVisualDataset(Dataset):
@@ -166,7 +179,10 @@ class AudioVisualDataset(Dataset):
     and for the test split gt H x W float32 (VGG-SS union map in {0, 1} or Flickr consensus
     map in {0, 0.5, 1}) plus mask H x W float32 in {0, 1} when ROOT/masks/ has them.
 
-    Every listed id's files are checked at construction (exist, headers open). on_bad_file:
+    Every listed id's files are checked at construction (exist, headers open), and so
+    are the test split's boxes (inside the image, ordered, covering a pixel of the gt
+    map); content is checked as it is read (samples finite and not all 0, masks with a
+    foreground pixel). on_bad_file:
     "fail" raises one BadFilesError listing every problem; "skip" drops those ids and warns
     once with the full list. A file that fails to decode later raises BadFilesError naming
     it ("fail") or makes __getitem__ return None with a warning ("skip"; batch with
@@ -222,6 +238,11 @@ class AudioVisualDataset(Dataset):
                 "Annotations/<id>.xml (Flickr-SoundNet); neither exists"
             )
 
+        for name, _, boxes in records:
+            box_problems = self._box_problems(name, boxes)
+            if box_problems:
+                problems.setdefault(name, []).extend(box_problems)
+
         mask_paths = self._find_masks([name for name, _, _ in records])
         entries = []
         for name, label, boxes in records:
@@ -236,8 +257,20 @@ class AudioVisualDataset(Dataset):
                 raise error
             warnings.warn(f"skipping {len(problems)} id(s) of {self.root}: {error}", stacklevel=2)
         if not entries:
-            raise ValueError(f"{self.root}: no usable {split} items remain")
+            raise DataError(f"{self.root}: no usable {split} items remain")
         self._entries = tuple(entries)
+
+    def _box_problems(self, name: str, boxes: tuple) -> list[tuple[Path, str]]:
+        """(annotation file, reason) for each box of test item `name` that gives no
+        ground-truth region on image_cfg.size x image_cfg.size (see `vggss_box_problem`)."""
+        if self.gt_format == "vggss":
+            source, find_problem = self.root / "test.json", vggss_box_problem
+        elif self.gt_format == "flickr":
+            source, find_problem = self.root / "Annotations" / f"{name}.xml", flickr_box_problem
+        else:
+            return []
+        reasons = (find_problem(box, self.image_cfg.size) for box in boxes)
+        return [(source, f"item {name}: {reason}") for reason in reasons if reason]
 
     def _find_masks(self, ids: Sequence[str]) -> dict[str, Path]:
         """ROOT/masks/<id>.png of every test id, or {} when there are none."""

@@ -3,14 +3,17 @@ evaluator (EZ-VSL): a box [x0, y0, x1, y1] covers gt[y0:y1, x0:x1]."""
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from jsa_fast.cli import DataError
 
 FLICKR_ANNOTATION_SIZE = 256  # Flickr-SoundNet boxes are drawn on 256 x 256 images
 
@@ -29,6 +32,39 @@ def _check_boxes(boxes: Sequence[Sequence[float]], name: str) -> None:
     for box in boxes:
         if len(box) != 4:
             raise ValueError(f"{name}: every box needs 4 coordinates [x0, y0, x1, y1], got {box!r}")
+
+
+def _box_problem(
+    box: Sequence[float], side: float, to_pixel: Callable[[float], int], size: int, unit: str
+) -> str | None:
+    """Why a box [x0, y0, x1, y1] with coordinates in [0, side] is not usable, or None;
+    `to_pixel` maps a coordinate to the pixel edge the gt map uses on size x size."""
+    if len(box) != 4:
+        return f"box {list(box)} needs 4 coordinates [x0, y0, x1, y1]"
+    if not all(math.isfinite(c) and 0 <= c <= side for c in box):
+        return f"box {list(box)} is not inside the image ({unit})"
+    if not (box[0] < box[2] and box[1] < box[3]):
+        return f"box {list(box)} is not ordered (x0 < x1 and y0 < y1 are needed)"
+    x0, y0, x1, y1 = (to_pixel(c) for c in box)
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        return f"box {list(box)} covers no pixel at {size} x {size}"
+    return None
+
+
+def vggss_box_problem(box: Sequence[float], size: int) -> str | None:
+    """Why a VGG-SS box cannot give a ground-truth region on size x size, or None: its
+    coordinates must be fractions of the image side in [0, 1], x0 < x1, y0 < y1, and it
+    must cover at least one pixel as `vggss_gt_map` rasterises it."""
+    looks_like_pixels = any(c > 1 for c in box if math.isfinite(c))
+    unit = "VGG-SS coordinates are fractions in [0, 1]" + ("; these look like pixels" if looks_like_pixels else "")
+    return _box_problem(box, 1.0, lambda c: int(c * size), size, unit)
+
+
+def flickr_box_problem(box: Sequence[int], size: int) -> str | None:
+    """Why a Flickr-SoundNet box cannot give a ground-truth region on size x size, or None:
+    pixel coordinates on 256 x 256, ordered, covering a pixel as `flickr_gt_map` scales it."""
+    unit = f"Flickr-SoundNet coordinates are pixels in [0, {FLICKR_ANNOTATION_SIZE}]"
+    return _box_problem(box, FLICKR_ANNOTATION_SIZE, lambda c: size * int(c) // FLICKR_ANNOTATION_SIZE, size, unit)
 
 
 def vggss_gt_map(boxes: Sequence[Sequence[float]], size: int) -> Tensor:
@@ -86,7 +122,11 @@ def read_flickr_boxes(path: str | Path) -> list[tuple[int, int, int, int]]:
 
 
 def load_mask(path: str | Path, size: int) -> Tensor:
-    """AVSBench binary mask PNG -> size x size float32 in {0, 1} (nearest resize; nonzero = 1)."""
+    """AVSBench binary mask PNG -> size x size float32 in {0, 1} (nearest resize; nonzero = 1).
+    DataError naming the file when no pixel of the resized mask is foreground."""
     with Image.open(path) as image:
         grey = image.convert("L").resize((size, size), Image.Resampling.NEAREST)
-    return torch.from_numpy((np.asarray(grey) > 0).astype(np.float32))
+    mask = torch.from_numpy((np.asarray(grey) > 0).astype(np.float32))
+    if not mask.any():
+        raise DataError(f"{path}: the mask has no foreground pixel at {size} x {size}")
+    return mask

@@ -11,6 +11,8 @@ import torchvision.transforms as T
 from PIL import Image
 from torch import Tensor
 
+from jsa_fast.cli import DataError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -81,7 +83,7 @@ def video_frame_count(path: str | Path) -> int:
     without decoding any."""
     with av.open(str(path)) as container:
         if not container.streams.video:
-            raise ValueError(f"{path}: the file has no video stream")
+            raise DataError(f"{path}: the file has no video stream")
         num_frames = container.streams.video[0].frames
     if num_frames == 0:
         # Some containers do not record a frame count; counting packets needs no decoding.
@@ -93,11 +95,13 @@ def video_frame_count(path: str | Path) -> int:
 def video_middle_frame(path: str | Path) -> Image.Image:
     """The frame at index n // 2 of a video's n frames, as a PIL RGB image (decoded with PyAV)."""
     num_frames = video_frame_count(path)
+    if num_frames == 0:
+        raise DataError(f"{path}: the video holds no frame")
     with av.open(str(path)) as container:
         for index, frame in enumerate(container.decode(video=0)):
             if index == num_frames // 2:
                 return frame.to_image().convert("RGB")
-    raise ValueError(f"{path}: decoded fewer frames than the {num_frames} the container lists")
+    raise DataError(f"{path}: decoded fewer frames than the {num_frames} the container lists")
 
 
 def is_video(path: str | Path) -> bool:
