@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from jsa_fast.cli import DataError, UsageError
 from jsa_fast.data.audio import AudioConfig
 from jsa_fast.data.image import ImageConfig
 from jsa_fast.losses import LossConfig
 from jsa_fast.model import ModelConfig
 
-__all__ = ["RunConfig", "PRESETS", "add_config_arguments", "config_from_args"]
+__all__ = ["RunConfig", "PRESETS", "add_config_arguments", "config_from_args", "given_overrides", "saved_config"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,25 @@ class RunConfig:
     synth_image_size: int = 224
     synth_audio_seconds: float = 2.0
 
+    def __post_init__(self) -> None:
+        """Every field checked against its range, so that a bad flag is named when parsed
+        (UsageError) and never reaches the training loop as a ZeroDivisionError or a NaN."""
+        problems = [problem for name in _CHECKS for problem in [_field_problem(self, name)] if problem]
+        if problems:
+            raise UsageError("; ".join(problems))
+        if self.train_resize < self.image_size:
+            problems.append(f"--train-resize ({self.train_resize}) must be >= --image-size ({self.image_size})")
+        if self.win_length > self.n_fft:
+            problems.append(f"--win-length ({self.win_length}) must be <= --n-fft ({self.n_fft})")
+        if self.k > self.batch_size:
+            problems.append(f"--k ({self.k}) must be <= --batch-size ({self.batch_size}): k neighbours are looked up in the batch")
+        try:
+            self.audio_config()  # its own checks, e.g. a clip too short for the FFT
+        except ValueError as error:
+            problems.append(str(error))
+        if problems:
+            raise UsageError("; ".join(problems))
+
     def model_config(self) -> ModelConfig:
         _, bins, frames = self.audio_config().spectrogram_shape
         return ModelConfig(
@@ -117,6 +139,50 @@ class RunConfig:
             audio_seconds=self.synth_audio_seconds,
             num_classes=self.synth_classes,
         )
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _non_negative_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# field -> (what it must be, the check)
+_CHECKS: dict[str, tuple[str, Any]] = {
+    **dict.fromkeys(
+        ("dim", "iters", "mlp_hidden", "encoder_width", "image_size", "train_resize", "n_fft",
+         "win_length", "hop_length", "epochs", "batch_size", "log_every", "synth_train", "synth_test",
+         "synth_image_size"),
+        ("an integer >= 1", _positive_int),
+    ),
+    **dict.fromkeys(("k", "num_workers"), ("an integer >= 0", _non_negative_int)),
+    **dict.fromkeys(("seed", "synth_seed"), ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))),
+    **dict.fromkeys(("tau", "lr", "audio_seconds", "synth_audio_seconds"), ("a finite number > 0", lambda v: _number(v) and v > 0)),
+    **dict.fromkeys(
+        ("weight_decay", "weight_match", "weight_div", "weight_recon"), ("a finite number >= 0", lambda v: _number(v) and v >= 0)
+    ),
+    "mask_prob": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
+    # two slots at least: the target slot and an off-target one (the divergence term)
+    "num_slots": ("an integer >= 2", lambda v: _positive_int(v) and v >= 2),
+    "synth_classes": ("an integer >= 2", lambda v: _positive_int(v) and v >= 2),
+    "backend": ("one of auto, triton, torch", lambda v: v in ("auto", "triton", "torch")),
+    "amp": ("one of bf16, fp16, none", lambda v: v in ("bf16", "fp16", "none")),
+    "directions": ("one of sum, mean", lambda v: v in ("sum", "mean")),
+    **dict.fromkeys(("color_augment", "compile"), ("true or false", lambda v: isinstance(v, bool))),
+    **dict.fromkeys(("pretrained_image", "pretrained_audio"), ("a path or none", lambda v: v is None or isinstance(v, str))),
+}
+
+
+def _field_problem(cfg: RunConfig, name: str) -> str | None:
+    expected, check = _CHECKS[name]
+    value = getattr(cfg, name)
+    return None if check(value) else f"--{name.replace('_', '-')} must be {expected}, got {value!r}"
 
 
 PRESETS: dict[str, RunConfig] = {
@@ -179,8 +245,26 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(*flags, dest=option.name, type=parse, default=None, metavar=str(option.type), help=help_text)
 
 
-def config_from_args(args: argparse.Namespace, default_preset: str) -> RunConfig:
-    """The preset named by --preset (or `default_preset`) with the given overrides applied."""
-    base = PRESETS[args.preset or default_preset]
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
-    return dataclasses.replace(base, **overrides)
+def config_from_args(args: argparse.Namespace, default_preset: str, saved: RunConfig | None = None) -> RunConfig:
+    """The preset named by --preset (else `saved`, the configuration of a run being
+    resumed, else the preset `default_preset`) with the flags given applied over it."""
+    base = PRESETS[args.preset] if args.preset else saved or PRESETS[default_preset]
+    return dataclasses.replace(base, **given_overrides(args))
+
+
+def given_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The RunConfig fields set on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
+
+
+def saved_config(saved: Mapping[str, Any], source: str) -> RunConfig:
+    """The RunConfig a checkpoint stored (`dataclasses.asdict`): DataError naming `source`
+    when it holds settings this version does not know or bad values. A setting it lacks
+    (added since) takes its default."""
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(RunConfig)})
+    if unknown:
+        raise DataError(f"{source} was written by another version of jsa-fast: it holds settings unknown here, {unknown}")
+    try:
+        return RunConfig(**saved)
+    except UsageError as error:
+        raise DataError(f"{source} holds a configuration that is not valid: {error}") from None
