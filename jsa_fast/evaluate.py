@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from jsa_fast.checkpoint import load_checkpoint
-from jsa_fast.config import RunConfig
+from jsa_fast.checkpoint import load_checkpoint, non_finite_tensors
+from jsa_fast.cli import ArgumentParser, DataError, UsageError, bounded, command
+from jsa_fast.config import saved_config
 from jsa_fast.data.dali import make_dali_loader, resolve_loader
 from jsa_fast.data.datasets import AudioVisualDataset, make_loader
 from jsa_fast.metrics import LocalizationEvaluator, SegmentationEvaluator, centre_prior_map, cross_modal_retrieval
@@ -93,7 +94,7 @@ def evaluate(
         slots_aud.append(jsa.slots_aud[:, 0].float().cpu())
         labels.append(batch["label"].cpu())
     if not slots_img:
-        raise RuntimeError("no test sample could be loaded")
+        raise DataError("no test sample could be loaded (every item was skipped)")
 
     results: dict[str, Any] = {}
     for suffix, evaluator in (("", loc), ("_iqr", loc_iqr), ("_centre_prior", baseline)):
@@ -132,32 +133,41 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jsa_fast.evaluate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m jsa_fast.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a last.pt written by jsa_fast.train")
     parser.add_argument("--data", default=None, help="data set root; default: the data the checkpoint was trained on")
     parser.add_argument("--out", default=None, help="output folder (default: CHECKPOINT's folder/eval)")
     parser.add_argument("--threshold", type=_threshold, default="median", help="'median' (EZ-VSL) or a fixed value")
-    parser.add_argument("--alpha", type=float, default=0.6, help="IQR weight on ca^{a,v} (the released code uses 0.4)")
+    parser.add_argument("--alpha", type=bounded(float, 0, 1), default=0.6, help="IQR weight on ca^{a,v} (the released code uses 0.4)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--overlays", type=int, default=16, help="heatmap overlays to save")
+    parser.add_argument("--batch-size", type=bounded(int, low=1), default=32)
+    parser.add_argument("--num-workers", type=bounded(int, low=0), default=2)
+    parser.add_argument("--overlays", type=bounded(int, low=0), default=16, help="heatmap overlays to save")
     parser.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail")
     parser.add_argument("--loader", choices=("torch", "dali", "auto"), default="auto", help="auto: DALI for CUDA when installed")
     return parser
 
 
+@command("jsa_fast.evaluate")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     state = load_checkpoint(args.checkpoint)
-    cfg = RunConfig(**state["config"])
+    cfg = saved_config(state["config"], args.checkpoint)
+    broken = non_finite_tensors(state["model"])
+    if broken:
+        raise DataError(
+            f"checkpoint {args.checkpoint} holds non-finite weights ({len(broken)} tensors, e.g. {broken[0]}): "
+            "it was saved from a run that diverged"
+        )
     model = JSAModel(cfg.model_config())
     model.load_state_dict(state["model"])
     model.to(device)
     data_root = resolve_data_root(args.data if args.data is not None else state.get("data"), cfg)
     dataset = AudioVisualDataset(data_root, "test", cfg.image_config(), cfg.audio_config(), args.on_bad_file)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     loader = evaluation_loader(args.loader, dataset, device, args.batch_size, args.num_workers)
     results = evaluate(model, loader, cfg.image_size, device, args.threshold, args.alpha, cfg.amp, args.overlays, out)

@@ -3,7 +3,10 @@
 With no --data the bundled synthetic world is built once in a cache folder and the `tiny`
 preset is trained on it. Writes OUT/last.pt (atomically, every epoch and on Ctrl-C),
 OUT/metrics.jsonl (a line per logged step and per epoch) and OUT/loss_curves.png.
-`--resume` continues exactly where OUT/last.pt stopped, mid-epoch included.
+`--resume` continues exactly where OUT/last.pt stopped, mid-epoch included, with its
+configuration (flags given must not change it, nor --data its training items, unless
+--allow-changes); an --out that holds a run is otherwise refused unless --overwrite.
+A non-finite loss or model stops the run before it overwrites last.pt.
 
 Several GPUs (or CPU processes): `torchrun --nproc-per-node N -m jsa_fast.train ...` runs
 DDP (`jsa_fast.distributed`). --batch-size is the global batch; each process takes its
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import random
 import signal
@@ -31,8 +36,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from jsa_fast.checkpoint import load_checkpoint, save_checkpoint
-from jsa_fast.config import RunConfig, add_config_arguments, config_from_args
+from jsa_fast.checkpoint import is_disk_full, load_checkpoint, non_finite_tensors, remove_stale_temporaries, save_checkpoint
+from jsa_fast.cli import ArgumentParser, DataError, RunError, UsageError, command, one_line
+from jsa_fast.config import RunConfig, add_config_arguments, config_from_args, saved_config
 from jsa_fast.data.dali import make_dali_loader, resolve_loader
 from jsa_fast.data.datasets import AudioVisualDataset, collate_skip_none, epoch_order
 from jsa_fast.data.synth import ensure_synthetic_dataset
@@ -229,14 +235,103 @@ class DeferredInterrupt:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to OUT/metrics.jsonl."""
+    """OUT/metrics.jsonl: one JSON object per line (strict JSON: a non-finite value is
+    written as null)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
+        line = json.dumps({key: _json_value(value) for key, value in record.items()}, allow_nan=False)
+        try:
+            with self.path.open("a") as file:
+                file.write(line + "\n")
+        except OSError as error:
+            if is_disk_full(error):
+                raise RunError(f"no space left on the device of {self.path.parent} to append to {self.path.name}") from error
+            raise
+
+    def keep_until(self, step: int, epochs_done: int) -> int:
+        """Drop what a run logged after its checkpoint (step `step`, `epochs_done` whole
+        epochs): the lines a resume will log again, and a line torn by a kill. Returns
+        the number of lines dropped."""
+        if not self.path.exists():
+            return 0
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if _logged_by_checkpoint(line, step, epochs_done)]
+        if len(kept) < len(lines):
+            temporary = self.path.with_name(f".{self.path.name}.tmp")
+            temporary.write_text("".join(line + "\n" for line in kept))
+            os.replace(temporary, self.path)
+        return len(lines) - len(kept)
+
+
+def _json_value(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _logged_by_checkpoint(line: str, step: int, epochs_done: int) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    if record.get("kind") == "epoch":
+        return record.get("epoch", epochs_done) < epochs_done
+    return record.get("step", step + 1) <= step
+
+
+RUN_FILES = ("last.pt", "metrics.jsonl", "loss_curves.png")  # what a run writes to OUT
+
+
+def check_out_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """UsageError unless `out` may be written: a folder (or nothing yet) that holds no
+    run, or holds one that --resume continues or --overwrite replaces."""
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite starts it over: give one of them")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise UsageError(f"--resume: {out} holds no last.pt to continue from")
+        return
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not overwrite:
+        raise UsageError(
+            f"--out {out} already holds a run ({', '.join(held)}): continue it with --resume, "
+            "start over with --overwrite, or choose another --out"
+        )
+
+
+def data_fingerprint(ids: list[str]) -> dict[str, Any]:
+    """What identifies a training set on --resume: its number of items and a hash of their ids."""
+    return {"items": len(ids), "sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
+
+
+def resumed_run(out: Path, args: argparse.Namespace, default_preset: str) -> tuple[RunConfig, str | None]:
+    """What --resume continues: OUT/last.pt's configuration with the flags given (and
+    --preset, when given) applied over it, and its --data unless one is given. `train`
+    refuses a configuration or data set that changes the run unless --allow-changes."""
+    checkpoint_path = out / "last.pt"
+    state = load_checkpoint(checkpoint_path)
+    saved = saved_config(state["config"], str(checkpoint_path))
+    data = args.data if args.data is not None else state.get("data")
+    return config_from_args(args, default_preset, saved=saved), data
+
+
+def _config_changes(saved: RunConfig, cfg: RunConfig) -> list[str]:
+    return [
+        f"--{field.name.replace('_', '-')} {getattr(saved, field.name)!r} then, {getattr(cfg, field.name)!r} now"
+        for field in dataclasses.fields(RunConfig)
+        if field.name not in RESUMABLE_CHANGES and getattr(saved, field.name) != getattr(cfg, field.name)
+    ]
+
+
+def _refuse_changes(checkpoint_path: Path, changes: list[str]) -> None:
+    if changes:
+        raise UsageError(
+            f"--resume: {checkpoint_path} was trained otherwise: {'; '.join(changes)}; "
+            "drop those flags or that --data (the checkpoint's are used), or pass --allow-changes"
+        )
 
 
 def train(
@@ -248,15 +343,26 @@ def train(
     on_bad_file: str = "fail",
     world: World = World(),
     loader: str = "torch",
+    overwrite: bool = False,
+    allow_changes: bool = False,
 ) -> dict[str, float]:
     """Train `cfg` on the train split of `data` (a root folder, or None for the synthetic
     world) as process `world.rank` of `world.size` (each on its B / N slice of every
     global batch); returns the last epoch's mean loss terms (over the global batch).
 
     loader: "torch" (exact --resume), "dali" (decoding on the GPU; its random crops come
-    from DALI's generator, so a resume is not bit-exact) or "auto" (`resolve_loader`)."""
+    from DALI's generator, so a resume is not bit-exact) or "auto" (`resolve_loader`).
+    An `out` that holds a run is refused unless `resume` (continue it; a configuration or
+    training set other than its own is refused unless `allow_changes`) or `overwrite`
+    (start over). Training stops with RunError at a non-finite loss or model, before
+    anything overwrites the last checkpoint."""
     if cfg.batch_size % world.size:
-        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the {world.size} processes")
+        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the {world.size} processes")
+    check_out_folder(out, resume, overwrite)
+    checkpoint_path = out / "last.pt"
+    state = load_checkpoint(checkpoint_path) if resume else None
+    if state and not allow_changes:
+        _refuse_changes(checkpoint_path, _config_changes(saved_config(state["config"], str(checkpoint_path)), cfg))
     local_batch = cfg.batch_size // world.size
     builds_data = world.local_rank == 0  # one synthetic-world build per node; the others wait
     if not builds_data:
@@ -264,16 +370,16 @@ def train(
     data_root = resolve_data_root(data, cfg)
     if builds_data:
         world.barrier()
-    if world.is_main:
-        print(f"training on {data_root} ({device}, {world.size} process(es)); writing {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out / "last.pt"
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
     dataset = AudioVisualDataset(data_root, "train", cfg.image_config(), cfg.audio_config(), on_bad_file)
+    fingerprint = data_fingerprint(dataset.ids)
+    if state and not allow_changes and state.get("data_fingerprint") not in (None, fingerprint):
+        saved_items = state["data_fingerprint"]["items"]
+        _refuse_changes(checkpoint_path, [f"the training items of {data_root} ({fingerprint['items']} now, {saved_items} then, other ids)"])
     if len(dataset) < cfg.batch_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {len(dataset)} training items of {data_root}")
+        raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {len(dataset)} usable training items of {data_root}")
     seeded = EpochSeededDataset(dataset, cfg.seed)
     dali = None
     if resolve_loader(loader, device, dataset.image_cfg) == "dali":
@@ -290,29 +396,54 @@ def train(
     sums = new_epoch_sums()  # this epoch's trained batches and loss sums, for its summary line
     log = MetricsLog(out / "metrics.jsonl")
 
-    if resume:
-        state = load_checkpoint(checkpoint_path)
-        changed = {
-            name: (saved, getattr(cfg, name))
-            for name, saved in state["config"].items()
-            if name not in RESUMABLE_CHANGES and getattr(cfg, name) != saved
-        }
-        if changed:
-            raise ValueError(f"--resume with a configuration other than {checkpoint_path}'s (saved, now): {changed}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    if state:
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as error:
+            raise UsageError(f"--resume: {checkpoint_path} does not fit the configuration now: {one_line(error)}") from None
+        for group in optimizer.param_groups:  # the saved ones, unless --allow-changes changed them
+            group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
         scaler.load_state_dict(state["scaler"])
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
         sums = state["epoch_sums"]
         _set_rng_state(state["rng"])
-    elif log.path.exists() and world.is_main:
-        log.path.unlink()  # a fresh run starts a fresh log
+    if world.is_main:
+        if overwrite:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(checkpoint_path)
+        dropped = log.keep_until(step, epoch) if resume else 0
+        print(f"training on {data_root} ({device}, {world.size} process(es)); writing {out}")
+        if dropped:
+            print(f"{log.path}: dropped {dropped} line(s) logged after {checkpoint_path.name}'s step {step}; they are trained again")
+    saved_step = (step, epoch) if resume else None  # what last.pt holds
     # Loaded before DDP wraps the model (DDP starts every rank from rank 0's state).
-    loss_fn = loss_function(wrap_ddp(model, world, device), cfg, **({"gather": gather_with_grad} if world.size > 1 else {}))
+    ddp_model = wrap_ddp(model, world, device)
+    loss_options = {"gather": gather_with_grad} if world.size > 1 else {}
+    loss_fns = {cfg.k: loss_function(ddp_model, cfg, **loss_options)}
+
+    def loss_for(global_batch: int) -> Callable[..., dict[str, Tensor]]:
+        """The loss of a batch that skipped bad files made smaller than k: k clamped to it."""
+        k = min(cfg.k, global_batch)
+        if k not in loss_fns:
+            if world.is_main and len(loss_fns) == 1:
+                tqdm.write(f"a batch of {global_batch} items (bad files skipped): k-reciprocal k {cfg.k} -> {k} for such batches", file=sys.stderr)
+            loss_fns[k] = loss_function(ddp_model, dataclasses.replace(cfg, k=k), **loss_options)
+        return loss_fns[k]
+
+    def stopped(reason: str) -> RunError:
+        kept = f"{checkpoint_path} is unchanged (step {saved_step[0]}, {saved_step[1]} epoch(s) done)" if saved_step else f"no {checkpoint_path.name} was written"
+        return RunError(f"{reason}; stopped without saving: {kept}")
 
     def checkpoint() -> None:
+        nonlocal saved_step
         if not world.is_main:
             return
+        broken = non_finite_tensors(model.state_dict())
+        if broken:
+            raise stopped(f"after step {step} the model holds non-finite values ({len(broken)} tensors, e.g. {broken[0]}); lower --lr (now {cfg.lr:g})")
         save_checkpoint(
             {
                 "model": model.state_dict(),
@@ -325,11 +456,15 @@ def train(
                 "rng": _rng_state(),
                 "config": dataclasses.asdict(cfg),
                 "data": data,
+                "data_fingerprint": fingerprint,
             },
             checkpoint_path,
         )
+        saved_step = (step, epoch)
 
     epoch_means: dict[str, float] = {}
+    if epoch >= cfg.epochs and world.is_main:
+        print(f"{checkpoint_path} has trained {epoch} epoch(s), --epochs is {cfg.epochs}: nothing to train")
     model.train()
     with DeferredInterrupt() as interrupt:
         while epoch < cfg.epochs:
@@ -371,11 +506,21 @@ def train(
                     batch["spec"].to(device, non_blocking=True, memory_format=layout),
                     *(mask.to(device, non_blocking=True) for mask in masks),
                 )
-                terms = train_step(loss_fn, optimizer, scaler, inputs, device, cfg.amp)
                 step += 1
-                sums["batches"] += 1
+                where = f"step {step} (epoch {epoch + 1}) on the batch of items {', '.join(batch['id'])}"
+                advice = f"lower --lr (now {cfg.lr:g}) or check those items"
+                try:
+                    terms = train_step(loss_for(global_batch), optimizer, scaler, inputs, device, cfg.amp)
+                except ValueError as error:  # e.g. the k-reciprocal op refusing non-finite embeddings
+                    progress.close()
+                    raise stopped(f"{where}: {one_line(error)}; {advice}") from error
                 means = world.mean(torch.stack([terms[name].detach().float() for name in LOSS_TERMS]))
                 values = dict(zip(LOSS_TERMS, means.tolist()))
+                if not all(math.isfinite(value) for value in values.values()):
+                    progress.close()
+                    shown = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
+                    raise stopped(f"{where}: the loss is not finite ({shown}); {advice}")
+                sums["batches"] += 1
                 for name, value in values.items():
                     sums[name] += value
                 seen_items += global_batch
@@ -390,41 +535,56 @@ def train(
                         print(f"interrupted: state saved to {checkpoint_path}; continue with --resume", file=sys.stderr)
                     raise KeyboardInterrupt
             if sums["batches"] == 0:
-                raise RuntimeError(f"epoch {epoch}: no batch could be loaded from {data_root}")
+                raise DataError(f"epoch {epoch + 1}: no batch could be loaded from {data_root} (every item was skipped)")
             epoch_means = {name: sums[name] / sums["batches"] for name in LOSS_TERMS}
             if world.is_main:
                 log.write({"kind": "epoch", "step": step, "epoch": epoch, **epoch_means, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": seen_items / (time.perf_counter() - started)})
             epoch, batch_in_epoch, sums = epoch + 1, 0, new_epoch_sums()
             checkpoint()
     if world.is_main:
-        plot_loss_curves(log.path, out / "loss_curves.png")
+        try:
+            plot_loss_curves(log.path, out / "loss_curves.png")
+        except (ValueError, FileNotFoundError) as error:
+            print(f"loss curves not drawn: {one_line(error)}")
     return epoch_means
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jsa_fast.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=None, help="data set root (API.md layout); default: the synthetic world")
+    parser = ArgumentParser(prog="python -m jsa_fast.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None, help="data set root (API.md layout); default: the synthetic world, or on --resume the run's own")
     parser.add_argument("--out", default="runs/default", help="output folder (last.pt, metrics.jsonl, loss_curves.png)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt, with its configuration (flags given override it)")
+    parser.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (its last.pt, metrics.jsonl and loss_curves.png are deleted)")
+    parser.add_argument(
+        "--allow-changes", action="store_true",
+        help="with --resume: continue although --data holds other training items or flags change the configuration",
+    )  # fmt: skip
     parser.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail")
     parser.add_argument("--loader", choices=("torch", "dali", "auto"), default="auto", help="auto: DALI on CUDA when installed")
     add_config_arguments(parser)
     return parser
 
 
+@command("jsa_fast.train")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args, default_preset="tiny" if args.data is None else "paper")
+    if args.allow_changes and not args.resume:
+        raise UsageError("--allow-changes only applies to --resume")
+    out = Path(args.out)
+    check_out_folder(out, args.resume, args.overwrite)
+    default_preset = "tiny" if args.data is None else "paper"
+    if args.resume:
+        cfg, data = resumed_run(out, args, default_preset)
+    else:
+        cfg, data = config_from_args(args, default_preset), args.data
     device = resolve_device(args.device)
     with process_group(device) as world:
-        try:
-            means = train(
-                cfg, args.data, Path(args.out), world.local_device(device), args.resume, args.on_bad_file, world, args.loader
-            )
-        except KeyboardInterrupt:
-            return 130
-    if world.is_main:
+        means = train(
+            cfg, data, out, world.local_device(device), args.resume, args.on_bad_file, world, args.loader,
+            overwrite=args.overwrite, allow_changes=args.allow_changes,
+        )  # fmt: skip
+    if world.is_main and means:
         print("last epoch: " + ", ".join(f"{name} {value:.4f}" for name, value in means.items()))
     return 0
 

@@ -118,22 +118,28 @@ def _read_records(metrics_jsonl: Path) -> list[dict]:
     return records
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def plot_loss_curves(metrics_jsonl: Path | str, out_png: Path | str) -> Path:
     """One panel per loss term (`loss`, `loss_*`) against step, from a metrics.jsonl.
 
     Step lines (`"kind": "step"`, or no kind) are drawn as lines; per-epoch summaries
-    (`"kind": "epoch"`) as markers at their step when they carry one. A panel is log-y
-    when all its values are positive. Returns out_png.
+    (`"kind": "epoch"`) as markers at their step when they carry one, so that a run too
+    short to log a step line still gets its panels. A panel is log-y when all its values
+    are positive. Values that are null (non-finite when logged) are left out. ValueError
+    when no line holds a loss value. Returns out_png.
     """
     metrics_jsonl, out_png = Path(metrics_jsonl), Path(out_png)
     records = _read_records(metrics_jsonl)
     steps = [r for r in records if r.get("kind", "step") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch" and "step" in r]
-    terms = sorted({k for r in steps for k, v in r.items()
-                    if (k == "loss" or k.startswith("loss_")) and isinstance(v, (int, float))},
+    terms = sorted({k for r in steps + epochs for k, v in r.items()
+                    if (k == "loss" or k.startswith("loss_")) and _is_number(v)},
                    key=lambda k: (k != "loss", k))
     if not terms:
-        raise ValueError(f"{metrics_jsonl} holds no step lines with loss terms")
+        raise ValueError(f"{metrics_jsonl} holds no loss values to draw")
 
     ncols = min(PLOT_COLUMNS, len(terms))
     nrows = -(-len(terms) // ncols)
@@ -142,9 +148,10 @@ def plot_loss_curves(metrics_jsonl: Path | str, out_png: Path | str) -> Path:
     for ax in axes[len(terms):]:
         ax.set_visible(False)
     for ax, term in zip(axes, terms):
-        step_points = [(r["step"], r[term]) for r in steps if term in r]
-        epoch_points = [(r["step"], r[term]) for r in epochs if term in r]
-        ax.plot(*zip(*step_points), linewidth=1, label="step")
+        step_points = [(r["step"], r[term]) for r in steps if _is_number(r.get(term))]
+        epoch_points = [(r["step"], r[term]) for r in epochs if _is_number(r.get(term))]
+        if step_points:
+            ax.plot(*zip(*step_points), linewidth=1, label="step")
         if epoch_points:
             ax.plot(*zip(*epoch_points), "o", markersize=4, label="epoch")
             ax.legend(fontsize="small")

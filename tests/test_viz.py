@@ -75,6 +75,6 @@ def test_plot_loss_curves_writes_png(tmp_path):
 
 def test_plot_loss_curves_needs_loss_terms(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text(json.dumps({"kind": "epoch", "step": 1, "epoch": 0, "loss": 1.0}) + "\n")
-    with pytest.raises(ValueError, match="no step lines"):
+    metrics.write_text(json.dumps({"kind": "epoch", "step": 1, "epoch": 0, "lr": 1.0, "loss": None}) + "\n")
+    with pytest.raises(ValueError, match="no loss values"):
         plot_loss_curves(metrics, tmp_path / "loss.png")

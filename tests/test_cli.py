@@ -1,0 +1,484 @@
+"""The command lines under bad input and faults (issue 14): each case ends in one line on
+stderr naming the culprit, exit 2 for bad input (1 for a run that had to stop), no
+traceback, and the run that was there before intact.
+
+Each numbered case of the issue runs through `python -m ...` in a subprocess once; its
+variants call the same `main` in-process (the same code path, without the interpreter's
+start-up, which costs seconds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from jsa_fast.checkpoint import load_checkpoint, non_finite_tensors
+from jsa_fast.cli import DEBUG_ENV
+from jsa_fast.data.synth import generate_synthetic_dataset
+from jsa_fast.evaluate import main as evaluate_main
+from jsa_fast.train import MetricsLog, epoch_batches, main as train_main, train
+from test_train import MICRO, MICRO_FLAGS
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+N_TRAIN, BATCH, SEED = 10, 4, 0  # MICRO: 2 full batches of 4 per epoch, 2 items left over
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m jsa_fast.<module> ARGS` from the repository root (with this process's
+    thread count, so that its arithmetic is the in-process runs' to the bit)."""
+    command = [sys.executable, "-m", f"jsa_fast.{module}", *args]
+    environment = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    return subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=300, env=environment)
+
+
+def error_line(stderr: str, status: int, returncode: int, *culprits: str) -> str:
+    """The one error line of a CLI's stderr, checked: exit status, exactly one
+    `<prog>: error:` line, no traceback, each culprit named in that line."""
+    assert returncode == status, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if ": error: " in line]
+    assert len(lines) == 1, stderr[-3000:]
+    for culprit in culprits:
+        assert culprit in lines[0], (culprit, lines[0])
+    return lines[0]
+
+
+def in_process(main, args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """A CLI's main called with ARGS: its exit status and stderr."""
+    capsys.readouterr()
+    status = main(args)
+    return status, capsys.readouterr().err
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_files(out: Path) -> dict[str, str]:
+    """Digests of a run folder's last.pt and metrics.jsonl."""
+    return {name: digest(out / name) for name in ("last.pt", "metrics.jsonl")}
+
+
+def strict_records(path: Path) -> list[dict]:
+    """metrics.jsonl as strict JSON (a bare NaN or Infinity is an error)."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if k != "samples_per_s"} for record in records]
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--out", str(out), "--device", "cpu", "--preset", "tiny", *MICRO_FLAGS, *extra]
+
+
+def item_of_epoch_batch(epoch: int, batch: int) -> str:
+    """The id of the first item of batch `batch` of epoch `epoch` (0-based) of MICRO."""
+    return f"train_{epoch_batches(N_TRAIN, BATCH, SEED, epoch, 0)[batch][0]:06d}"
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+# ---------------------------------------------------------------- shared data and runs
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_synthetic_dataset(
+        tmp_path_factory.mktemp("world"), n_train=N_TRAIN, n_test=6, seed=3, image_size=64, audio_seconds=1.0
+    )
+
+
+@pytest.fixture(scope="module")
+def good_run(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished one-epoch MICRO run (step 2), to be copied before use."""
+    out = tmp_path_factory.mktemp("good") / "run"
+    train(dataclasses.replace(MICRO, epochs=1), str(world), out, torch.device("cpu"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight_run(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MICRO's two epochs in one go: what a resumed good_run must end as."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    train(MICRO, str(world), out, torch.device("cpu"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def nan_world(world: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The world with NaN in 100 samples (in the middle clip, which DALI decodes alone) of
+    the WAV of the first item of epoch 1's first batch (so that a resumed epoch 2 reads
+    it), written as float samples."""
+    root = Path(shutil.copytree(world, tmp_path_factory.mktemp("nan") / "world"))
+    name = item_of_epoch_batch(1, 0)
+    path = root / "audio" / f"{name}.wav"
+    samples, rate = soundfile.read(path, dtype="float32")
+    middle = len(samples) // 2
+    samples[middle : middle + 100] = np.nan
+    soundfile.write(path, samples, rate, subtype="FLOAT")
+    return root, name
+
+
+# ---------------------------------------------------------------- 1. NaN in a WAV
+
+
+def test_1_a_wav_holding_nan_stops_naming_it_and_keeps_the_run(good_run, nan_world, tmp_path):
+    root, name = nan_world
+    out = copy_run(good_run, tmp_path)
+    before = run_files(out)
+    result = cli("train", "--out", str(out), "--resume", "--epochs", "2", "--data", str(root))
+    line = error_line(result.stderr, 2, result.returncode, f"{name}.wav", "not finite")
+    assert line.startswith("jsa_fast.train: error: ")
+    assert digest(out / "last.pt") == before["last.pt"]
+    # The good run's lines are kept; what the stopped epoch logged is dropped by the next --resume.
+    assert (out / "metrics.jsonl").read_text().startswith((good_run / "metrics.jsonl").read_text())
+
+
+@pytest.mark.parametrize("k", ["0", "2"])
+def test_1_with_or_without_the_k_reciprocal_filter_nothing_trains_on_nan(nan_world, tmp_path, capsys, k):
+    root, name = nan_world
+    out = tmp_path / "fresh"
+    status, err = in_process(train_main, train_args(root, out, "--epochs", "2", "--k", k), capsys)
+    error_line(err, 2, status, f"{name}.wav", "not finite")
+    if (out / "last.pt").exists():  # epoch 1 did not read the file; what it saved is finite
+        assert non_finite_tensors(load_checkpoint(out / "last.pt")["model"]) == []
+
+
+def test_1_the_dali_loader_finds_the_nan_wav_too(nan_world, tmp_path, capsys):
+    from jsa_fast.data.dali import dali_available
+
+    if not dali_available("cpu"):
+        pytest.skip("nvidia-dali-cuda130 is not installed (pip install -r requirements-dali.txt; `make test` does)")
+    root, name = nan_world
+    args = train_args(root, tmp_path / "dali", "--epochs", "2", "--loader", "dali")
+    status, err = in_process(train_main, args, capsys)
+    error_line(err, 2, status, f"{name}.wav", "not finite")
+
+
+# ---------------------------------------------------------------- 2. runs shorter than --log-every
+
+
+def test_2_a_run_shorter_than_log_every_finishes_and_draws_its_epoch(world, tmp_path):
+    out = tmp_path / "short"
+    result = cli("train", *train_args(world, out, "--epochs", "1", "--log-every", "5"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    records = strict_records(out / "metrics.jsonl")
+    assert [r["kind"] for r in records] == ["epoch"]  # 2 steps, none logged
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+
+
+def test_2_zero_epochs_is_refused_when_parsed(world, tmp_path, capsys):
+    status, err = in_process(train_main, train_args(world, tmp_path / "zero", "--epochs", "0"), capsys)
+    error_line(err, 2, status, "--epochs", "got 0")
+    assert not (tmp_path / "zero").exists()
+
+
+def test_2_a_resume_with_nothing_left_to_train_says_so(good_run, tmp_path, capsys):
+    out = copy_run(good_run, tmp_path)
+    before = run_files(out)
+    capsys.readouterr()
+    assert train_main(["--out", str(out), "--resume"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert run_files(out) == before
+
+
+# ---------------------------------------------------------------- 3. boxes that give no ground truth
+
+
+@pytest.fixture(scope="module")
+def bad_boxes(world: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """The world with test.json boxes in pixels, inverted and under a pixel at 64 x 64."""
+    root = Path(shutil.copytree(world, tmp_path_factory.mktemp("boxes") / "world"))
+    entries = json.loads((root / "test.json").read_text())
+    for entry, box in zip(entries, ([10, 20, 40, 50], [0.5, 0.5, 0.2, 0.9], [0.5, 0.5, 0.505, 0.9])):
+        entry["bbox"] = [box]
+    (root / "test.json").write_text(json.dumps(entries))
+    return root, [entry["file"] for entry in entries[:3]]
+
+
+def test_3_bad_boxes_are_listed_together_before_the_model_runs(good_run, bad_boxes, tmp_path):
+    root, bad_ids = bad_boxes
+    result = cli("evaluate", "--checkpoint", str(good_run / "last.pt"), "--data", str(root), "--out", str(tmp_path / "eval"), "--num-workers", "0")
+    line = error_line(result.stderr, 2, result.returncode, "test.json", *bad_ids)
+    assert "look like pixels" in line and "not ordered" in line and "covers no pixel at 64 x 64" in line
+    assert not (tmp_path / "eval").exists()  # it stopped before the model ran
+
+
+def test_3_skip_evaluates_the_items_with_good_boxes(good_run, bad_boxes, tmp_path, capsys):
+    root, bad_ids = bad_boxes
+    args = ["--checkpoint", str(good_run / "last.pt"), "--data", str(root), "--out", str(tmp_path / "eval"), "--num-workers", "0"]
+    with pytest.warns(UserWarning, match="skipping 3 id") as caught:
+        status, err = in_process(evaluate_main, [*args, "--on-bad-file", "skip"], capsys)
+    assert status == 0, err
+    assert all(name in str(caught[0].message) for name in bad_ids)
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["n"] == 3
+
+
+# ---------------------------------------------------------------- 4. a run folder is never overwritten
+
+
+def test_4_an_out_that_holds_a_run_is_refused_without_resume(good_run, world, tmp_path):
+    out = copy_run(good_run, tmp_path)
+    before = run_files(out)
+    result = cli("train", *train_args(world, out, "--epochs", "1"))
+    error_line(result.stderr, 2, result.returncode, str(out), "--resume", "--overwrite")
+    assert run_files(out) == before
+
+
+def test_4_overwrite_starts_over(good_run, world, tmp_path, capsys):
+    out = copy_run(good_run, tmp_path)
+    (out / "metrics.jsonl").write_text('{"kind": "step", "step": 99, "epoch": 0, "loss": 1.0}\n')
+    status, err = in_process(train_main, train_args(world, out, "--epochs", "1", "--overwrite"), capsys)
+    assert status == 0, err
+    assert [r["step"] for r in strict_records(out / "metrics.jsonl")] == [1, 2, 2]
+
+
+def test_4_resume_refuses_other_training_items_unless_allowed(good_run, world, tmp_path, capsys):
+    out = copy_run(good_run, tmp_path)
+    before = run_files(out)
+    other = Path(shutil.copytree(world, tmp_path / "other"))
+    (other / "train.txt").write_text("".join(f"train_{i:06d}\n" for i in range(N_TRAIN - 1)))
+    status, err = in_process(train_main, ["--out", str(out), "--resume", "--epochs", "2", "--data", str(other)], capsys)
+    error_line(err, 2, status, "--resume", str(other), "9 now, 10 then", "--allow-changes")
+    assert run_files(out) == before
+    status, err = in_process(train_main, ["--out", str(out), "--resume", "--epochs", "2", "--data", str(other), "--allow-changes"], capsys)
+    assert status == 0, err
+    assert load_checkpoint(out / "last.pt")["data_fingerprint"]["items"] == N_TRAIN - 1
+
+
+def test_4_resume_refuses_flags_that_change_the_model_or_loss(good_run, tmp_path, capsys):
+    out = copy_run(good_run, tmp_path)
+    before = run_files(out)
+    status, err = in_process(train_main, ["--out", str(out), "--resume", "--epochs", "2", "--tau", "0.5", "--preset", "tiny"], capsys)
+    # --preset tiny brings tiny's dim 64 back over the run's 16: named as well
+    error_line(err, 2, status, "--tau 0.03 then, 0.5 now", "--dim 16 then, 64 now", "--allow-changes")
+    assert run_files(out) == before
+
+
+def test_4_resume_takes_the_configuration_and_data_from_the_checkpoint(good_run, straight_run, tmp_path, capsys):
+    """No --data, --preset or MICRO flag on the resume: it continues exactly as a straight run."""
+    out = copy_run(good_run, tmp_path)
+    status, err = in_process(train_main, ["--out", str(out), "--resume", "--epochs", "2"], capsys)
+    assert status == 0, err
+    resumed, reference = load_checkpoint(out / "last.pt"), load_checkpoint(straight_run / "last.pt")
+    assert resumed["config"] == reference["config"]
+    for key, value in reference["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+
+
+# ---------------------------------------------------------------- 5. skipping shrinks a batch below k
+
+
+def test_5_a_batch_that_skipping_made_smaller_than_k_still_trains(nan_world, tmp_path):
+    root, name = nan_world
+    out = tmp_path / "skip"
+    result = cli("train", *train_args(root, out, "--epochs", "2", "--k", "4", "--on-bad-file", "skip"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("k-reciprocal k 4 -> 3") == 1  # stated once
+    assert f"{name}.wav" in result.stderr
+    state = load_checkpoint(out / "last.pt")
+    assert state["step"] == 4 and non_finite_tensors(state["model"]) == []
+
+
+# ---------------------------------------------------------------- 6. flags checked when parsed
+
+
+def test_6_a_zero_batch_size_is_named_when_parsed(world, tmp_path):
+    result = cli("train", *train_args(world, tmp_path / "out", "--batch-size", "0"))
+    error_line(result.stderr, 2, result.returncode, "--batch-size must be an integer >= 1, got 0")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--log-every", "0"], "--log-every must be an integer >= 1, got 0"),
+        (["--batch-size", "-8"], "--batch-size must be an integer >= 1, got -8"),
+        (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["--k", "9", "--batch-size", "8"], "--k (9) must be <= --batch-size (8)"),
+        (["--num-workers", "-1"], "--num-workers must be an integer >= 0, got -1"),
+        (["--mask-prob", "1.5"], "--mask-prob must be a number in [0, 1], got 1.5"),
+        (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
+        (["--amp", "fp8"], "--amp must be one of bf16, fp16, none, got 'fp8'"),
+        (["--audio-seconds", "0.001"], "too few for n_fft 64"),
+        (["--overwrite", "--resume"], "give one of them"),
+        (["--allow-changes"], "--allow-changes only applies to --resume"),
+    ],
+)
+def test_6_bad_training_flags_are_named_before_any_work(world, tmp_path, capsys, flags, named):
+    status, err = in_process(train_main, train_args(world, tmp_path / "out", *flags), capsys)
+    error_line(err, 2, status, named)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+        (["--alpha", "2"], "argument --alpha: must be a finite number in [0, 1], got '2'"),
+        (["--overlays", "-1"], "argument --overlays: must be an integer >= 0, got '-1'"),
+        (["--threshold", "high"], "--threshold must be 'median' or a number in [0, 1]"),
+    ],
+)
+def test_6_bad_evaluation_flags_are_named_when_parsed(good_run, capsys, flags, named):
+    status, err = in_process(evaluate_main, ["--checkpoint", str(good_run / "last.pt"), *flags], capsys)
+    error_line(err, 2, status, named)
+
+
+# ---------------------------------------------------------------- 7. every CLI error is one line
+
+
+def test_7_a_missing_file_is_one_line_naming_it(world, tmp_path):
+    root = Path(shutil.copytree(world, tmp_path / "world"))
+    (root / "audio" / "train_000003.wav").unlink()
+    (root / "frames" / "train_000007.jpg").write_bytes(b"not a jpeg")
+    result = cli("train", *train_args(root, tmp_path / "out"))
+    error_line(result.stderr, 2, result.returncode, "2 data problem(s)", "train_000003.wav: missing", "train_000007.jpg: not a readable image")
+    assert not (tmp_path / "out").exists()
+
+
+def test_7_other_bad_input_is_one_line_too(world, good_run, tmp_path, capsys):
+    no_list = Path(shutil.copytree(world, tmp_path / "no_list"))
+    (no_list / "train.txt").unlink()
+    status, err = in_process(train_main, train_args(no_list, tmp_path / "a"), capsys)
+    error_line(err, 2, status, "train.txt: list file not found")
+
+    status, err = in_process(train_main, train_args(world, tmp_path / "b", "--batch-size", "16", "--k", "2"), capsys)
+    error_line(err, 2, status, "--batch-size 16 exceeds the 10 usable training items")
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    status, err = in_process(train_main, train_args(world, a_file), capsys)
+    error_line(err, 2, status, f"--out {a_file} is a file, not a folder")
+
+    status, err = in_process(train_main, train_args(tmp_path / "nowhere", tmp_path / "c"), capsys)
+    error_line(err, 2, status, "nowhere is not a folder")
+
+    status, err = in_process(train_main, ["--out", str(tmp_path / "d"), "--resume"], capsys)
+    error_line(err, 2, status, "holds no last.pt to continue from")
+
+    status, err = in_process(evaluate_main, ["--checkpoint", str(tmp_path / "missing.pt")], capsys)
+    error_line(err, 2, status, "missing.pt does not exist")
+
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")
+    status, err = in_process(evaluate_main, ["--checkpoint", str(tmp_path / "garbage.pt")], capsys)
+    error_line(err, 2, status, "garbage.pt cannot be read safely")
+
+    diverged = load_checkpoint(good_run / "last.pt")
+    diverged["model"]["jsa.image.to_q.weight"].fill_(float("nan"))
+    torch.save(diverged, tmp_path / "nan.pt")
+    status, err = in_process(evaluate_main, ["--checkpoint", str(tmp_path / "nan.pt")], capsys)
+    error_line(err, 2, status, "nan.pt holds non-finite weights")
+
+
+def test_7_debug_shows_the_traceback(world, tmp_path, capsys, monkeypatch):
+    args = train_args(world, tmp_path / "out", "--batch-size", "0")
+    status, err = in_process(train_main, [*args, "--debug"], capsys)
+    assert status == 2 and "Traceback" in err and err.rstrip().endswith("got 0")
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    status, err = in_process(train_main, args, capsys)
+    assert status == 2 and "Traceback" in err
+
+
+# ---------------------------------------------------------------- 8. interrupted writes, full disk, resumed metrics
+
+
+def test_8_a_resume_after_kill_9_drops_stale_temporaries_and_repeats_no_step(good_run, straight_run, tmp_path):
+    """What a kill -9 in epoch 2 leaves: the epoch-1 checkpoint, a half-written temporary
+    checkpoint, and metrics of step 3 plus a torn line of step 4. The resume removes the
+    temporary, drops those lines, and ends exactly as a straight two-epoch run."""
+    straight = straight_run
+    out = copy_run(good_run, tmp_path)
+    stale = out / ".last.pt.kx81bq2e.tmp"
+    stale.write_bytes(os.urandom(4096))
+    straight_lines = (straight / "metrics.jsonl").read_text().splitlines(keepends=True)
+    with (out / "metrics.jsonl").open("a") as metrics:
+        metrics.write(straight_lines[3] + straight_lines[4][:40])  # step 3, half of step 4
+
+    result = cli("train", "--out", str(out), "--resume", "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dropped 2 line(s)" in result.stdout
+    assert not stale.exists()
+    records = strict_records(out / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in records] == [("step", 1), ("step", 2), ("epoch", 2), ("step", 3), ("step", 4), ("epoch", 4)]
+    assert without_timings(records) == without_timings(strict_records(straight / "metrics.jsonl"))
+    reference = load_checkpoint(straight / "last.pt")["model"]
+    assert all(torch.equal(load_checkpoint(out / "last.pt")["model"][k], v) for k, v in reference.items())
+
+
+def _user_namespaces() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-r", "-m", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _user_namespaces(), reason="needs `unshare -r -m` (user and mount namespaces) to mount a tmpfs")
+def test_8_a_full_disk_says_so_and_keeps_last_pt(good_run, tmp_path):
+    """A real full disk: the run folder on a 4 MiB tmpfs, mounted in a private mount
+    namespace, filled up before the resume; its epoch-end checkpoint cannot be written."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    out = mount / "run"
+    script = f"""
+        set -e
+        mount -t tmpfs -o size=4m tmpfs {mount}
+        cp -r {good_run} {out}
+        dd if=/dev/zero of={mount}/filler bs=4096 2>/dev/null || true
+        set +e
+        {sys.executable} -m jsa_fast.train --out {out} --resume --epochs 2 2>{tmp_path}/stderr
+        echo $? > {tmp_path}/status
+        cp {out}/last.pt {out}/metrics.jsonl {tmp_path}/
+        ls -a {out} > {tmp_path}/listing
+    """
+    environment = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    subprocess.run(["unshare", "-r", "-m", "bash", "-c", script], cwd=REPOSITORY, check=True, timeout=300, env=environment)
+    stderr = (tmp_path / "stderr").read_text()
+    status = int((tmp_path / "status").read_text())
+    error_line(stderr, 1, status, "no space left on the device", "last.pt", "the previous last.pt is unchanged")
+    assert digest(tmp_path / "last.pt") == digest(good_run / "last.pt")
+    assert not [name for name in (tmp_path / "listing").read_text().split() if name.endswith(".tmp")]
+    strict_records(tmp_path / "metrics.jsonl")
+
+
+def test_8_metrics_are_strict_json(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"kind": "step", "step": 1, "loss": float("nan"), "lr": float("inf"), "samples_per_s": 3.5})
+    assert strict_records(log.path) == [{"kind": "step", "step": 1, "loss": None, "lr": None, "samples_per_s": 3.5}]
+
+
+# ---------------------------------------------------------------- a non-finite loss
+
+
+def test_a_diverging_run_stops_before_overwriting_last_pt(good_run, tmp_path):
+    out = copy_run(good_run, tmp_path)
+    before = run_files(out)
+    result = cli("train", "--out", str(out), "--resume", "--epochs", "2", "--k", "0", "--lr", "1e30", "--allow-changes")
+    batch = [f"train_{i:06d}" for i in epoch_batches(N_TRAIN, BATCH, SEED, 1, 0)[1]]
+    line = error_line(result.stderr, 1, result.returncode, "step 4 (epoch 2)", ", ".join(batch), "not finite", "--lr")
+    assert f"{out / 'last.pt'} is unchanged (step 2, 1 epoch(s) done)" in line
+    assert digest(out / "last.pt") == before["last.pt"]
+    strict_records(out / "metrics.jsonl")
