@@ -4,62 +4,61 @@ Parameters and state-dict keys are those of `jsa_fast.reference.JointSlotAttenti
 (the class is a subclass and reads the same nn.Parameters), so
 `fused.load_state_dict(reference.state_dict())` works both ways.
 
-The Triton path computes, per modality and for n = 1..N (SPEC.md), without ever forming
-K or V (kernels/slot_attention.py):
-
-    x = LN_in(tokens, masked)                     once, B x L x d
-    Q = W_q LN_slots(S_{n-1}) + b_q               B*S rows, cuBLAS
-    G = Q W_k / sqrt(d),  c = Q b_k / sqrt(d)     B*S rows, cuBLAS
-    Â, C = slot_attention(x, G, c)                Triton: one pass over x
-    U = W_v C + b_v                               = Â^T V, columns of Â sum to 1
-    S̄ = GRUCell(U, S_{n-1})                       cuBLAS GEMMs + Triton gate epilogue
-    S_n = S̄ + MLP(LN_ff(S̄))
-
-and the cross-modal maps of the last iteration with the other modality's queries on
-this modality's x (ca^{a,v} = slot 0 of slot_attention(x_v, Q^a W_k^v / sqrt(d), ...)).
-Autograd runs through all N iterations into S_0 and every parameter; the two Triton ops
-carry hand-written backwards that recompute instead of storing.
+The Triton path runs both modalities' N iterations as one operator
+(kernels/joint_slot_attention.py), which folds the weights once per call:
+at the paper's shapes JSA is bound by kernel launches, and folding removes per-iteration
+products (K, V and Q are never formed; the GRU's input product reads the attention
+context C directly) while stacking the two modalities' weights lets every product and
+kernel serve both at once. The module keeps each image parameter and its audio twin side
+by side in one storage, so that stacking them is a free view (`stacked`); its gradient
+comes back as two views of one buffer, contiguous, which autograd hands to `.grad`
+without a copy.
 """
 
 from __future__ import annotations
 
-import math
-
-import torch.nn.functional as F
+import torch
 from torch import Tensor
 
-from jsa_fast.reference import JointSlotAttention, JSAOutput, ModalitySlotAttention
-from kernels import INTERPRET, gru_gates, slot_attention
+from jsa_fast.reference import JointSlotAttention, JSAOutput
+from kernels import INTERPRET, joint_slot_attention
+from kernels.joint_slot_attention import PARAMETERS
 
 BACKENDS = ("auto", "triton", "torch")
 
 
-def _attend(branch: ModalitySlotAttention, q: Tensor, x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """q: B x S x d queries on the keys K = branch.to_k(x) of x: B x L x d normalised
-    tokens -> (Â: B x L x S, C = Â^T x: B x S x d)."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    qk = q @ (branch.to_k.weight * scale)
-    c = q @ (branch.to_k.bias * scale)
-    return slot_attention(x, qk, c, eps)
+def _side_by_side(first: Tensor, second: Tensor) -> bool:
+    """Whether `second` directly follows `first` in one storage, both contiguous alike."""
+    return (
+        first.shape == second.shape
+        and first.dtype == second.dtype
+        and first.device == second.device
+        and first.is_contiguous()
+        and second.is_contiguous()
+        and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+        and second.storage_offset() == first.storage_offset() + first.numel()
+    )
 
 
-def _iterate(
-    branch: ModalitySlotAttention, slots: Tensor, x: Tensor, iters: int, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """N iterations from slots = S_0 (B x S x d) on x = LN_in(tokens) (B x L x d)
-    -> (S_N, Q_N, Â_N), as `ModalitySlotAttention.iterate` of the reference."""
-    batch, num_slots, dim = slots.shape
-    gru = branch.gru
-    for _ in range(iters):
-        q = branch.to_q(branch.norm_slots(slots))
-        attn, context = _attend(branch, q, x, eps)
-        updates = branch.to_v(context).reshape(-1, dim)
-        hidden = slots.reshape(-1, dim)
-        gates_in = F.linear(updates, gru.weight_ih, gru.bias_ih)
-        gates_hidden = F.linear(hidden, gru.weight_hh, gru.bias_hh)
-        slots_bar = gru_gates(gates_in, gates_hidden, hidden).reshape(batch, num_slots, dim)
-        slots = slots_bar + branch.mlp(branch.norm_pre_ff(slots_bar))
-    return slots, q, attn
+class _SideBySide(torch.autograd.Function):
+    """(first, second) lying side by side -> their 2 x ... stack as a view; the gradient
+    splits into two views of one buffer."""
+
+    @staticmethod
+    def forward(ctx, first: Tensor, second: Tensor) -> Tensor:  # noqa: ANN001
+        return first.as_strided((2, *first.shape), (first.numel(), *first.stride()), first.storage_offset())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        return grad[0], grad[1]
+
+
+def stacked(first: Tensor, second: Tensor) -> Tensor:
+    """torch.stack([first, second]), a view without a copy when they lie side by side
+    (in eager mode: a compiled graph cannot read storage addresses, and stacks)."""
+    if not torch.compiler.is_compiling() and _side_by_side(first, second):
+        return _SideBySide.apply(first, second)
+    return torch.stack([first, second])
 
 
 class FusedJointSlotAttention(JointSlotAttention):
@@ -70,7 +69,8 @@ class FusedJointSlotAttention(JointSlotAttention):
     the kernels were imported) or "torch" (the reference path).
 
     forward(x_img: B x Lv x d, x_aud: B x La x d, mask_img, mask_aud: B x L bool or None)
-    -> JSAOutput, as the reference.
+    -> JSAOutput, as the reference. Under autocast the products run in the autocast dtype
+    (the operator bypasses autocast, so the module casts the folded weights itself).
     """
 
     def __init__(
@@ -87,9 +87,25 @@ class FusedJointSlotAttention(JointSlotAttention):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         super().__init__(dim, num_slots, iters, mlp_hidden, mask_prob, eps)
         self.backend = backend
+        self._pair_parameters()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        # .to(), .cuda(), .half() ... give every parameter new storage: pair them again.
+        super()._apply(fn, recurse)
+        self._pair_parameters()
+        return self
+
+    def _pair_parameters(self) -> None:
+        """Put each image parameter and its audio twin side by side in one storage."""
+        with torch.no_grad():
+            for name in PARAMETERS:
+                image, audio = self.image.get_parameter(name), self.audio.get_parameter(name)
+                if not _side_by_side(image, audio) and image.shape == audio.shape and image.dtype == audio.dtype:
+                    pair = torch.stack([image.data, audio.data])
+                    image.data, audio.data = pair[0], pair[1]
 
     def _uses_triton(self, x: Tensor) -> bool:
         if self.backend == "torch" or (self.backend == "auto" and not x.is_cuda):
@@ -101,21 +117,26 @@ class FusedJointSlotAttention(JointSlotAttention):
             )
         return True
 
+    def _layer_norm_eps(self) -> tuple[float, float, float]:
+        eps = tuple(getattr(branch, name).eps for branch in (self.image, self.audio) for name in ("norm_input", "norm_slots", "norm_pre_ff"))
+        if eps[:3] != eps[3:]:
+            raise ValueError(f"the fused path needs the same LayerNorm eps in both modalities, got {eps[:3]} and {eps[3:]}")
+        return eps[:3]
+
     def forward(
         self, x_img: Tensor, x_aud: Tensor, mask_img: Tensor | None = None, mask_aud: Tensor | None = None
     ) -> JSAOutput:
         if not self._uses_triton(x_img):
             return super().forward(x_img, x_aud, mask_img, mask_aud)
         mask_img, mask_aud = self.resolve_masks(x_img, x_aud, mask_img, mask_aud)
-        compute_dtype = self.slots_init.dtype
-        tokens_img = self.image.normalised_tokens(x_img.to(compute_dtype), mask_img)
-        tokens_aud = self.audio.normalised_tokens(x_aud.to(compute_dtype), mask_aud)
-        slots_0 = self.slots_init.expand(x_img.shape[0], -1, -1)
-        slots_img, q_img, attn_img = _iterate(self.image, slots_0, tokens_img, self.iters, self.eps)
-        slots_aud, q_aud, attn_aud = _iterate(self.audio, slots_0, tokens_aud, self.iters, self.eps)
-        return JSAOutput.from_last_iteration(
-            slots_img, slots_aud, q_img, q_aud, attn_img, attn_aud,
-            cross_img=_attend(self.image, q_aud, tokens_img, self.eps)[0],
-            cross_aud=_attend(self.audio, q_img, tokens_aud, self.eps)[0],
-            dtype=x_img.dtype,
+        if (mask_img is None) != (mask_aud is None):  # the operator takes both or neither
+            mask_img = torch.zeros(x_img.shape[:2], dtype=torch.bool, device=x_img.device) if mask_img is None else mask_img
+            mask_aud = torch.zeros(x_aud.shape[:2], dtype=torch.bool, device=x_aud.device) if mask_aud is None else mask_aud
+        params = [stacked(self.image.get_parameter(name), self.audio.get_parameter(name)) for name in PARAMETERS]
+        device_type = x_img.device.type
+        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.slots_init.dtype
+        out = joint_slot_attention(
+            x_img, x_aud, mask_img, mask_aud, self.slots_init.view(self.num_slots, self.dim), params, self.iters, self.eps,
+            self._layer_norm_eps(), compute_dtype, x_img.dtype,
         )  # fmt: skip
+        return JSAOutput(*out)

@@ -1,17 +1,21 @@
-"""Triton kernels of jsa-fast, one file per fused op, each registered as a PyTorch
-operator (namespace `jsa`) with a hand-written backward.
+"""Triton kernels of jsa-fast and the operator they make up, each kernel's file stating
+the math it computes, all tested against `jsa_fast.reference`.
 
-- `slot_attention` (kernels/slot_attention.py): logits, softmax over slots, + eps, key
-  normalisation and the context Â^T LN(x), forward and backward.
-- `gru_gates` (kernels/gru.py): the GRUCell gate nonlinearities and blend.
+- `joint_slot_attention` (kernels/joint_slot_attention.py): JSA's N iterations for both
+  modalities as one operator (`jsa::joint_slot_attention` and its backward), on folded
+  weights, from these kernels:
+  - kernels/layer_norm.py: LN_in on the tokens of both modalities (mask tokens swapped
+    in), the residual + LN_slots that ends each iteration, and their backwards;
+  - kernels/slot_attention.py: logits, softmax over slots, + eps, key normalisation and
+    the context Â^T x̂ for both modalities in one launch (the cross-modal maps on the last
+    iteration), forward and backward;
+  - kernels/gru.py: the GRU gates and blend fused with LN_ff, forward and backward.
 
-How they are registered (triton_op on a GPU, custom_op under TRITON_INTERPRET=1):
-kernels/registry.py. Kernels never import training code; each is tested against
-`jsa_fast.reference`.
+How the operators are registered (triton_op on a GPU, custom_op under
+TRITON_INTERPRET=1): kernels/registry.py. Kernels never import training code.
 """
 
-from kernels.gru import gru_gates
+from kernels.joint_slot_attention import joint_slot_attention
 from kernels.registry import INTERPRET
-from kernels.slot_attention import slot_attention
 
-__all__ = ["INTERPRET", "gru_gates", "slot_attention"]
+__all__ = ["INTERPRET", "joint_slot_attention"]

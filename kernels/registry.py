@@ -12,6 +12,7 @@ there. Either way the op passes `torch.compile(fullgraph=True)` and
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from typing import Any
 
 import torch
@@ -19,6 +20,12 @@ from triton import knobs
 
 # Read once: the choice of kernel flavour is made when @triton.jit runs, at import.
 INTERPRET: bool = bool(knobs.runtime.interpret)
+
+# Each op's Python body by "namespace::name", and context managers entered around every
+# kernel launch (given the kernel): what a launch census (bench/census.py) needs to count
+# an op by its contents.
+IMPLEMENTATIONS: dict[str, Callable[..., Any]] = {}
+LAUNCH_HOOKS: list[Callable[[Any], AbstractContextManager]] = []
 
 
 def register_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
@@ -28,6 +35,7 @@ def register_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., 
     """
 
     def wrap(fn: Callable[..., Any]) -> Any:
+        IMPLEMENTATIONS[name] = fn
         if INTERPRET:
             op = torch.library.custom_op(name, mutates_args=())(fn)
             op.register_fake(fake)
@@ -37,9 +45,27 @@ def register_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., 
     return wrap
 
 
+class _Launcher:
+    """`kernel[grid](...)` through wrap_triton on a GPU, telling LAUNCH_HOOKS first."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        launch = (self.kernel if INTERPRET else torch.library.wrap_triton(self.kernel))[grid]
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with ExitStack() as stack:
+                for hook in LAUNCH_HOOKS:
+                    stack.enter_context(hook(self.kernel))
+                return launch(*args, **kwargs)
+
+        return run
+
+
 def launcher(kernel: Any) -> Any:
     """What `kernel[grid](...)` must be called on inside an op body."""
-    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+    return _Launcher(kernel)
 
 
 def io_dtype(dtype: torch.dtype) -> torch.dtype:

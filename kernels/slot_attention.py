@@ -1,40 +1,34 @@
-"""The attention step of slot attention, fused: logits, softmax over slots, + eps, key
-normalisation and the update read-out, forward and backward, in one pass over LN(x).
+"""The attention step of joint slot attention for both modalities in one launch: logits,
+softmax over slots, + eps, key normalisation and the update read-out, forward and
+backward, one program per (modality, batch element), each holding all its keys.
 
-Symbols (SPEC.md): x = LN_in(tokens) (B x L x d), Q the queries (B x S x d), W_k, b_k
-the key projection. K = x W_k^T + b_k never exists:
+Symbols (SPEC.md): x̂ = LN_in(tokens) (L x d), s̃ = LN_slots(S_{n-1}) without its affine
+(S x d). Neither K nor Q is formed: the logits' slot-dependent part is
 
-    M = K Q^T / sqrt(d) = x (Q W_k / sqrt(d))^T + (Q b_k / sqrt(d))^T = x G^T + c^T
+    K Q^T / sqrt(d) ≡ (x̂ W_k^T + b_k) W_q' s̃^T / sqrt(d) = [x̂ | 1] G^T / sqrt(d),
+    G = s̃ W_q'^T [W_k | b_k]   (S x (d + 1), the `G` rows: g = G[:, :d], c = G[:, d]),
 
-with G = Q W_k / sqrt(d) (B x S x d, the `qk` argument) and c = Q b_k / sqrt(d)
-(B x S). Neither does V = x W_v^T + b_v: the columns of Â sum to 1, so
+with W_q' = W_q diag(γ_s); terms that depend on the token alone (b_q, β_s) cancel in the
+softmax over slots. The columns of Â sum to 1, so U = Â^T V = W_v C + b_v with the
+context C = Â^T x̂ (S x d): V is not formed either, the GRU's input product reads C.
 
-    U = Â^T V = W_v (Â^T x) + b_v,
+Forward, per program: M = scale (x̂ g^T + c), P = softmax over slots of M, A = P + eps,
+Â = A / column sums of A; C = Â^T x̂. On the last iteration (LAST) the program also
+reads the other modality's queries' cross weights G' (from Q' [W_k | b_k] of this
+modality's keys) and writes ca = slot 0 of their Â', the own Â and its slot-0 column ia,
+and copies the final queries Q into the outputs, so that the cross-modal maps cost no
+launch and no context.
 
-and the op returns the context C = Â^T x (B x S x d); the caller applies W_v to the
-S rows of C, which is L/S times cheaper than forming V.
+The tokens of both modalities are one stack [B Lv image rows; B La audio rows]; the
+per-slot rows (G, C, ...) are 2 x R stacks, R = B S, row b S + s for slot s of item b.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from kernels.registry import INTERPRET, io_dtype, kernel_input, launcher, register_op
-
-__all__ = ["slot_attention", "launch_config"]
-
-# On a GPU: warps per program, and the BLOCK_L x BLOCK_S x BLOCK_D products one program
-# holds in registers per pass. Checked by `python -m kernels.compile_check` (sm_90, no GPU
-# needed, with a launch's specialisations): at Lv = 49 (BLOCK_L 64), S = 2 these take 80
-# (bf16) and 111 (fp32) registers per thread in the forward, 80 and 108 in the backward,
-# with no spills; 4 warps with 64-wide strips spill 192 bytes in the fp32 backward. A
-# program holds all L keys, so registers bound L: no spills up to L = 512 in fp32, bf16
-# and fp16 (255 registers there in the fp32 backward); fp64 (gradcheck only) spills at 512.
-_GPU_NUM_WARPS = 8
-_GPU_PRODUCTS = {"forward": 8192, "backward": 4096}
+__all__ = ["attention_fwd_kernel", "attention_bwd_kernel"]
 
 
 @triton.jit
@@ -50,38 +44,82 @@ def _normalised_attention(logits, mask_l, mask_s, eps):
 
 
 @triton.jit
-def _slot_attention_fwd_kernel(
-    X, QK, C, ATTN, CTX, L, D, S, eps,
-    BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, FP64: tl.constexpr,
-):
-    """One batch element per program.
+def _softmax_key_norm_backward(g_hat, p, a_hat, col, mask_ls):
+    """dL/dM from dL/dÂ (g_hat) through the key normalisation and the softmax over slots:
+    dA = (dÂ - sum_l dÂ Â) / colsum(A);  dM = P (dA - sum_s dA P)."""
+    g_a = (g_hat - tl.sum(g_hat * a_hat, axis=0)[None, :]) / col[None, :]
+    g_a = tl.where(mask_ls, g_a, 0.0)
+    return p * (g_a - tl.sum(g_a * p, axis=1)[:, None])
 
-    M = x G^T + c (L x S); Â = normalise_keys(softmax_slots(M) + eps) -> ATTN (L x S);
-    C = Â^T x -> CTX (S x d). x is read twice, in BLOCK_D-wide column strips.
-    """
-    ACC = tl.float64 if FP64 else tl.float32
-    b = tl.program_id(0).to(tl.int64)
+
+@triton.jit
+def _column_zero(t, offs_s):
+    """Slot 0 of a BLOCK_L x BLOCK_S tile -> BLOCK_L."""
+    return tl.sum(tl.where(offs_s[None, :] == 0, t, 0.0), axis=1)
+
+
+@triton.jit
+def _program(batch, l_img, l_aud, S, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's modality, item, key count, first token row, slot rows and masks."""
+    pid = tl.program_id(0)
+    modality = (pid // batch).to(tl.int64)
+    b = (pid % batch).to(tl.int64)
+    length = tl.where(modality == 0, l_img, l_aud)
+    first_token = tl.where(modality == 0, b * l_img, batch * l_img + b * l_aud)
     offs_l = tl.arange(0, BLOCK_L)
     offs_s = tl.arange(0, BLOCK_S)
+    return modality, b, length, first_token, offs_l, offs_s, b * S + offs_s, offs_l < length, offs_s < S
+
+
+@triton.jit
+def _store_by_modality(IMG, AUD, modality, offsets, value, mask):
+    tl.store(IMG + offsets, value.to(IMG.dtype.element_ty), mask=mask & (modality == 0))
+    tl.store(AUD + offsets, value.to(AUD.dtype.element_ty), mask=mask & (modality == 1))
+
+
+@triton.jit
+def _load_by_modality(IMG, AUD, modality, offsets, mask, ACC: tl.constexpr):
+    return tl.load(IMG + offsets, mask=mask & (modality == 0), other=0.0).to(ACC) + tl.load(
+        AUD + offsets, mask=mask & (modality == 1), other=0.0
+    ).to(ACC)
+
+
+@triton.jit
+def attention_fwd_kernel(
+    X, G, GX, Q, CTX, ATTN_IMG, ATTN_AUD, IA_IMG, IA_AUD, CA_IMG, CA_AUD, Q_IMG, Q_AUD,
+    batch, l_img, l_aud, D, S, stride_g_m, stride_ctx_m, stride_ctx_r, scale, eps,
+    LAST: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, FP64: tl.constexpr,
+):  # fmt: skip
+    """One (modality, item) per program (module docstring): Â from G, C = Â^T x̂ -> CTX.
+
+    X: token stack x d; G: 2 x R x (d+1) rows, modality at stride_g_m; CTX: rows at
+    stride_ctx_m / stride_ctx_r. LAST: GX (2 x R x (d+1), the cross weights of each
+    modality's queries) and Q (2 x R x d) are read, and Â, ia, ca and Q written to the
+    per-modality outputs (B x L x S, B x L, B x L, B x S x d).
+    """
+    ACC = tl.float64 if FP64 else tl.float32
+    modality, b, length, first_token, offs_l, offs_s, slot_rows, mask_l, mask_s = _program(batch, l_img, l_aud, S, BLOCK_L, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_l = offs_l < L
-    mask_s = offs_s < S
-    x_rows = X + b * L * D + offs_l[:, None] * D
-    q_rows = QK + b * S * D + offs_s[:, None] * D
+    x_rows = X + (first_token + offs_l)[:, None] * D
+    g_rows = G + modality * stride_g_m + slot_rows[:, None] * (D + 1)
+    # The cross weights of the other modality's queries for these keys.
+    gx_rows = GX + (1 - modality) * batch * S * (D + 1) + slot_rows[:, None] * (D + 1)
 
     logits = tl.zeros([BLOCK_L, BLOCK_S], dtype=ACC)
+    logits_x = tl.zeros([BLOCK_L, BLOCK_S], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
         mask_d = cols < D
         x = tl.load(x_rows + cols[None, :], mask=mask_l[:, None] & mask_d[None, :], other=0.0).to(ACC)
-        q = tl.load(q_rows + cols[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0).to(ACC)
-        logits += tl.sum(x[:, None, :] * q[None, :, :], axis=2)
-    c = tl.load(C + b * S + offs_s, mask=mask_s, other=0.0).to(ACC)
-    _, a_hat, _ = _normalised_attention(logits + c[None, :], mask_l, mask_s, eps)
-    attn_ptrs = ATTN + b * L * S + offs_l[:, None] * S + offs_s[None, :]
-    tl.store(attn_ptrs, a_hat.to(ATTN.dtype.element_ty), mask=mask_l[:, None] & mask_s[None, :])
+        g = tl.load(g_rows + cols[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0).to(ACC)
+        logits += tl.sum(x[:, None, :] * g[None, :, :], axis=2)
+        if LAST:
+            gx = tl.load(gx_rows + cols[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0).to(ACC)
+            logits_x += tl.sum(x[:, None, :] * gx[None, :, :], axis=2)
+    c = tl.load(G + modality * stride_g_m + slot_rows * (D + 1) + D, mask=mask_s, other=0.0).to(ACC)
+    _, a_hat, _ = _normalised_attention(scale * (logits + c[None, :]), mask_l, mask_s, eps)
 
-    ctx_rows = CTX + b * S * D + offs_s[:, None] * D
+    ctx_rows = CTX + modality * stride_ctx_m + slot_rows[:, None] * stride_ctx_r
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
         mask_d = cols < D
@@ -89,155 +127,101 @@ def _slot_attention_fwd_kernel(
         ctx = tl.sum(a_hat[:, :, None] * x[:, None, :], axis=0)
         tl.store(ctx_rows + cols[None, :], ctx.to(CTX.dtype.element_ty), mask=mask_s[:, None] & mask_d[None, :])
 
+    if LAST:
+        attn_offs = (b * length + offs_l)[:, None] * S + offs_s[None, :]
+        _store_by_modality(ATTN_IMG, ATTN_AUD, modality, attn_offs, a_hat, mask_l[:, None] & mask_s[None, :])
+        _store_by_modality(IA_IMG, IA_AUD, modality, b * length + offs_l, _column_zero(a_hat, offs_s), mask_l)
+        cx = tl.load(GX + (1 - modality) * batch * S * (D + 1) + slot_rows * (D + 1) + D, mask=mask_s, other=0.0).to(ACC)
+        _, a_cross, _ = _normalised_attention(scale * (logits_x + cx[None, :]), mask_l, mask_s, eps)
+        _store_by_modality(CA_IMG, CA_AUD, modality, b * length + offs_l, _column_zero(a_cross, offs_s), mask_l)
+        q_rows = Q + modality * batch * S * D + slot_rows[:, None] * D
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + offs_d
+            mask_sd = mask_s[:, None] & (cols < D)[None, :]
+            q = tl.load(q_rows + cols[None, :], mask=mask_sd, other=0.0)
+            _store_by_modality(Q_IMG, Q_AUD, modality, slot_rows[:, None] * D + cols[None, :], q, mask_sd)
+
 
 @triton.jit
-def _slot_attention_bwd_kernel(
-    X, QK, C, G_ATTN, G_CTX, GX, GQK, GC, L, D, S, eps,
-    BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, FP64: tl.constexpr,
-):
-    """One batch element per program; recomputes M, P and Â from x (nothing stored).
+def attention_bwd_kernel(
+    X, G, GX, G_CTX, G_ATTN_IMG, G_ATTN_AUD, G_IA_IMG, G_IA_AUD, G_CA_IMG, G_CA_AUD, GRAD_X, GRAD_G, GRAD_GX,
+    batch, l_img, l_aud, D, S, stride_g_m, stride_gctx_m, stride_gctx_r, stride_dg_m, scale, eps,
+    LAST: tl.constexpr, HAS_G_ATTN: tl.constexpr, HAS_G_IA: tl.constexpr, HAS_G_CA: tl.constexpr,
+    ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, FP64: tl.constexpr,
+):  # fmt: skip
+    """Backward of attention_fwd_kernel, one (modality, item) per program; recomputes M,
+    P and Â from x̂ and G (nothing stored). With dC = G_CTX (rows at stride_gctx_*):
 
-    dÂ = dATTN + x dC^T                                   (from C = Â^T x)
-    dA[l,s] = (dÂ[l,s] - sum_l' dÂ[l',s] Â[l',s]) / sum_l' A[l',s]   (key normalisation)
-    dM[l,s] = P[l,s] (dA[l,s] - sum_s' dA[l,s'] P[l,s'])   (softmax over slots)
-    dx = Â dC + dM G,  dG = dM^T x,  dc = sum_l dM.
+    dÂ = dATTN + [dia on slot 0] + x̂ dC^T      (LAST: the outputs' gradients)
+    dM = _softmax_key_norm_backward(dÂ)
+    dG = scale dM^T [x̂ | 1] -> GRAD_G (rows of 2 x R x (d+1), modality at stride_dg_m)
+    dx̂ = Â dC + scale dM g   (+ the cross part) -> GRAD_X, added to it if ACCUMULATE.
+
+    LAST: the cross map's dÂ' = [dca on slot 0] gives dG' for the OTHER modality's
+    queries' rows of GRAD_GX (2 x R x (d+1)) and scale dM' g' in dx̂.
     """
     ACC = tl.float64 if FP64 else tl.float32
-    b = tl.program_id(0).to(tl.int64)
-    offs_l = tl.arange(0, BLOCK_L)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_l = offs_l < L
-    mask_s = offs_s < S
+    modality, b, length, first_token, offs_l, offs_s, slot_rows, mask_l, mask_s = _program(batch, l_img, l_aud, S, BLOCK_L, BLOCK_S)
     mask_ls = mask_l[:, None] & mask_s[None, :]
-    x_rows = X + b * L * D + offs_l[:, None] * D
-    q_rows = QK + b * S * D + offs_s[:, None] * D
-    gctx_rows = G_CTX + b * S * D + offs_s[:, None] * D
+    offs_d = tl.arange(0, BLOCK_D)
+    x_rows = X + (first_token + offs_l)[:, None] * D
+    g_rows = G + modality * stride_g_m + slot_rows[:, None] * (D + 1)
+    gx_rows = GX + (1 - modality) * batch * S * (D + 1) + slot_rows[:, None] * (D + 1)
+    gctx_rows = G_CTX + modality * stride_gctx_m + slot_rows[:, None] * stride_gctx_r
 
     logits = tl.zeros([BLOCK_L, BLOCK_S], dtype=ACC)
+    logits_x = tl.zeros([BLOCK_L, BLOCK_S], dtype=ACC)
     g_hat = tl.zeros([BLOCK_L, BLOCK_S], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
         mask_d = cols < D
         mask_sd = mask_s[:, None] & mask_d[None, :]
         x = tl.load(x_rows + cols[None, :], mask=mask_l[:, None] & mask_d[None, :], other=0.0).to(ACC)
-        q = tl.load(q_rows + cols[None, :], mask=mask_sd, other=0.0).to(ACC)
+        g = tl.load(g_rows + cols[None, :], mask=mask_sd, other=0.0).to(ACC)
         g_ctx = tl.load(gctx_rows + cols[None, :], mask=mask_sd, other=0.0).to(ACC)
-        logits += tl.sum(x[:, None, :] * q[None, :, :], axis=2)
+        logits += tl.sum(x[:, None, :] * g[None, :, :], axis=2)
         g_hat += tl.sum(x[:, None, :] * g_ctx[None, :, :], axis=2)
-    c = tl.load(C + b * S + offs_s, mask=mask_s, other=0.0).to(ACC)
-    p, a_hat, col = _normalised_attention(logits + c[None, :], mask_l, mask_s, eps)
+        if LAST and HAS_G_CA:
+            gx = tl.load(gx_rows + cols[None, :], mask=mask_sd, other=0.0).to(ACC)
+            logits_x += tl.sum(x[:, None, :] * gx[None, :, :], axis=2)
+    c = tl.load(G + modality * stride_g_m + slot_rows * (D + 1) + D, mask=mask_s, other=0.0).to(ACC)
+    p, a_hat, col = _normalised_attention(scale * (logits + c[None, :]), mask_l, mask_s, eps)
+    map_offs = b * length + offs_l
+    if LAST and HAS_G_ATTN:
+        g_hat += _load_by_modality(G_ATTN_IMG, G_ATTN_AUD, modality, map_offs[:, None] * S + offs_s[None, :], mask_ls, ACC)
+    if LAST and HAS_G_IA:
+        g_ia = _load_by_modality(G_IA_IMG, G_IA_AUD, modality, map_offs, mask_l, ACC)
+        g_hat += tl.where(offs_s[None, :] == 0, g_ia[:, None], 0.0)
+    g_m = scale * _softmax_key_norm_backward(g_hat, p, a_hat, col, mask_ls)
+    dg_start = GRAD_G + modality * stride_dg_m + slot_rows * (D + 1)
+    dg_rows = dg_start[:, None]
+    tl.store(dg_start + D, tl.sum(g_m, axis=0).to(GRAD_G.dtype.element_ty), mask=mask_s)
 
-    attn_offs = b * L * S + offs_l[:, None] * S + offs_s[None, :]
-    g_hat += tl.load(G_ATTN + attn_offs, mask=mask_ls, other=0.0).to(ACC)
-    g_a = (g_hat - tl.sum(g_hat * a_hat, axis=0)[None, :]) / col[None, :]
-    g_a = tl.where(mask_ls, g_a, 0.0)
-    # P is 0 on padded slots and dA is 0 on padded keys, so dM vanishes off the valid block.
-    g_m = p * (g_a - tl.sum(g_a * p, axis=1)[:, None])
-    tl.store(GC + b * S + offs_s, tl.sum(g_m, axis=0).to(GC.dtype.element_ty), mask=mask_s)
+    g_mx = tl.zeros([BLOCK_L, BLOCK_S], dtype=ACC)
+    cross = (1 - modality) * batch * S * (D + 1) + slot_rows * (D + 1)
+    dgx_rows = (GRAD_GX + cross)[:, None]
+    if LAST and HAS_G_CA:
+        cx = tl.load(GX + cross + D, mask=mask_s, other=0.0).to(ACC)
+        p_x, a_x, col_x = _normalised_attention(scale * (logits_x + cx[None, :]), mask_l, mask_s, eps)
+        g_ca = _load_by_modality(G_CA_IMG, G_CA_AUD, modality, map_offs, mask_l, ACC)
+        g_mx = scale * _softmax_key_norm_backward(tl.where(offs_s[None, :] == 0, g_ca[:, None], 0.0), p_x, a_x, col_x, mask_ls)
+        tl.store(GRAD_GX + cross + D, tl.sum(g_mx, axis=0).to(GRAD_GX.dtype.element_ty), mask=mask_s)
 
-    gx_rows = GX + b * L * D + offs_l[:, None] * D
-    gq_rows = GQK + b * S * D + offs_s[:, None] * D
+    gx_out_rows = GRAD_X + (first_token + offs_l)[:, None] * D
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
         mask_d = cols < D
         mask_ld = mask_l[:, None] & mask_d[None, :]
         mask_sd = mask_s[:, None] & mask_d[None, :]
         x = tl.load(x_rows + cols[None, :], mask=mask_ld, other=0.0).to(ACC)
-        q = tl.load(q_rows + cols[None, :], mask=mask_sd, other=0.0).to(ACC)
+        g = tl.load(g_rows + cols[None, :], mask=mask_sd, other=0.0).to(ACC)
         g_ctx = tl.load(gctx_rows + cols[None, :], mask=mask_sd, other=0.0).to(ACC)
-        g_x = tl.sum(a_hat[:, :, None] * g_ctx[None, :, :] + g_m[:, :, None] * q[None, :, :], axis=1)
-        g_q = tl.sum(g_m[:, :, None] * x[:, None, :], axis=0)
-        tl.store(gx_rows + cols[None, :], g_x.to(GX.dtype.element_ty), mask=mask_ld)
-        tl.store(gq_rows + cols[None, :], g_q.to(GQK.dtype.element_ty), mask=mask_sd)
-
-
-def launch_config(length: int, dim: int, num_slots: int, dtype: torch.dtype, direction: str, interpret: bool = INTERPRET) -> dict:
-    """Tile sizes and warps of one kernel launch: all L keys and S slots of one batch
-    element at once, d in strips. direction: "forward" or "backward"."""
-    block_l = triton.next_power_of_2(length)
-    block_s = triton.next_power_of_2(num_slots)
-    block_d = triton.next_power_of_2(dim)
-    config = {"FP64": dtype == torch.float64}
-    if not interpret:  # under the interpreter one strip is cheapest; on a GPU, registers bound it
-        block_d = min(block_d, max(16, _GPU_PRODUCTS[direction] // (block_l * block_s)))
-        config["num_warps"] = _GPU_NUM_WARPS
-    return {"BLOCK_L": block_l, "BLOCK_S": block_s, "BLOCK_D": block_d} | config
-
-
-def _check(x: Tensor, qk: Tensor, c: Tensor) -> None:
-    if x.dim() != 3 or qk.dim() != 3 or c.dim() != 2:
-        raise ValueError(f"slot_attention needs x: B x L x d, qk: B x S x d, c: B x S; got x {tuple(x.shape)}, qk {tuple(qk.shape)}, c {tuple(c.shape)}")
-    batch, _, dim = x.shape
-    if qk.shape[0] != batch or qk.shape[2] != dim or c.shape != qk.shape[:2]:
-        raise ValueError(f"slot_attention: qk must be B x S x d and c B x S for x {tuple(x.shape)}; got qk {tuple(qk.shape)}, c {tuple(c.shape)}")
-
-
-def _fwd_fake(x: Tensor, qk: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    batch, length, _ = x.shape
-    return x.new_empty(batch, length, qk.shape[1]), x.new_empty(qk.shape)
-
-
-@register_op("jsa::slot_attention", _fwd_fake)
-def _slot_attention_fwd(x: Tensor, qk: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    batch, length, dim = x.shape
-    num_slots = qk.shape[1]
-    xk, qkk, ck = kernel_input(x), kernel_input(qk), kernel_input(c)
-    buffer = io_dtype(x.dtype)
-    attn = torch.empty(batch, length, num_slots, device=x.device, dtype=buffer)
-    ctx = torch.empty(batch, num_slots, dim, device=x.device, dtype=buffer)
-    launcher(_slot_attention_fwd_kernel)[(batch,)](
-        xk, qkk, ck, attn, ctx, length, dim, num_slots, eps, **launch_config(length, dim, num_slots, xk.dtype, "forward")
-    )
-    return attn.to(x.dtype), ctx.to(x.dtype)
-
-
-def _bwd_fake(
-    x: Tensor, qk: Tensor, c: Tensor, g_attn: Tensor, g_ctx: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(x), torch.empty_like(qk), torch.empty_like(c)
-
-
-@register_op("jsa::slot_attention_backward", _bwd_fake)
-def _slot_attention_bwd(
-    x: Tensor, qk: Tensor, c: Tensor, g_attn: Tensor, g_ctx: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    batch, length, dim = x.shape
-    num_slots = qk.shape[1]
-    xk = kernel_input(x)
-    g_x = torch.empty(x.shape, device=x.device, dtype=io_dtype(x.dtype))
-    g_qk = torch.empty(qk.shape, device=x.device, dtype=io_dtype(qk.dtype))
-    g_c = torch.empty(c.shape, device=x.device, dtype=io_dtype(c.dtype))
-    launcher(_slot_attention_bwd_kernel)[(batch,)](
-        xk, kernel_input(qk), kernel_input(c), kernel_input(g_attn), kernel_input(g_ctx),
-        g_x, g_qk, g_c, length, dim, num_slots, eps, **launch_config(length, dim, num_slots, xk.dtype, "backward")
-    )
-    return g_x.to(x.dtype), g_qk.to(qk.dtype), g_c.to(c.dtype)
-
-
-def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library signature)
-    x, qk, c, eps = inputs
-    ctx.save_for_backward(x, qk, c)
-    ctx.eps = eps
-
-
-def _backward(ctx, g_attn: Tensor, g_ctx: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:  # noqa: ANN001
-    x, qk, c = ctx.saved_tensors
-    g_x, g_qk, g_c = _slot_attention_bwd(x, qk, c, g_attn, g_ctx, ctx.eps)
-    return g_x, g_qk, g_c, None
-
-
-_slot_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def slot_attention(x: Tensor, qk: Tensor, c: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Key-normalised slot attention and its context, fused (module docstring).
-
-    x: B x L x d normalised tokens LN_in(x); qk: B x S x d, G = Q W_k / sqrt(d);
-    c: B x S, Q b_k / sqrt(d); eps added after the softmax over slots.
-    Returns Â: B x L x S (columns sum to 1 over the L keys) and C = Â^T x: B x S x d,
-    in x's dtype. Differentiable in x, qk and c (hand-written backward that recomputes
-    the attention instead of storing it).
-    """
-    _check(x, qk, c)
-    return _slot_attention_fwd(x, qk, c, float(eps))
+        grad_x = tl.sum(a_hat[:, :, None] * g_ctx[None, :, :] + g_m[:, :, None] * g[None, :, :], axis=1)
+        tl.store(dg_rows + cols[None, :], tl.sum(g_m[:, :, None] * x[:, None, :], axis=0).to(GRAD_G.dtype.element_ty), mask=mask_sd)
+        if LAST and HAS_G_CA:
+            gx = tl.load(gx_rows + cols[None, :], mask=mask_sd, other=0.0).to(ACC)
+            grad_x += tl.sum(g_mx[:, :, None] * gx[None, :, :], axis=1)
+            tl.store(dgx_rows + cols[None, :], tl.sum(g_mx[:, :, None] * x[:, None, :], axis=0).to(GRAD_GX.dtype.element_ty), mask=mask_sd)
+        if ACCUMULATE:
+            grad_x += tl.load(gx_out_rows + cols[None, :], mask=mask_ld, other=0.0).to(ACC)
+        tl.store(gx_out_rows + cols[None, :], grad_x.to(GRAD_X.dtype.element_ty), mask=mask_ld)

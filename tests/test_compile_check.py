@@ -1,13 +1,15 @@
 """What of the GPU path can be checked without a GPU: the Triton kernels compile for Hopper
-(sm_90) with the launch configurations the ops use there, without spilling registers
-(`python -m kernels.compile_check`), and the triton_op bodies run on fake CUDA tensors.
-Both in fresh processes, as this test session interprets the kernels (conftest.py)."""
+(sm_90) with the launch configurations the operator uses there, without spilling
+registers (`python -m kernels.compile_check`), and the triton_op bodies run on fake CUDA
+tensors. Both in fresh processes, as this test session interprets the kernels (conftest.py)."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,23 +19,34 @@ def compiling_env() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
 
 
-def test_kernels_compile_for_sm90_without_spills(tmp_path):
+def run_compile_check(tmp_path, shapes: str) -> list[dict]:
     env = compiling_env()
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from a cache
     out = tmp_path / "compile_check.json"
-    command = [sys.executable, "-m", "kernels.compile_check", "--arch", "90", "--shapes", "all", "--json", str(out)]
+    command = [sys.executable, "-m", "kernels.compile_check", "--arch", "90", "--shapes", shapes, "--json", str(out)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = json.loads(out.read_text())["rows"]
+    return json.loads(out.read_text())["rows"]
+
+
+def test_kernels_compile_for_sm90_without_spills(tmp_path):
+    rows = run_compile_check(tmp_path, "paper")
     kernels = {row["kernel"] for row in rows}
-    assert kernels == {"slot_attention forward", "slot_attention backward", "gru_gates forward", "gru_gates backward"}
-    assert {row["dtype"] for row in rows} == {"fp32", "bf16", "fp16", "fp64"}
+    assert len(kernels) == 11 and {"ln_in forward", "attention backward, last", "gru + LN_ff backward"} <= kernels
+    assert {row["precision"] for row in rows} == {"fp32", "bf16", "fp16", "autocast", "fp64"}
     assert all(row["registers"] > 0 and row["shared_bytes"] >= 0 for row in rows)  # cuobjdump parsed
     # fp64 is for gradcheck; speed needs no spills in the others.
-    assert all(row["spill_bytes"] == 0 for row in rows if row["dtype"] != "fp64")
+    assert all(row["spill_bytes"] == 0 for row in rows if row["precision"] != "fp64")
     # At the paper's shapes at most 128 registers a thread: two 8-warp programs fit an SM.
-    paper = [row for row in rows if row["shape"].startswith(("image", "audio")) and row["dtype"] != "fp64"]
-    assert len(paper) == 12 and all(row["num_warps"] == 8 and row["registers"] <= 128 for row in paper)
+    paper = [row for row in rows if row["shape"].startswith("paper") and row["precision"] != "fp64"]
+    assert len(paper) == 44 and all(row["num_warps"] == 8 and row["registers"] <= 128 for row in paper)
+
+
+@pytest.mark.slow
+def test_kernels_compile_without_spills_at_every_shape(tmp_path):
+    # Odd widths, one and three slots, 256 and 512 image tokens (the exit status covers spills).
+    rows = run_compile_check(tmp_path, "all")
+    assert len({row["shape"] for row in rows}) == 5
 
 
 def test_compile_check_refuses_to_run_interpreted():
@@ -46,20 +59,25 @@ GPU_OPS_ON_FAKE_CUDA_TENSORS = """
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 import kernels
+from jsa_fast import JointSlotAttention
+from kernels.joint_slot_attention import PARAMETERS
 assert not kernels.INTERPRET
-with FakeTensorMode():
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        x = torch.empty(4, 49, 96, device="cuda", dtype=dtype)
-        qk, c = torch.empty(4, 3, 96, device="cuda", dtype=dtype), torch.empty(4, 3, device="cuda", dtype=dtype)
-        attn, ctx = torch.ops.jsa.slot_attention(x, qk, c, 1e-8)
-        grads = torch.ops.jsa.slot_attention_backward(x, qk, c, attn, ctx, 1e-8)
-        assert (attn.shape, ctx.shape) == ((4, 49, 3), (4, 3, 96)) and attn.dtype == ctx.dtype == dtype
-        assert [g.shape for g in grads] == [x.shape, qk.shape, c.shape] and all(g.dtype == dtype for g in grads)
-        gi, h = torch.empty(8, 288, device="cuda", dtype=dtype), torch.empty(8, 96, device="cuda", dtype=dtype)
-        out = torch.ops.jsa.gru_gates(gi, gi, h)
-        grads = torch.ops.jsa.gru_gates_backward(gi, gi, h, out)
-        assert out.shape == h.shape and [g.shape for g in grads] == [gi.shape, gi.shape, h.shape]
-        assert all(t.device.type == "cuda" for t in (attn, ctx, out, *grads))
+reference = JointSlotAttention(dim=96, num_slots=3, iters=2, mlp_hidden=64)
+stacked = [torch.stack([reference.image.get_parameter(n), reference.audio.get_parameter(n)]).detach() for n in PARAMETERS]
+with FakeTensorMode(allow_non_fake_inputs=True):
+    # Inputs, parameters and outputs in one dtype, or the autocast mix: fp32 tensors, bf16 products.
+    for dtype, compute in ((torch.bfloat16,) * 2, (torch.float16,) * 2, (torch.float32,) * 2, (torch.float32, torch.bfloat16)):
+        x_img, x_aud = torch.empty(4, 49, 96, device="cuda", dtype=dtype), torch.empty(4, 16, 96, device="cuda", dtype=dtype)
+        masks = torch.zeros(4, 49, device="cuda", dtype=torch.bool), torch.zeros(4, 16, device="cuda", dtype=torch.bool)
+        params = [p.to("cuda", dtype) for p in stacked]
+        slots_init = torch.empty(3, 96, device="cuda", dtype=dtype)
+        out = torch.ops.jsa.joint_slot_attention(x_img, x_aud, *masks, slots_init, params, 2, 1e-8, [1e-5] * 3, compute, dtype)
+        assert [tuple(o.shape) for o in out[:10]] == [(4, 3, 96)] * 4 + [(4, 49, 3), (4, 16, 3), (4, 49), (4, 49), (4, 16), (4, 16)]
+        assert all(o.dtype == dtype and o.device.type == "cuda" for o in out[:10])
+        tokens, hidden = out[10:12]
+        assert tokens.shape == (4 * 65, 96) and tokens.dtype == hidden.dtype == compute  # kept in the products' dtype
+        grads = torch.ops.jsa.joint_slot_attention_backward(list(out[:10]), x_img, x_aud, *masks, slots_init, params, out[10:], 2, 1e-8, [1e-5] * 3)
+        assert grads[0].shape == x_img.shape and grads[2].shape == slots_init.shape and all(g.device.type == "cuda" for g in grads)
 print("ok")
 """
 

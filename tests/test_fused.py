@@ -1,21 +1,21 @@
-"""The fused Triton kernels and FusedJointSlotAttention against jsa_fast/reference.py.
+"""The fused operator (kernels/joint_slot_attention.py) and FusedJointSlotAttention against
+jsa_fast/reference.py.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) at tiny shapes;
 tests marked gpu repeat the comparison at the paper's shapes when CUDA is present.
 """
 
-import math
+import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import jsa_fast.fused
 from jsa_fast import FusedJointSlotAttention, JointSlotAttention
 from jsa_fast.reference import JSAOutput
-from jsa_fast.reference import slot_attention as reference_slot_attention
-from kernels import gru_gates, slot_attention
+from kernels import joint_slot_attention
+from kernels.joint_slot_attention import PARAMETERS
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -43,17 +43,19 @@ def outputs_and_grads(module, x_img, x_aud, mask_img, mask_aud, weights):
     """Outputs, then gradients of sum(w * out) in x_img, x_aud and every parameter (fp32)."""
     x_img, x_aud = x_img.detach().requires_grad_(), x_aud.detach().requires_grad_()
     out = module(x_img, x_aud, mask_img, mask_aud)
-    loss = sum((o.float() * w).sum() for o, w in zip(out, weights))
-    grads = torch.autograd.grad(loss, [x_img, x_aud, *module.parameters()])
-    return [o.float() for o in out], [g.float() for g in grads]
+    loss = sum((o.float() * w).sum() for o, w in zip(out, weights) if w is not None)
+    wrt = [x_img, x_aud, *module.parameters()]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)  # ia_aud alone does not reach x_img
+    return [o.float() for o in out], [torch.zeros_like(t) if g is None else g.float() for g, t in zip(grads, wrt)]
 
 
-def assert_fused_matches_reference(reference, fused, inputs, out_atol, grad_rtol):
-    """Every JSAOutput field within out_atol of the fp32 reference, every gradient within
-    grad_rtol of the largest entry of the reference gradient."""
+def assert_fused_matches_reference(reference, fused, inputs, out_atol, grad_rtol, weighted=JSAOutput._fields):
+    """Every JSAOutput field within out_atol of the fp32 reference; every gradient of a
+    random weighting of the `weighted` fields within grad_rtol of the largest entry of the
+    reference gradient."""
     fp32_inputs = [t.float() if t.is_floating_point() else t for t in inputs]
     with torch.no_grad():
-        weights = [torch.randn_like(o) for o in reference(*fp32_inputs)]
+        weights = [torch.randn_like(o) if name in weighted else None for name, o in zip(JSAOutput._fields, reference(*fp32_inputs))]
     ref_out, ref_grads = outputs_and_grads(reference, *fp32_inputs, weights)
     out, grads = outputs_and_grads(fused, *inputs, weights)
     for name, got, want in zip(JSAOutput._fields, out, ref_out):
@@ -66,117 +68,13 @@ def assert_fused_matches_reference(reference, fused, inputs, out_atol, grad_rtol
 
 
 # ----------------------------------------------------------------------------------
-# The ops on their own
-# ----------------------------------------------------------------------------------
-
-
-def attention_inputs(batch, length, num_slots, dim, dtype):
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(batch, length, dim, generator=gen, dtype=torch.float64)
-    q = torch.randn(batch, num_slots, dim, generator=gen, dtype=torch.float64)
-    w_k = torch.randn(dim, dim, generator=gen, dtype=torch.float64) / math.sqrt(dim)
-    b_k = torch.randn(dim, generator=gen, dtype=torch.float64)
-    return [t.to(DEVICE, dtype) for t in (x, q, w_k, b_k)]
-
-
-@pytest.mark.parametrize("batch,length,num_slots,dim", [(2, 7, 2, 40), (1, 1, 1, 8), (3, 5, 3, 33), (2, 16, 2, 64)])
-def test_slot_attention_op_matches_reference(batch, length, num_slots, dim):
-    x, q, w_k, b_k = (t.requires_grad_() for t in attention_inputs(batch, length, num_slots, dim, torch.float32))
-    scale = 1 / math.sqrt(dim)
-    attn, context = slot_attention(x, q @ w_k * scale, q @ b_k * scale, 1e-8)
-    want_attn = reference_slot_attention(q, x @ w_k.T + b_k, 1e-8)
-    want_context = torch.einsum("bls,bld->bsd", want_attn, x)
-    torch.testing.assert_close(attn, want_attn, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(context, want_context, atol=1e-5, rtol=1e-5)
-    g_attn, g_context = torch.randn_like(attn), torch.randn_like(context)
-    got = torch.autograd.grad((attn * g_attn).sum() + (context * g_context).sum(), (x, q, w_k, b_k))
-    want = torch.autograd.grad((want_attn * g_attn).sum() + (want_context * g_context).sum(), (x, q, w_k, b_k))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.skipif(CUDA, reason="on a GPU the GPU tiles are what every test runs")
-def test_kernels_with_the_gpu_tiles_under_the_interpreter(monkeypatch):
-    # The interpreter normally runs one strip over d and one GRU program; a GPU runs d in
-    # 64-wide (forward) and 32-wide (backward) strips and 1024-element GRU programs. Here the
-    # GPU configurations run under the interpreter, tails included (d = 100, 1,200 elements).
-    import importlib
-
-    for name in ("kernels.slot_attention", "kernels.gru"):
-        module = importlib.import_module(name)
-        gpu_config = module.launch_config
-        monkeypatch.setattr(module, "launch_config", lambda *args, _config=gpu_config: _config(*args, interpret=False))
-    assert importlib.import_module("kernels.slot_attention").launch_config(49, 100, 2, torch.float32, "backward")["BLOCK_D"] == 32
-    test_slot_attention_op_matches_reference(2, 49, 2, 100)
-    test_gru_gates_match_grucell(6, 200)
-
-
-def test_slot_attention_op_eps_keeps_an_empty_slot_uniform():
-    # A slot that loses every key gets A = eps everywhere: after key normalisation 1/L.
-    x = torch.full((1, 4, 1), 100.0, device=DEVICE)
-    attn, _ = slot_attention(x, torch.tensor([[[1.0], [-1.0]]], device=DEVICE), torch.zeros(1, 2, device=DEVICE), 1e-8)
-    torch.testing.assert_close(attn[0, :, 1], torch.full((4,), 0.25, device=DEVICE))
-
-
-@pytest.mark.parametrize("rows,dim", [(6, 40), (1, 3)])
-def test_gru_gates_match_grucell(rows, dim):
-    torch.manual_seed(0)
-    cell = nn.GRUCell(dim, dim).to(DEVICE)
-    u = torch.randn(rows, dim, device=DEVICE, requires_grad=True)
-    h = torch.randn(rows, dim, device=DEVICE, requires_grad=True)
-    got = gru_gates(F.linear(u, cell.weight_ih, cell.bias_ih), F.linear(h, cell.weight_hh, cell.bias_hh), h)
-    want = cell(u, h)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    g = torch.randn_like(want)
-    params = (u, h, *cell.parameters())
-    for a, b in zip(torch.autograd.grad((got * g).sum(), params), torch.autograd.grad((want * g).sum(), params)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-def test_ops_gradcheck_fp64():
-    x, q, w_k, b_k = attention_inputs(1, 3, 2, 5, torch.float64)
-    qk, c = q @ w_k, q @ b_k
-    inputs = [t.detach().requires_grad_() for t in (x, qk, c)]
-    assert torch.autograd.gradcheck(lambda *a: slot_attention(*a, 1e-3), inputs)
-    gen = torch.Generator().manual_seed(3)
-    gates = [torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_() for shape in ((2, 9), (2, 9), (2, 3))]
-    assert torch.autograd.gradcheck(gru_gates, gates)
-
-
-def test_opcheck_custom_ops():
-    x, q, w_k, b_k = attention_inputs(2, 5, 2, 8, torch.float32)
-    qk, c = q @ w_k, q @ b_k
-    args = (x.requires_grad_(), qk.requires_grad_(), c.requires_grad_(), 1e-8)
-    torch.library.opcheck(torch.ops.jsa.slot_attention.default, args)
-    # The backward ops have no double backward: they are checked on plain tensors.
-    attn, context = (t.detach() for t in slot_attention(*args))
-    torch.library.opcheck(
-        torch.ops.jsa.slot_attention_backward.default,
-        (x.detach(), qk.detach(), c.detach(), torch.randn_like(attn), torch.randn_like(context), 1e-8),
-    )
-    gi, gh, h = (torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((4, 18), (4, 18), (4, 6)))
-    torch.library.opcheck(torch.ops.jsa.gru_gates.default, (gi, gh, h))
-    torch.library.opcheck(
-        torch.ops.jsa.gru_gates_backward.default, (gi.detach(), gh.detach(), h.detach(), torch.randn(4, 6, device=DEVICE))
-    )
-
-
-def test_ops_reject_bad_shapes():
-    x = torch.randn(2, 5, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="qk"):
-        slot_attention(x, torch.randn(2, 2, 7, device=DEVICE), torch.randn(2, 2, device=DEVICE), 1e-8)
-    with pytest.raises(ValueError, match="gi"):
-        gru_gates(torch.randn(3, 12, device=DEVICE), torch.randn(3, 12, device=DEVICE), torch.randn(3, 5, device=DEVICE))
-
-
-# ----------------------------------------------------------------------------------
-# The module
+# The module against the reference
 # ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "batch,l_img,l_aud,dim,num_slots,iters",
-    [(2, 7, 5, 40, 2, 3), (1, 3, 1, 24, 1, 1), (3, 5, 4, 36, 3, 2)],
+    [(2, 7, 5, 40, 2, 3), (1, 3, 1, 24, 1, 1), (3, 5, 4, 33, 3, 2)],
 )
 @pytest.mark.parametrize("training", [False, True])
 def test_fused_matches_reference_fp32(batch, l_img, l_aud, dim, num_slots, iters, training):
@@ -184,6 +82,13 @@ def test_fused_matches_reference_fp32(batch, l_img, l_aud, dim, num_slots, iters
     reference.train(training), fused.train(training)
     inputs = make_inputs(batch, l_img, l_aud, dim)
     assert_fused_matches_reference(reference, fused, inputs, out_atol=1e-4, grad_rtol=1e-4)
+
+
+@pytest.mark.parametrize("weighted", [("slots_img", "ca_img", "ca_aud"), ("q_aud", "attn_img"), ("ia_aud",)])
+def test_fused_gradients_of_some_outputs(weighted):
+    # Training back-propagates slots and ca only; the operator then skips the rest.
+    reference, fused = make_pair(24, 2, 2)
+    assert_fused_matches_reference(reference, fused, make_inputs(2, 6, 4, 24), out_atol=1e-4, grad_rtol=1e-4, weighted=weighted)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -204,11 +109,28 @@ def test_fused_fp32_module_takes_half_inputs():
         torch.testing.assert_close(g.float(), w.float(), atol=1e-2, rtol=1e-2)
 
 
+def test_fused_under_autocast_matches_reference(monkeypatch):
+    # The operator bypasses autocast, so the module passes the autocast dtype itself.
+    reference, fused = make_pair(16, 2, 2)
+    inputs = make_inputs(2, 4, 3, 16)
+    seen = []
+    op = jsa_fast.fused.joint_slot_attention
+    monkeypatch.setattr(jsa_fast.fused, "joint_slot_attention", lambda *a: seen.append(a[-2]) or op(*a))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got, want = fused(*inputs), reference(*inputs)
+    assert seen == [torch.bfloat16]
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g, w, atol=0.05, rtol=0.05)
+
+
 def test_fused_training_draws_masks_and_eval_does_not():
     reference, fused = make_pair(16, 2, 1)
-    x_img, x_aud, _, _ = make_inputs(2, 6, 4, 16)
+    x_img, x_aud, mask_img, _ = make_inputs(2, 6, 4, 16)
     fused.eval()
     for got, want in zip(fused(x_img, x_aud), reference.eval()(x_img, x_aud)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for got, want in zip(fused(x_img, x_aud, mask_img), reference(x_img, x_aud, mask_img)):  # one modality masked
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     fused.train()
     fused.mask_prob = 0.5
@@ -216,6 +138,21 @@ def test_fused_training_draws_masks_and_eval_does_not():
     first = fused(x_img, x_aud).slots_img
     torch.manual_seed(5)
     assert not torch.allclose(first, fused(x_img, x_aud).slots_img)
+
+
+def test_kernels_with_the_gpu_tiles_under_the_interpreter(monkeypatch):
+    # The interpreter normally runs one program over all rows and one strip over d; a GPU
+    # runs rows in blocks and d in strips. Here the GPU configurations run under the
+    # interpreter, tails included: d = 100 (strips of 64/32 and a tail; 16-row blocks), 36
+    # tokens and 2 x 9 slot rows (several row programs, the last one partial).
+    module = importlib.import_module("kernels.joint_slot_attention")
+    for name in ("row_config", "attention_config"):
+        gpu_config = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, _config=gpu_config: {k: v for k, v in _config(*args, interpret=False).items() if k != "num_warps"})
+    assert module.attention_config(7, 100, 3, "backward", True)["BLOCK_D"] < 100
+    assert module.row_config(100, 18)["BLOCK_R"] < 18
+    reference, fused = make_pair(100, 3, 2)
+    assert_fused_matches_reference(reference.train(), fused.train(), make_inputs(3, 7, 5, 100), out_atol=1e-4, grad_rtol=1e-4)
 
 
 def test_backend_choice(monkeypatch):
@@ -235,6 +172,97 @@ def test_backend_choice(monkeypatch):
         monkeypatch.setattr(jsa_fast.fused, "INTERPRET", False)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             fused(x_img, x_aud)
+
+
+# ----------------------------------------------------------------------------------
+# Parameters side by side
+# ----------------------------------------------------------------------------------
+
+
+def test_parameters_side_by_side_survive_to_and_give_contiguous_grads():
+    _, fused = make_pair(16, 2, 2)
+    fused = fused.double()  # .to() gives new storage: the module pairs it again
+    for name in PARAMETERS:
+        image, audio = fused.image.get_parameter(name), fused.audio.get_parameter(name)
+        assert image.dtype == torch.float64 and jsa_fast.fused._side_by_side(image, audio), name
+    x_img, x_aud, mask_img, mask_aud = make_inputs(2, 4, 3, 16, dtype=torch.float64)
+    out = fused(x_img, x_aud, mask_img, mask_aud)
+    (out.slots_img.sum() + out.ca_img.sum()).backward()
+    for name in PARAMETERS:
+        image, audio = fused.image.get_parameter(name).grad, fused.audio.get_parameter(name).grad
+        # The stack's gradient is handed to .grad as is: two contiguous views of one buffer.
+        assert image.is_contiguous() and audio.is_contiguous(), name
+        assert image.untyped_storage().data_ptr() == audio.untyped_storage().data_ptr(), name
+
+
+def test_parameters_apart_still_match():
+    # A parameter given storage of its own (here by assignment) is stacked by a copy.
+    reference, fused = make_pair(16, 2, 2)
+    with torch.no_grad():
+        fused.audio.to_k.weight.data = fused.audio.to_k.weight.data.clone()
+    assert not jsa_fast.fused._side_by_side(fused.image.to_k.weight, fused.audio.to_k.weight)
+    assert_fused_matches_reference(reference, fused, make_inputs(2, 4, 3, 16), out_atol=1e-4, grad_rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------
+# The operator
+# ----------------------------------------------------------------------------------
+
+
+def operator_arguments(dtype=torch.float64, batch=2, l_img=3, l_aud=2, dim=4, num_slots=2, hidden=6, masks=True):
+    """Random arguments of jsa::joint_slot_attention at a tiny shape."""
+    torch.manual_seed(7)
+    reference = JointSlotAttention(dim=dim, num_slots=num_slots, iters=2, mlp_hidden=hidden)
+    params = [torch.stack([reference.image.get_parameter(n), reference.audio.get_parameter(n)]).detach() for n in PARAMETERS]
+    params = [(p + 0.1 * torch.randn_like(p)).to(DEVICE, dtype).requires_grad_() for p in params]  # LN affines off 1 and 0
+    x_img = torch.randn(batch, l_img, dim, dtype=dtype, device=DEVICE, requires_grad=True)
+    x_aud = torch.randn(batch, l_aud, dim, dtype=dtype, device=DEVICE, requires_grad=True)
+    mask_img = (torch.arange(batch * l_img, device=DEVICE).view(batch, l_img) % 3 == 0) if masks else None
+    mask_aud = (torch.arange(batch * l_aud, device=DEVICE).view(batch, l_aud) % 2 == 0) if masks else None
+    slots_init = torch.randn(num_slots, dim, dtype=dtype, device=DEVICE, requires_grad=True)
+    return x_img, x_aud, mask_img, mask_aud, slots_init, params
+
+
+def test_operator_gradcheck_fp64():
+    # One flat input and one random weighting of the ten outputs keep the interpreted
+    # gradcheck to a few evaluations; every argument and output still takes part.
+    x_img, x_aud, mask_img, mask_aud, slots_init, params = operator_arguments()
+    tensors = [x_img, x_aud, slots_init, *params]
+    flat = torch.cat([t.detach().flatten() for t in tensors]).requires_grad_()
+    with torch.no_grad():
+        weights = [torch.randn_like(o) for o in joint_slot_attention(
+            x_img, x_aud, mask_img, mask_aud, slots_init, params, 2, 1e-3, (1e-5,) * 3, torch.float64, torch.float64)]  # fmt: skip
+
+    def run(flat):
+        x_img, x_aud, slots_init, *params = (part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors))
+        out = joint_slot_attention(x_img, x_aud, mask_img, mask_aud, slots_init, params, 2, 1e-3, (1e-5,) * 3, torch.float64, torch.float64)
+        return sum((o * w).sum() for o, w in zip(out, weights))
+
+    assert torch.autograd.gradcheck(run, (flat,), fast_mode=True)
+
+
+def test_operator_opcheck():
+    # One iteration (the last, with the cross-modal maps): opcheck runs the operator many times.
+    x_img, x_aud, mask_img, mask_aud, slots_init, params = operator_arguments(dtype=torch.float32)
+    args = (x_img, x_aud, mask_img, mask_aud, slots_init, params, 1, 1e-8, [1e-5, 1e-5, 1e-5], torch.float32, torch.float32)
+    torch.library.opcheck(torch.ops.jsa.joint_slot_attention.default, args)
+    # The backward operator has no double backward: it is checked on plain tensors.
+    out = torch.ops.jsa.joint_slot_attention.default(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:5]),
+                                                     [p.detach() for p in params], *args[6:])  # fmt: skip
+    grads = [torch.randn_like(o) if i % 3 else None for i, o in enumerate(out[:10])]
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:5]]
+    torch.library.opcheck(
+        torch.ops.jsa.joint_slot_attention_backward.default,
+        (grads, *plain, [p.detach() for p in params], out[10:], 1, 1e-8, [1e-5, 1e-5, 1e-5]),
+    )
+
+
+def test_operator_rejects_bad_arguments():
+    x_img, x_aud, mask_img, _, slots_init, params = operator_arguments(dtype=torch.float32)
+    with pytest.raises(ValueError, match="mask_aud"):
+        joint_slot_attention(x_img, x_aud, mask_img, None, slots_init, params, 2, 1e-8, (1e-5,) * 3, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="params"):
+        joint_slot_attention(x_img, x_aud, None, None, slots_init, params[:-1], 2, 1e-8, (1e-5,) * 3, torch.float32, torch.float32)
 
 
 class TinyModel(nn.Module):
