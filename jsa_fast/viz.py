@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -159,6 +160,7 @@ def plot_loss_curves(metrics_jsonl: Path | str, out_png: Path | str) -> Path:
             ax.set_yscale("log")
         ax.set_title(term)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=100)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -35,7 +36,10 @@ from jsa_fast.data import (
     train_transform,
     vggss_gt_map,
     video_middle_frame,
+    wav_to_spectrogram,
 )
+from jsa_fast.cli import DataError
+from jsa_fast.data.groundtruth import flickr_box_problem, vggss_box_problem
 from jsa_fast.data.synth import generate_synthetic_dataset
 
 SMALL_AUDIO = AudioConfig(seconds=0.5)  # 1 x 257 x 51
@@ -141,6 +145,33 @@ def test_load_audio_names_an_unreadable_file(tmp_path: Path) -> None:
     path.write_bytes(b"not a wav file at all")
     with pytest.raises(RuntimeError, match="noise.wav"):
         load_audio(path, 16000)
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ([0.1, np.nan, -0.2, 0.3], "1 of 4 samples are not finite"),
+        ([0.1, -np.inf, np.inf, 0.3], "2 of 4 samples are not finite"),
+        ([0.0, 0.0, 0.0, 0.0], r"the audio is silent \(all 4 samples are 0\)"),
+    ],
+)
+def test_load_audio_names_unusable_samples(tmp_path: Path, values: list[float], named: str) -> None:
+    path = tmp_path / "clip.wav"
+    soundfile.write(path, np.array(values), 16000, subtype="FLOAT")
+    with pytest.raises(DataError, match=rf"clip\.wav: {named}"):
+        load_audio(path, 16000)
+
+
+def test_a_spectrogram_beyond_float32_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "loud.wav"
+    soundfile.write(path, np.full(16000, 1e30), 16000, subtype="FLOAT")  # finite, but 1e60 once squared
+    with pytest.raises(DataError, match=r"loud\.wav: the spectrogram is not finite \(samples up to 1e\+30"):
+        wav_to_spectrogram(path, SMALL_AUDIO)
+
+
+def test_audio_config_needs_a_clip_longer_than_half_the_fft() -> None:
+    with pytest.raises(ValueError, match="too few for n_fft 512"):
+        AudioConfig(seconds=0.01)  # 160 samples
 
 
 # ---------------------------------------------------------------- images
@@ -278,6 +309,47 @@ def test_read_flickr_boxes_skips_the_first_child(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="a.xml"):
         read_flickr_boxes(path)
+
+
+@pytest.mark.parametrize(
+    ("box", "problem"),
+    [
+        ([0.1, 0.2, 0.5, 0.6], None),
+        ([10, 20, 40, 50], r"not inside the image \(VGG-SS coordinates are fractions in \[0, 1\]; these look like pixels\)"),
+        ([-0.1, 0.2, 0.5, 0.6], r"not inside the image \(VGG-SS coordinates are fractions in \[0, 1\]\)"),
+        ([0.1, float("nan"), 0.5, 0.6], "not inside the image"),
+        ([0.5, 0.2, 0.1, 0.6], "not ordered"),
+        ([0.1, 0.2, 0.1, 0.6], "not ordered"),
+        ([0.1, 0.2, 0.11, 0.6], "covers no pixel at 32 x 32"),  # int(3.2) = int(3.52) = 3
+        ([0.1, 0.2, 0.5], "needs 4 coordinates"),
+    ],
+)
+def test_vggss_box_problems_are_named(box: list[float], problem: str | None) -> None:
+    found = vggss_box_problem(box, 32)
+    assert found is None if problem is None else re.search(problem, found), found
+
+
+@pytest.mark.parametrize(
+    ("box", "problem"),
+    [
+        ((10, 20, 100, 200), None),
+        ((10, 20, 300, 200), r"not inside the image \(Flickr-SoundNet coordinates are pixels in \[0, 256\]\)"),
+        ((100, 20, 10, 200), "not ordered"),
+        ((10, 20, 13, 200), "covers no pixel at 32 x 32"),  # 32 * 10 // 256 = 32 * 13 // 256 = 1
+    ],
+)
+def test_flickr_box_problems_are_named(box: tuple[int, ...], problem: str | None) -> None:
+    found = flickr_box_problem(box, 32)
+    assert found is None if problem is None else re.search(problem, found), found
+
+
+def test_a_mask_without_foreground_is_named(tmp_path: Path) -> None:
+    pixels = np.zeros((64, 64), dtype=np.uint8)
+    pixels[0, 0] = 255  # one pixel, lost by a nearest resize to 8 x 8
+    Image.fromarray(pixels).save(tmp_path / "m.png")
+    assert load_mask(tmp_path / "m.png", 64).sum() == 1
+    with pytest.raises(DataError, match=r"m\.png: the mask has no foreground pixel at 8 x 8"):
+        load_mask(tmp_path / "m.png", 8)
 
 
 def test_load_mask_resizes_nearest(tmp_path: Path) -> None:
@@ -453,3 +525,43 @@ def test_bad_arguments_are_named(synth_root: Path) -> None:
         AudioVisualDataset(synth_root, "val")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="on_bad_file"):
         AudioVisualDataset(synth_root, "train", on_bad_file="ignore")  # type: ignore[arg-type]
+
+
+def test_bad_boxes_are_listed_with_the_bad_files_and_skipped(root_copy: Path) -> None:
+    entries = json.loads((root_copy / "test.json").read_text())
+    entries[0]["bbox"] = [[12, 4, 30, 40]]
+    entries[2]["bbox"].append([0.9, 0.1, 0.2, 0.3])  # one bad box spoils the item
+    (root_copy / "test.json").write_text(json.dumps(entries))
+    (root_copy / "audio" / "test_000003.wav").unlink()
+    with pytest.raises(BadFilesError) as caught:
+        AudioVisualDataset(root_copy, "test", SMALL_IMAGE, SMALL_AUDIO)
+    assert [(path.name, reason.split(":")[0]) for path, reason in caught.value.problems] == [
+        ("test.json", "item test_000000"),
+        ("test.json", "item test_000002"),
+        ("test_000003.wav", "missing"),
+    ]
+    assert "\n" not in str(caught.value) and "these look like pixels" in str(caught.value)
+    with pytest.warns(UserWarning, match="skipping 3 id"):
+        dataset = AudioVisualDataset(root_copy, "test", SMALL_IMAGE, SMALL_AUDIO, on_bad_file="skip")
+    assert dataset.ids == ["test_000001"]
+
+
+def test_bad_flickr_boxes_name_their_annotation(root_copy: Path) -> None:
+    (root_copy / "test.json").unlink()
+    xml = root_copy / "Annotations" / "test_000001.xml"
+    xml.write_text(re.sub(r"<xmax>\d+</xmax>", "<xmax>999</xmax>", xml.read_text(), count=1))
+    with pytest.raises(BadFilesError, match=r"test_000001\.xml: item test_000001: box .* is not inside the image"):
+        AudioVisualDataset(root_copy, "test", SMALL_IMAGE, SMALL_AUDIO)
+
+
+def test_a_wav_holding_nan_fails_or_is_skipped_when_read(root_copy: Path) -> None:
+    path = root_copy / "audio" / "train_000002.wav"
+    samples, rate = soundfile.read(path, dtype="float32")
+    samples[len(samples) // 2] = np.nan
+    soundfile.write(path, samples, rate, subtype="FLOAT")
+    dataset = AudioVisualDataset(root_copy, "train", SMALL_IMAGE, SMALL_AUDIO)  # headers are fine
+    with pytest.raises(BadFilesError, match=r"train_000002\.wav: 1 of \d+ samples are not finite \(NaN or inf\)$"):
+        dataset[2]
+    skipping = AudioVisualDataset(root_copy, "train", SMALL_IMAGE, SMALL_AUDIO, on_bad_file="skip")
+    with pytest.warns(UserWarning, match="train_000002.wav"):
+        assert skipping[2] is None

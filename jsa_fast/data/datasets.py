@@ -238,21 +238,17 @@ class AudioVisualDataset(Dataset):
                 "Annotations/<id>.xml (Flickr-SoundNet); neither exists"
             )
 
-        for name, _, boxes in records:
-            box_problems = self._box_problems(name, boxes)
-            if box_problems:
-                problems.setdefault(name, []).extend(box_problems)
-
         mask_paths = self._find_masks([name for name, _, _ in records])
         entries = []
         for name, label, boxes in records:
             entry, entry_problems = self._probe_entry(name, label, boxes, mask_paths.get(name))
+            entry_problems = self._box_problems(name, boxes) + entry_problems
             if entry_problems:
                 problems.setdefault(name, []).extend(entry_problems)
             elif name not in problems:
                 entries.append(entry)
         if problems:
-            error = BadFilesError.from_problems([p for name in problems for p in problems[name]])
+            error = BadFilesError.from_problems([p for name, _, _ in records for p in problems.get(name, [])])
             if on_bad_file == "fail":
                 raise error
             warnings.warn(f"skipping {len(problems)} id(s) of {self.root}: {error}", stacklevel=2)
