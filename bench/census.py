@@ -31,12 +31,14 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 
@@ -53,6 +55,45 @@ NO_LAUNCH = {
     "aten::_local_scalar_dense", "aten::sym_size", "aten::sym_stride", "aten::sym_numel", "aten::sym_storage_offset",
 }  # fmt: skip
 PROJECT_NAMESPACES = ("jsa",)
+
+
+def _fused_gru_cell(input_gates, hidden_gates, hx, input_bias=None, hidden_bias=None):  # noqa: ANN001, ANN202
+    """aten::_thnn_fused_gru_cell (CUDA-only in PyTorch) for the CPU: h' and the workspace
+    [r, z, n, h, gh_n] (R x 5d) that its backward reads, as the CUDA kernel keeps them."""
+    if input_bias is not None:
+        input_gates, hidden_gates = input_gates + input_bias, hidden_gates + hidden_bias
+    i_r, i_z, i_n = input_gates.chunk(3, 1)
+    h_r, h_z, h_n = hidden_gates.chunk(3, 1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (hx - n), torch.cat([r, z, n, hx, h_n], 1)
+
+
+def _fused_gru_cell_backward(grad_hy, workspace, has_bias):  # noqa: ANN001, ANN202
+    r, z, n, hx, h_n = workspace.chunk(5, 1)
+    g_n = grad_hy * (1 - z) * (1 - n * n)
+    g_r = g_n * h_n * r * (1 - r)
+    g_z = grad_hy * (hx - n) * z * (1 - z)
+    g_input, g_hidden = torch.cat([g_r, g_z, g_n], 1), torch.cat([g_r, g_z, g_n * r], 1)
+    return g_input, g_hidden, grad_hy * z, g_input.sum(0), g_hidden.sum(0)
+
+
+def _cuda_gru_cell(cell: torch.nn.GRUCell, input: torch.Tensor, hx: torch.Tensor) -> torch.Tensor:
+    """GRUCell.forward as ATen runs it on CUDA (RNN.cpp gru_cell): two bias-free linears,
+    then the fused cell."""
+    input_gates, hidden_gates = F.linear(input, cell.weight_ih), F.linear(hx, cell.weight_hh)
+    return torch.ops.aten._thnn_fused_gru_cell(input_gates, hidden_gates, hx, cell.bias_ih, cell.bias_hh)[0]
+
+
+# Each CUDA-only op runs as one op on CPU (the aten ops inside are not counted).
+_CUDA_ONLY_ON_CPU = torch.library.Library("aten", "IMPL")
+for _name, _impl in (("_thnn_fused_gru_cell", _fused_gru_cell), ("_thnn_fused_gru_cell_backward", _fused_gru_cell_backward)):
+    _CUDA_ONLY_ON_CPU.impl(_name, lambda *args, _impl=_impl: _uncounted(_impl, *args), "CPU")
+
+
+def _uncounted(fn, *args):  # noqa: ANN001, ANN202
+    with _disable_current_modes():
+        return fn(*args)
 
 
 class Census(TorchDispatchMode):
@@ -118,28 +159,30 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def make_module(impl: str, args: argparse.Namespace) -> torch.nn.Module:
-    torch.manual_seed(0)
-    sizes = dict(dim=args.dim, num_slots=args.slots, iters=args.iters, mlp_hidden=args.mlp_hidden)
-    module = FusedJointSlotAttention(**sizes, backend="triton") if impl == "fused" else JointSlotAttention(**sizes)
-    return module.train()
+IMPLEMENTATIONS = {
+    "reference": "the reference module, as it dispatches on CPU",
+    "reference-cuda": "the reference module as it dispatches on a GPU (its GRUCell as a fused cell)",
+    "fused": "FusedJointSlotAttention's Triton path",
+}
 
 
 def census_one(impl: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     """Ops of one forward and one backward, and the bytes the forward keeps, at `batch`."""
-    module = make_module(impl, args)
-    gen = torch.Generator().manual_seed(1)
-    x_img = torch.randn(batch, args.l_img, args.dim, generator=gen).requires_grad_()
-    x_aud = torch.randn(batch, args.l_aud, args.dim, generator=gen).requires_grad_()
-    mask_img = torch.rand(batch, args.l_img, generator=gen) < 0.1
-    mask_aud = torch.rand(batch, args.l_aud, generator=gen) < 0.1
-    inputs = [x_img, x_aud, mask_img, mask_aud]
-    with torch.no_grad():
-        weights = [torch.randn(o.shape, generator=gen) for o in module(*inputs)]
+    torch.manual_seed(0)
+    sizes = dict(dim=args.dim, num_slots=args.slots, iters=args.iters, mlp_hidden=args.mlp_hidden)
+    module = FusedJointSlotAttention(**sizes, backend="triton") if impl == "fused" else JointSlotAttention(**sizes)
+    module.train()
+    if impl == "reference-cuda":
+        for branch in (module.image, module.audio):
+            branch.gru.forward = partial(_cuda_gru_cell, branch.gru)
+    x_img = torch.randn(batch, args.l_img, args.dim, requires_grad=True)
+    x_aud = torch.randn(batch, args.l_aud, args.dim, requires_grad=True)
+    inputs = [x_img, x_aud, torch.rand(batch, args.l_img) < 0.1, torch.rand(batch, args.l_aud) < 0.1]
     forward, backward = Census(), Census()
     with forward:
         out = module(*inputs)
     kept = forward.alive_bytes([*module.parameters(), *inputs, *out])
+    weights = [torch.randn_like(o) for o in out]
     with backward:
         torch.autograd.backward(list(out), weights)
     return {
@@ -159,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs=2, default=[2, 4], help="two batch sizes to measure at")
     parser.add_argument("--extrapolate", type=int, default=256, help="batch size to extrapolate the bytes to")
-    parser.add_argument("--impl", choices=["reference", "fused"], nargs="+", default=["reference", "fused"])
+    parser.add_argument("--impl", choices=list(IMPLEMENTATIONS), nargs="+", default=list(IMPLEMENTATIONS))
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--mlp-hidden", type=int, default=1024)
     parser.add_argument("--l-img", type=int, default=49)

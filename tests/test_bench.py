@@ -37,11 +37,14 @@ def test_kreciprocal_benchmark(tmp_path):
 
 def test_slot_attention_benchmark(tmp_path):
     out = tmp_path / "slot_attn.json"
-    args = ["--device", "cpu", "--batch", "2", "--dim", "16", "--mlp-hidden", "32", "--l-img", "4", "--l-aud", "3",
-            "--iters", "2", "--dtype", "fp32", "--impl", "eager", "fused", "--warmup", "1", "--repeats", "1", "--json", str(out)]  # fmt: skip
+    args = ["--device", "cpu", "--batch", "2", "--dim", "16", "--mlp-hidden", "32", "--l-img", "4", "--l-aud", "3", "--iters", "2",
+            "--dtype", "fp32", "--impl", "reference eager", "fused eager", "--warmup", "1", "--repeats", "1", "--json", str(out)]  # fmt: skip
     assert load_benchmark("slot_attn").main(args) == 0
     rows = read_record(out)["rows"]
-    assert {row["impl"] for row in rows} == {"eager", "fused"}
+    assert {row["impl"] for row in rows} == {"reference eager", "fused eager"}
+    reference = [row for row in rows if row["impl"] == "reference eager"]
+    assert all(row["vs_best_reference"] == 1.0 for row in reference)  # the only reference variant is the best
+    assert all(row["vs_best_reference"] > 0 and row["gflop"] > 0 for row in rows)
 
 
 def test_train_step_benchmark_eager(tmp_path):
