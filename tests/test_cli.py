@@ -426,8 +426,8 @@ def test_8_a_resume_after_kill_9_drops_stale_temporaries_and_repeats_no_step(goo
     records = strict_records(out / "metrics.jsonl")
     assert [(r["kind"], r["step"]) for r in records] == [("step", 1), ("step", 2), ("epoch", 2), ("step", 3), ("step", 4), ("epoch", 4)]
     assert without_timings(records) == without_timings(strict_records(straight / "metrics.jsonl"))
-    reference = load_checkpoint(straight / "last.pt")["model"]
-    assert all(torch.equal(load_checkpoint(out / "last.pt")["model"][k], v) for k, v in reference.items())
+    resumed, reference = load_checkpoint(out / "last.pt")["model"], load_checkpoint(straight / "last.pt")["model"]
+    assert all(torch.equal(resumed[key], value) for key, value in reference.items())
 
 
 def _user_namespaces() -> bool:
@@ -482,3 +482,24 @@ def test_a_diverging_run_stops_before_overwriting_last_pt(good_run, tmp_path):
     assert f"{out / 'last.pt'} is unchanged (step 2, 1 epoch(s) done)" in line
     assert digest(out / "last.pt") == before["last.pt"]
     strict_records(out / "metrics.jsonl")
+
+
+def test_a_non_finite_model_is_never_saved(world, tmp_path, capsys, monkeypatch):
+    """A last step whose loss was finite but whose update broke a weight: the epoch-end
+    checkpoint refuses to write it."""
+    import jsa_fast.train as train_module
+
+    real_step, calls = train_module.train_step, []
+
+    def step_breaking_a_weight_at_step_2(loss_fn, optimizer, *args):
+        terms = real_step(loss_fn, optimizer, *args)
+        calls.append(1)
+        if len(calls) == 2:
+            optimizer.param_groups[0]["params"][0].data.fill_(float("inf"))
+        return terms
+
+    monkeypatch.setattr(train_module, "train_step", step_breaking_a_weight_at_step_2)
+    out = tmp_path / "run"
+    status, err = in_process(train_main, train_args(world, out, "--epochs", "1"), capsys)
+    error_line(err, 1, status, "after step 2 the model holds non-finite values", "no last.pt was written")
+    assert not (out / "last.pt").exists()
