@@ -25,9 +25,10 @@ $(DALI_STAMP): requirements-dali.txt $(STAMP)
 	$(PY) -m pip install --quiet -r requirements-dali.txt
 	touch $(DALI_STAMP)
 
-# Train the tiny preset on the bundled synthetic world, then evaluate it.
+# Train the tiny preset on the bundled synthetic world, then evaluate it (a new demo
+# replaces the last one: --overwrite).
 demo: $(STAMP)
-	$(PY) -m jsa_fast.train --out runs/demo
+	$(PY) -m jsa_fast.train --out runs/demo --overwrite
 	$(PY) -m jsa_fast.evaluate --checkpoint runs/demo/last.pt --out runs/demo/eval
 
 # The default suite (CI runs this); slow tests are deselected in pyproject.toml.
