@@ -437,6 +437,12 @@ def train(
         kept = f"{checkpoint_path} is unchanged (step {saved_step[0]}, {saved_step[1]} epoch(s) done)" if saved_step else f"no {checkpoint_path.name} was written"
         return RunError(f"{reason}; stopped without saving: {kept}")
 
+    def stopped_at_step(item_ids: list[str], what: str) -> RunError:
+        return stopped(
+            f"step {step} (epoch {epoch + 1}) on the batch of items {', '.join(item_ids)}: {what}; "
+            f"lower --lr (now {cfg.lr:g}) or check those items"
+        )
+
     def checkpoint() -> None:
         nonlocal saved_step
         if not world.is_main:
@@ -507,19 +513,17 @@ def train(
                     *(mask.to(device, non_blocking=True) for mask in masks),
                 )
                 step += 1
-                where = f"step {step} (epoch {epoch + 1}) on the batch of items {', '.join(batch['id'])}"
-                advice = f"lower --lr (now {cfg.lr:g}) or check those items"
                 try:
                     terms = train_step(loss_for(global_batch), optimizer, scaler, inputs, device, cfg.amp)
                 except ValueError as error:  # e.g. the k-reciprocal op refusing non-finite embeddings
                     progress.close()
-                    raise stopped(f"{where}: {one_line(error)}; {advice}") from error
+                    raise stopped_at_step(batch["id"], one_line(error)) from error
                 means = world.mean(torch.stack([terms[name].detach().float() for name in LOSS_TERMS]))
                 values = dict(zip(LOSS_TERMS, means.tolist()))
                 if not all(math.isfinite(value) for value in values.values()):
                     progress.close()
                     shown = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
-                    raise stopped(f"{where}: the loss is not finite ({shown}); {advice}")
+                    raise stopped_at_step(batch["id"], f"the loss is not finite ({shown})")
                 sums["batches"] += 1
                 for name, value in values.items():
                     sums[name] += value

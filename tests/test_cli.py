@@ -202,6 +202,9 @@ def test_2_a_resume_with_nothing_left_to_train_says_so(good_run, tmp_path, capsy
     assert train_main(["--out", str(out), "--resume"]) == 0
     assert "nothing to train" in capsys.readouterr().out
     assert run_files(out) == before
+    (out / "metrics.jsonl").unlink()
+    assert train_main(["--out", str(out), "--resume"]) == 0
+    assert "loss curves not drawn" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- 3. boxes that give no ground truth
