@@ -62,3 +62,12 @@ def test_train_step_benchmark(tmp_path):
     args = ["--device", "cpu", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--json", str(out)]
     assert load_benchmark("train_step").main(args) == 0
     assert read_record(out)["rows"]
+
+
+def test_video_tools_benchmark(tmp_path):
+    out = tmp_path / "video_tools.json"
+    args = ["--clips", "2", "--seconds", "1", "--size", "64", "--workers", "1", "--localize-fps", "4", "--json", str(out)]
+    assert load_benchmark("video_tools").main(args) == 0
+    rows = read_record(out)["rows"]
+    assert [(row["tool"], row["items"]) for row in rows] == [("prepare", 2), ("localize", 4)]  # 1 s at 4 maps/s
+    assert all(row["per_s"] > 0 for row in rows)

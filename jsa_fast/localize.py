@@ -1,0 +1,211 @@
+"""Where the sound comes from, on a video or an image of your own:
+`python -m jsa_fast.localize --checkpoint C INPUT [--audio WAV] --out DIR [--fps 4]
+[--map ca|iqr] [--alpha 0.6] [--batch-size 16] [--device cpu|cuda]`.
+
+A video with sound: at each output time t = k / fps (k = 0, 1, ... while t is within the
+clip) the frame on screen at t and the audio window of the model's training clip length
+centred on t (zero-padded beyond the track's ends) go through the model. Writes
+DIR/<stem>_heatmap.mp4 (the maps over the frames, at --fps, with the input's own audio
+track), DIR/<stem>_maps.npy (T x H x W float32 in [0, 1], H x W the model's image size)
+and DIR/<stem>_times.csv (index, time_s, and the source frame shown: source_frame,
+source_time_s).
+
+An image and --audio WAV: the map of the image with the WAV's middle clip (as evaluation
+reads a data set's audio): DIR/<stem>_heatmap.png at the image's size and
+DIR/<stem>_map.npy (H x W).
+
+The map is ca^{a,v} (SPEC.md "Inference"), or the IQR map with --map iqr.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+from jsa_fast.checkpoint import load_checkpoint, non_finite_tensors
+from jsa_fast.cli import ArgumentParser, DataError, UsageError, bounded, command
+from jsa_fast.config import RunConfig, saved_config
+from jsa_fast.data.audio import AudioConfig, load_audio, log_spectrogram, middle_clip
+from jsa_fast.data.image import eval_transform, load_image
+from jsa_fast.data.video import decode_audio, iter_frames, mono_resampled, probe_video, write_video
+from jsa_fast.metrics import upsample_map
+from jsa_fast.model import JSAModel
+from jsa_fast.train import autocast_context, resolve_device
+from jsa_fast.viz import overlay_heatmap
+
+__all__ = ["load_model", "output_times", "centred_window", "Localizer", "localize_video", "localize_image", "main"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+OVERLAY_ALPHA = 0.5
+
+
+def load_model(checkpoint: str | Path, device: torch.device) -> tuple[JSAModel, RunConfig]:
+    """The model a jsa_fast.train checkpoint holds, in eval mode on `device`, and its run
+    configuration; DataError for a checkpoint of another version or with non-finite weights."""
+    state = load_checkpoint(checkpoint)
+    cfg = saved_config(state["config"], str(checkpoint))
+    broken = non_finite_tensors(state["model"])
+    if broken:
+        raise DataError(f"checkpoint {checkpoint} holds non-finite weights ({len(broken)} tensors, e.g. {broken[0]})")
+    model = JSAModel(cfg.model_config())
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg
+
+
+def output_times(duration_s: float, fps: float) -> np.ndarray:
+    """k / fps for k = 0, 1, ... while within a clip of `duration_s` (at least one time)."""
+    count = max(1, math.ceil(duration_s * fps - 1e-6))
+    return np.arange(count) / fps
+
+
+def centred_window(wave: Tensor, centre_s: float, num_samples: int, sample_rate: int) -> Tensor:
+    """The `num_samples` of a 1-D wave centred on `centre_s`; zeros where the window
+    reaches beyond the wave's ends."""
+    start = round(centre_s * sample_rate) - num_samples // 2
+    window = wave.new_zeros(num_samples)
+    low, high = max(0, start), min(wave.numel(), start + num_samples)
+    if high > low:
+        window[low - start : high - start] = wave[low:high]
+    return window
+
+
+class Localizer:
+    """A trained model that maps (image, audio clip) pairs to sound-source maps."""
+
+    def __init__(self, model: JSAModel, cfg: RunConfig, device: torch.device, which: str = "ca", alpha: float = 0.6) -> None:
+        if which not in ("ca", "iqr"):
+            raise UsageError(f"--map must be 'ca' or 'iqr', got {which!r}")
+        self.model, self.cfg, self.device, self.which, self.alpha = model, cfg, device, which, alpha
+        self.audio_cfg: AudioConfig = cfg.audio_config()
+        self.image_transform = eval_transform(cfg.image_config())
+
+    @torch.no_grad()
+    def maps(self, images: Sequence[Image.Image], clips: Sequence[Tensor]) -> np.ndarray:
+        """B RGB images and B clips (1-D, audio_cfg.num_samples at its rate) -> B x S x S
+        float32 maps in [0, 1], S the model's image size."""
+        image = torch.stack([self.image_transform(picture) for picture in images]).to(self.device)
+        spec = torch.stack([log_spectrogram(clip, self.audio_cfg) for clip in clips]).to(self.device)
+        with autocast_context(self.device, self.cfg.amp):
+            ca, iqr = self.model.localize(image, spec, self.alpha)
+        return (ca if self.which == "ca" else iqr).float().clamp(0, 1).cpu().numpy()
+
+
+def _overlay(rgb: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
+    """The S x S map stretched over an H x W x 3 uint8 picture."""
+    stretched = upsample_map(torch.from_numpy(heatmap), tuple(rgb.shape[:2])).numpy()
+    return overlay_heatmap(rgb, stretched, alpha=OVERLAY_ALPHA)
+
+
+def localize_image(localizer: Localizer, image_path: Path, audio_path: Path, out: Path) -> tuple[Path, Path]:
+    """Write out/<stem>_heatmap.png and out/<stem>_map.npy (out created if needed); return
+    their paths."""
+    picture = load_image(image_path)
+    audio_cfg = localizer.audio_cfg
+    clip = middle_clip(load_audio(audio_path, audio_cfg.sample_rate), audio_cfg.num_samples)
+    (heatmap,) = localizer.maps([picture], [clip])
+    out.mkdir(parents=True, exist_ok=True)
+    png, npy = out / f"{image_path.stem}_heatmap.png", out / f"{image_path.stem}_map.npy"
+    Image.fromarray(_overlay(np.asarray(picture), heatmap)).save(png)
+    np.save(npy, heatmap)
+    return png, npy
+
+
+def _frames_at(path: Path, indices: Sequence[int]) -> Iterator[np.ndarray]:
+    """The frames of the given (non-decreasing) indices, H x W x 3 uint8, in order."""
+    wanted = iter(indices)
+    target = next(wanted, None)
+    for index, frame in enumerate(iter_frames(path)):
+        if target is None:
+            return
+        if index == target:
+            pixels = frame.to_ndarray(format="rgb24")
+            while target == index:
+                yield pixels
+                target = next(wanted, None)
+    if target is not None:
+        raise DataError(f"{path}: frame {target} is listed by the container but does not decode")
+
+
+def localize_video(localizer: Localizer, video: Path, out: Path, fps: float = 4.0, batch_size: int = 16) -> dict[str, Path]:
+    """Write out/<stem>_heatmap.mp4, _maps.npy and _times.csv (see the module's doc; out
+    created if needed); return their paths by kind ("video", "maps", "times")."""
+    probe = probe_video(video)
+    audio_cfg = localizer.audio_cfg
+    samples, rate = decode_audio(video)  # MissingStreamError (one line) for a silent video
+    wave = mono_resampled(samples, rate, audio_cfg.sample_rate)
+    times = output_times(probe.duration_s, fps)
+    sources = [probe.index_at(t) for t in times]
+    maps: list[np.ndarray] = []
+
+    def overlays() -> Iterator[np.ndarray]:
+        frames = _frames_at(video, sources)
+        progress = tqdm(total=len(times), desc="localize", unit="frame", dynamic_ncols=True, disable=None)
+        for start in range(0, len(times), batch_size):
+            batch_times = times[start : start + batch_size]
+            rgbs = [next(frames) for _ in batch_times]
+            clips = [centred_window(wave, t, audio_cfg.num_samples, audio_cfg.sample_rate) for t in batch_times]
+            heatmaps = localizer.maps([Image.fromarray(rgb) for rgb in rgbs], clips)
+            maps.extend(heatmaps)
+            progress.update(len(batch_times))
+            yield from (_overlay(rgb, heatmap) for rgb, heatmap in zip(rgbs, heatmaps, strict=True))
+        progress.close()
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out / f"{video.stem}_{suffix}" for kind, suffix in (("video", "heatmap.mp4"), ("maps", "maps.npy"), ("times", "times.csv"))}
+    write_video(paths["video"], overlays(), fps, audio_from=video)
+    np.save(paths["maps"], np.stack(maps).astype(np.float32))
+    rows = "".join(
+        f"{k},{t:.6f},{index},{probe.frame_times[index]:.6f}\n" for k, (t, index) in enumerate(zip(times, sources, strict=True))
+    )
+    paths["times"].write_text("index,time_s,source_frame,source_time_s\n" + rows)
+    return paths
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m jsa_fast.localize", description=__doc__.splitlines()[0])
+    parser.add_argument("input", help="a video with sound, or an image (with --audio)")
+    parser.add_argument("--checkpoint", required=True, help="a last.pt written by jsa_fast.train")
+    parser.add_argument("--audio", default=None, help="the WAV to localise in an image INPUT")
+    parser.add_argument("--out", required=True, help="folder for the outputs")
+    parser.add_argument("--fps", type=bounded(float, low=1e-3), default=4.0, help="maps per second of video")
+    parser.add_argument("--map", choices=("ca", "iqr"), default="ca", help="ca^{a,v} (default) or the IQR map")
+    parser.add_argument("--alpha", type=bounded(float, low=0, high=1), default=0.6, help="IQR weight on ca^{a,v}")
+    parser.add_argument("--batch-size", type=bounded(int, low=1), default=16)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    return parser
+
+
+@command("jsa_fast.localize")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    source = Path(args.input)
+    if not source.is_file():
+        raise UsageError(f"{source}: no such file")
+    is_image = source.suffix.lower() in IMAGE_SUFFIXES
+    if is_image and args.audio is None:
+        raise UsageError(f"{source} is an image: give its sound with --audio WAV")
+    if not is_image and args.audio is not None:
+        raise UsageError(f"--audio applies to an image INPUT; {source} is taken as a video, whose own sound is used")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    device = resolve_device(args.device)
+    localizer = Localizer(*load_model(args.checkpoint, device), device, args.map, args.alpha)
+    if is_image:
+        written = localize_image(localizer, source, Path(args.audio), out)
+    else:
+        written = tuple(localize_video(localizer, source, out, args.fps, args.batch_size).values())
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
