@@ -4,6 +4,12 @@ The terms themselves are the reference functions of `jsa_fast.reference`; this m
 weights them and computes the false-negative mask with the fastest available op. Under
 data parallelism the contrastive term and the mask take the whole global batch (see
 `jsa_fast.distributed`).
+
+With T target and O off-target slots (SPEC.md "Inference"; the paper gives no formula,
+this is ours) the contrastive term, the false-negative mask and retrieval take the target
+representation (the mean of the T L2-normalised target slots), L_match averages over the
+T target slots' maps, and L_div over the T x O (target, off-target) pairs. T = O = 1 is
+the paper's objective.
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import Tensor
 
+from jsa_fast.model import ModelOutput, target_embedding
 from jsa_fast.ops import k_reciprocal_mask
-from jsa_fast.model import ModelOutput
-from jsa_fast.reference import divergence_loss, info_nce_loss, match_loss, reconstruction_loss
+from jsa_fast.reference import info_nce_loss, match_loss, reconstruction_loss
 
-__all__ = ["LossConfig", "jsa_loss"]
+__all__ = ["LossConfig", "jsa_loss", "target_divergence"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,16 @@ class LossConfig:
             raise ValueError(f"directions must be 'sum' or 'mean', got {self.directions!r}")
 
 
+def target_divergence(slots: Tensor, targets: int) -> Tensor:
+    """L_div of one modality: relu(cos(target slot, off-target slot)) averaged over the
+    batch and the T x O (target, off-target) pairs. slots: B x S x d, the first `targets`
+    of them targets. With T = O = 1 this is the paper's relu(cos(p, r)) (eq. 9)."""
+    if not 1 <= targets < slots.shape[1]:
+        raise ValueError(f"targets must be in [1, S - 1] = [1, {slots.shape[1] - 1}], got {targets!r}")
+    z = F.normalize(slots, dim=-1)
+    return (z[:, :targets] @ z[:, targets:].transpose(1, 2)).relu().mean()
+
+
 def jsa_loss(
     out: ModelOutput,
     cfg: LossConfig,
@@ -52,7 +69,7 @@ def jsa_loss(
     false_negative_mask: Callable[[Tensor, Tensor, int], Tensor] = k_reciprocal_mask,
 ) -> dict[str, Tensor]:
     """All loss terms of one batch from the model's output (slots B x S x d, tokens and
-    their reconstructions B x L x d).
+    their reconstructions B x L x d, the T target slots' cross-modal maps B x L x T).
 
     gather: maps this process's b x d target slots to the global batch's B x d
     (`jsa_fast.distributed.gather_with_grad`); L_ctr and the false-negative mask R are then
@@ -61,7 +78,8 @@ def jsa_loss(
     Returns {"loss", "loss_ctr", "loss_match", "loss_div", "loss_recon"} (scalars).
     """
     jsa = out.jsa
-    p_img, p_aud = jsa.slots_img[:, 0], jsa.slots_aud[:, 0]
+    targets = out.target_ca_img.shape[-1]
+    p_img, p_aud = target_embedding(jsa.slots_img, targets), target_embedding(jsa.slots_aud, targets)
     if gather is not None:
         p_img, p_aud = gather(p_img), gather(p_aud)
     false_negatives = None
@@ -72,8 +90,11 @@ def jsa_loss(
         false_negatives = false_negative_mask(p_img.detach(), p_aud.detach(), cfg.k)
     terms = {
         "loss_ctr": info_nce_loss(p_img.float(), p_aud.float(), cfg.tau, false_negatives, cfg.directions),
-        "loss_match": match_loss(jsa.ca_img.float(), jsa.ia_img.float(), jsa.ca_aud.float(), jsa.ia_aud.float()),
-        "loss_div": divergence_loss(jsa.slots_img.float(), jsa.slots_aud.float()),
+        "loss_match": match_loss(
+            out.target_ca_img.float(), jsa.attn_img[..., :targets].float(),
+            out.target_ca_aud.float(), jsa.attn_aud[..., :targets].float(),
+        ),  # fmt: skip
+        "loss_div": target_divergence(jsa.slots_img.float(), targets) + target_divergence(jsa.slots_aud.float(), targets),
         "loss_recon": reconstruction_loss(
             out.tokens_img.float(), out.recon_img.float(), out.tokens_aud.float(), out.recon_aud.float()
         ),

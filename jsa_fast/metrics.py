@@ -49,8 +49,15 @@ def _as_float(x: ArrayLike, name: str) -> torch.Tensor:
     return t
 
 
-def upsample_map(map_2d: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling with align_corners=True (corner values are kept).
+# How each upsampling mode samples the input grid: the field's evaluators (EZ-VSL, LVS,
+# SSL-TIE) interpolate bilinearly with align_corners=True, the released JSA code bicubically
+# with align_corners=False.
+UPSAMPLE_MODES = {"bilinear": True, "bicubic": False}  # mode -> align_corners
+
+
+def upsample_map(map_2d: torch.Tensor, size: int | tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Upsample maps to `size`: "bilinear" with align_corners=True (corner values are kept)
+    or "bicubic" with align_corners=False (UPSAMPLE_MODES).
 
     map_2d: h x w or B x h x w float tensor; size: H (square) or (H, W).
     Returns H x W or B x H x W, same dtype and device.
@@ -60,11 +67,13 @@ def upsample_map(map_2d: torch.Tensor, size: int | tuple[int, int]) -> torch.Ten
         raise ValueError(f"map_2d must be an h x w or B x h x w tensor, got {shape}")
     if not map_2d.is_floating_point():
         raise ValueError(f"map_2d must be a float tensor, got {map_2d.dtype}")
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"mode must be one of {sorted(UPSAMPLE_MODES)}, got {mode!r}")
     out_hw = (size, size) if isinstance(size, int) else tuple(size)
     if len(out_hw) != 2 or not all(isinstance(s, int) and s > 0 for s in out_hw):
         raise ValueError(f"size must be a positive int or a pair of them, got {size!r}")
     as_images = map_2d.reshape(-1, 1, *map_2d.shape[-2:])
-    out = F.interpolate(as_images, size=out_hw, mode="bilinear", align_corners=True)
+    out = F.interpolate(as_images, size=out_hw, mode=mode, align_corners=UPSAMPLE_MODES[mode])
     return out.reshape(*map_2d.shape[:-2], *out_hw)
 
 
@@ -82,6 +91,22 @@ def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
     constant = span == 0
     scaled = (maps - low) / torch.where(constant, torch.ones_like(span), span)
     return torch.where(constant, maps, scaled)
+
+
+def normalised_map(grid: torch.Tensor, size: int | tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """A map on the token grid as it is scored: upsampled to `size` (`upsample_map`, as
+    float32) and min-max normalised. grid: h x w or B x h x w -> H x W or B x H x W."""
+    return minmax_normalize(upsample_map(grid.float(), size, mode))
+
+
+def blend_maps(first: torch.Tensor, second: torch.Tensor, alpha: float) -> torch.Tensor:
+    """norm(alpha first + (1 - alpha) second) of two normalised ... x H x W maps: IQR
+    (ca^{a,v} with ia^{v,v}, paper eq. 14) and OGL (ca^{a,v} with the object map)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if first.shape != second.shape:
+        raise ValueError(f"the maps to blend must have one shape, got {tuple(first.shape)} and {tuple(second.shape)}")
+    return minmax_normalize(alpha * first + (1 - alpha) * second)
 
 
 def centre_prior_map(height: int, width: int, sigma_frac: float = 0.25) -> torch.Tensor:
@@ -105,23 +130,34 @@ class LocalizationEvaluator:
     """cIoU per sample; AP50, AUC and mean cIoU over the data set (EZ-VSL's definitions).
 
     threshold: "median" (the median of each normalised map) or a fixed number (the
-    released JSA code uses 0.6). Per-sample cIoUs are kept in ``self.ciou``.
+    released JSA code uses 0.6). upsample: None (pred must have gt's shape) or a mode of
+    `upsample_map` ("bilinear": the field's, "bicubic": the released code's) in which a
+    pred of another shape, e.g. the 7 x 7 token grid, is brought to gt's shape first.
+    Per-sample cIoUs are kept in ``self.ciou``, the fractions of pixels predicted
+    positive (the released code's "infer ratio") in ``self.area``.
     """
 
-    def __init__(self, threshold: Literal["median"] | float = "median") -> None:
+    def __init__(self, threshold: Literal["median"] | float = "median", upsample: str | None = None) -> None:
         is_number = isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
         if threshold != "median" and not (is_number and np.isfinite(threshold)):
             raise ValueError(f"threshold must be 'median' or a finite number, got {threshold!r}")
+        if upsample is not None and upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be None or one of {sorted(UPSAMPLE_MODES)}, got {upsample!r}")
         self.threshold = threshold
+        self.upsample = upsample
         self.ciou: list[float] = []
+        self.area: list[float] = []
 
     def update(self, pred: ArrayLike, gt: ArrayLike) -> float:
         """Score one sample and return its cIoU.
 
-        pred: H x W map, any range (min-max normalised here). gt: H x W in [0, 1]
-        (Flickr consensus maps hold 0, 0.5, 1) with at least one positive pixel.
+        pred: H x W map, any range (min-max normalised here; with `upsample`, any h x w
+        map, upsampled to H x W first). gt: H x W in [0, 1] (Flickr consensus maps hold
+        0, 0.5, 1) with at least one positive pixel.
         """
         pred_t, gt_t = _as_float(pred, "pred"), _as_float(gt, "gt").double()
+        if self.upsample is not None and pred_t.dim() == 2 == gt_t.dim() and pred_t.shape != gt_t.shape:
+            pred_t = upsample_map(pred_t, tuple(gt_t.shape), self.upsample)
         if pred_t.dim() != 2 or pred_t.shape != gt_t.shape:
             raise ValueError(f"pred and gt must be H x W maps of the same shape, got "
                              f"pred {tuple(pred_t.shape)} and gt {tuple(gt_t.shape)}")
@@ -137,6 +173,7 @@ class LocalizationEvaluator:
         binary = (norm >= cut).to(torch.float64)
         ciou = (binary * gt_t).sum() / (gt_t.sum() + (binary * (gt_t == 0)).sum())
         self.ciou.append(ciou.item())
+        self.area.append(binary.mean().item())
         return self.ciou[-1]
 
     def summary(self) -> dict[str, float | int]:
@@ -161,14 +198,13 @@ def _label_array(labels: Sequence | ArrayLike, name: str) -> np.ndarray:
     return array
 
 
-def retrieval_recall(query: ArrayLike, gallery: ArrayLike, query_labels: Sequence | ArrayLike,
-                     gallery_labels: Sequence | ArrayLike,
-                     ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
-    """Recall@K: the fraction of queries with a same-label item among their top K.
+def first_match_ranks(query: ArrayLike, gallery: ArrayLike, query_labels: Sequence | ArrayLike,
+                      gallery_labels: Sequence | ArrayLike) -> np.ndarray:
+    """For each query, the rank (1-based) of the first same-label item in the gallery,
+    ranked by cosine similarity to the query (descending, ties to the lower index); 0
+    when the gallery holds no item of its label.
 
-    query: N x d, gallery: M x d; the gallery is ranked by cosine similarity to each
-    query (descending, ties to the lower index). Labels: one int (or string) per row.
-    K larger than M is clamped to M. Returns {k: fraction} for each k in ks.
+    query: N x d, gallery: M x d; labels: one int (or string) per row. Returns N ints.
     """
     q, g = _as_float(query, "query").double(), _as_float(gallery, "gallery").double()
     if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1] or g.shape[0] == 0:
@@ -179,19 +215,39 @@ def retrieval_recall(query: ArrayLike, gallery: ArrayLike, query_labels: Sequenc
     if len(q_labels) != q.shape[0] or len(g_labels) != g.shape[0]:
         raise ValueError(f"need one label per row: {len(q_labels)} query_labels for {q.shape[0]} "
                          f"queries, {len(g_labels)} gallery_labels for {g.shape[0]} items")
-    if not all(isinstance(k, numbers.Integral) and k >= 1 for k in ks):
-        raise ValueError(f"ks must be positive ints, got {ks!r}")
     similarity = F.normalize(q, dim=1) @ F.normalize(g, dim=1).T
     ranking = torch.argsort(similarity, dim=1, descending=True, stable=True).numpy()
     same_label = g_labels[ranking] == q_labels[:, None]  # N x M, in ranked order
-    return {k: float(same_label[:, :min(k, g.shape[0])].any(axis=1).mean()) for k in ks}
+    return np.where(same_label.any(axis=1), same_label.argmax(axis=1) + 1, 0)
+
+
+def recall_at(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+    """Recall@K from `first_match_ranks`: the fraction of queries whose first same-label
+    item ranks within the top K (a K beyond the gallery takes all of it)."""
+    if not all(isinstance(k, numbers.Integral) and k >= 1 for k in ks):
+        raise ValueError(f"ks must be positive ints, got {ks!r}")
+    if len(ranks) == 0:
+        raise ValueError("recall_at needs the ranks of at least one query")
+    found = ranks > 0
+    return {k: float(np.mean(found & (ranks <= k))) for k in ks}
+
+
+def retrieval_recall(query: ArrayLike, gallery: ArrayLike, query_labels: Sequence | ArrayLike,
+                     gallery_labels: Sequence | ArrayLike,
+                     ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+    """Recall@K: the fraction of queries with a same-label item among their top K.
+
+    query: N x d, gallery: M x d; the gallery is ranked by cosine similarity to each
+    query (descending, ties to the lower index). Labels: one int (or string) per row.
+    K larger than M is clamped to M. Returns {k: fraction} for each k in ks.
+    """
+    return recall_at(first_match_ranks(query, gallery, query_labels, gallery_labels), ks)
 
 
 def cross_modal_retrieval(p_img: ArrayLike, p_aud: ArrayLike, labels: Sequence | ArrayLike,
                           ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@K both ways between paired image and audio target slots (N x d each).
-
-    Returns {"r{k}_a2i": ..., "r{k}_i2a": ...}; a2i ranks images for audio queries.
+    """Recall@K both ways between paired image and audio target representations (N x d
+    each). Returns {"r{k}_a2i": ..., "r{k}_i2a": ...}; a2i ranks images for audio queries.
     """
     a2i = retrieval_recall(p_aud, p_img, labels, labels, ks)
     i2a = retrieval_recall(p_img, p_aud, labels, labels, ks)

@@ -2,35 +2,57 @@
 
 forward(image: B x 3 x H x W, spec: B x 1 x F x T[, mask_img: B x Lv, mask_aud: B x La bool])
 -> ModelOutput (what training needs);
-localize(image, spec, alpha) -> the ca^{a,v} map and the IQR map at image resolution.
+infer(image, spec, temperature) -> the inference maps on the token grid and the target
+representations; localize(image, spec, alpha, ...) -> the ca^{a,v} map and the IQR map at
+image resolution. ObjectSaliency is OGL's object map (an ImageNet ResNet-18).
+
+Target and off-target slots (SPEC.md "Inference"): the first T of the S = T + O slots are
+targets. Their representation is the mean of the T L2-normalised slots
+(`target_embedding`); the localisation maps sum the T target slots' maps.
 """
 
 from __future__ import annotations
 
+import math
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jsa_fast.decoders import SlotDecoder
-from jsa_fast.encoders import AudioEncoder, ImageEncoder, resnet_output_size
+from jsa_fast.encoders import AudioEncoder, ImageEncoder, ResNet18Trunk, resnet_output_size
 from jsa_fast.fused import FusedJointSlotAttention
-from jsa_fast.metrics import minmax_normalize, upsample_map
-from jsa_fast.reference import JSAOutput
+from jsa_fast.metrics import blend_maps, normalised_map
+from jsa_fast.reference import JSAOutput, ModalitySlotAttention, slot_attention
 
-__all__ = ["ModelConfig", "ModelOutput", "JSAModel", "localization_maps", "count_parameters"]
+__all__ = [
+    "ModelConfig",
+    "ModelOutput",
+    "Inference",
+    "JSAModel",
+    "ObjectSaliency",
+    "slot_maps",
+    "target_embedding",
+    "localization_maps",
+    "count_parameters",
+]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture; defaults are the paper's (SPEC.md "Shapes").
 
-    image_size: square input side; spec_bins x spec_frames: the log-spectrogram size;
+    targets, off_targets: T target and O off-target slots (S = T + O; the paper's 1 and
+    1); image_size: square input side; spec_bins x spec_frames: the log-spectrogram size;
     encoder_width: ResNet-18 base width (64 = torchvision's network).
     """
 
     dim: int = 512
-    num_slots: int = 2
+    targets: int = 1
+    off_targets: int = 1
     iters: int = 5
     mlp_hidden: int = 1024
     mask_prob: float = 0.1
@@ -42,6 +64,17 @@ class ModelConfig:
     backend: str = "auto"
     pretrained_image: str | None = None
     pretrained_audio: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("targets", "off_targets"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    @property
+    def num_slots(self) -> int:
+        """S = T + O."""
+        return self.targets + self.off_targets
 
     @property
     def image_grid(self) -> tuple[int, int]:
@@ -55,13 +88,58 @@ class ModelConfig:
 
 class ModelOutput(NamedTuple):
     """tokens_*: encoder tokens (B x L x d, before masking and LayerNorm); jsa: JSAOutput;
-    recon_*: decoder reconstructions of the tokens (B x L x d)."""
+    recon_*: decoder reconstructions of the tokens (B x L x d); target_ca_img: B x Lv x T,
+    ca^{a,v} of each target slot; target_ca_aud: B x La x T, ca^{v,a} of each."""
 
     tokens_img: Tensor
     tokens_aud: Tensor
     jsa: JSAOutput
     recon_img: Tensor
     recon_aud: Tensor
+    target_ca_img: Tensor
+    target_ca_aud: Tensor
+
+
+class Inference(NamedTuple):
+    """What evaluation reads off a batch: ca, ia: B x h x w, the target slots' summed
+    ca^{a,v} and ia^{v,v} on the token grid; p_img, p_aud: B x d target representations."""
+
+    ca: Tensor
+    ia: Tensor
+    p_img: Tensor
+    p_aud: Tensor
+
+
+def slot_maps(
+    keys_branch: ModalitySlotAttention,
+    queries: Tensor,
+    tokens: Tensor,
+    mask: Tensor | None,
+    eps: float,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Key-normalised attention Â of `queries` (B x S x d, Q_N of either modality) on
+    the keys K = W_k LN_in(tokens) of `keys_branch`'s modality (tokens B x L x d, masked
+    as `mask` B x L bool or None): B x L x S, with the logits K Q^T / sqrt(d) multiplied
+    by `temperature` before the softmax over slots.
+
+    The released code's inference "sharpening" (logits x 0.1) is this: it applies to the
+    maps read off the last iteration only, not to the iterations. The logits are linear in
+    Q, so scaling Q by the temperature scales them exactly; Q_N is an output of both the
+    reference and the fused module, which therefore need no temperature of their own.
+    """
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    keys = keys_branch.to_k(keys_branch.normalised_tokens(tokens.to(queries.dtype), mask))
+    return slot_attention(queries * temperature, keys, eps)
+
+
+def target_embedding(slots: Tensor, targets: int) -> Tensor:
+    """The target representation (SPEC.md): slots B x S x d -> B x d, the mean of the
+    first `targets` L2-normalised slots (the normalised target slot when T = 1)."""
+    if not 1 <= targets < slots.shape[1]:
+        raise ValueError(f"targets must be in [1, S - 1] = [1, {slots.shape[1] - 1}], got {targets!r}")
+    return F.normalize(slots[:, :targets], dim=-1).mean(dim=1)
 
 
 class JSAModel(nn.Module):
@@ -92,36 +170,88 @@ class JSAModel(nn.Module):
         passes them in so that they are drawn outside a compiled graph, and per global
         batch when several processes share it."""
         tokens_img, tokens_aud = self.encode(image, spec)
+        # Drawn here rather than in the module, so that the maps of further target slots
+        # below see the same masks (the same draws, in the same order, as the module's).
+        mask_img, mask_aud = self.jsa.resolve_masks(tokens_img, tokens_aud, mask_img, mask_aud)
         jsa = self.jsa(tokens_img, tokens_aud, mask_img, mask_aud)
+        targets = self.cfg.targets
+        if targets == 1:  # the module's own slot-0 maps
+            target_ca_img, target_ca_aud = jsa.ca_img.unsqueeze(-1), jsa.ca_aud.unsqueeze(-1)
+        else:
+            target_ca_img = slot_maps(self.jsa.image, jsa.q_aud, tokens_img, mask_img, self.jsa.eps)[..., :targets]
+            target_ca_aud = slot_maps(self.jsa.audio, jsa.q_img, tokens_aud, mask_aud, self.jsa.eps)[..., :targets]
         return ModelOutput(
-            tokens_img, tokens_aud, jsa, self.image_decoder(jsa.slots_img), self.audio_decoder(jsa.slots_aud)
-        )
+            tokens_img, tokens_aud, jsa, self.image_decoder(jsa.slots_img), self.audio_decoder(jsa.slots_aud),
+            target_ca_img, target_ca_aud,
+        )  # fmt: skip
 
-    def localize(self, image: Tensor, spec: Tensor, alpha: float = 0.6) -> tuple[Tensor, Tensor]:
+    def infer(self, image: Tensor, spec: Tensor, temperature: float = 1.0) -> Inference:
+        """The inference maps (ca^{a,v}, ia^{v,v}; each the sum over the T target slots,
+        logits x `temperature`, see `slot_maps`) on the token grid of `image`, and the
+        target representations. Runs the model as it is (call .eval() first for inference
+        without masking)."""
+        tokens_img, tokens_aud = self.encode(image, spec)
+        mask_img, mask_aud = self.jsa.resolve_masks(tokens_img, tokens_aud, None, None)
+        jsa = self.jsa(tokens_img, tokens_aud, mask_img, mask_aud)
+        grid = tuple(resnet_output_size(n) for n in image.shape[-2:])
+        targets, eps = self.cfg.targets, self.jsa.eps
+
+        def target_sum(queries: Tensor) -> Tensor:
+            maps = slot_maps(self.jsa.image, queries, tokens_img, mask_img, eps, temperature)
+            return maps[..., :targets].sum(dim=-1).reshape(-1, *grid)
+
+        return Inference(
+            target_sum(jsa.q_aud), target_sum(jsa.q_img),
+            target_embedding(jsa.slots_img, targets), target_embedding(jsa.slots_aud, targets),
+        )  # fmt: skip
+
+    def localize(
+        self, image: Tensor, spec: Tensor, alpha: float = 0.6, temperature: float = 1.0, upsample: str = "bilinear"
+    ) -> tuple[Tensor, Tensor]:
         """Sound source maps at image resolution (paper Sec. 3.5), both B x H x W in [0, 1]:
-        (min-max normalised ca^{a,v}, the IQR map); see `localization_maps`.
+        (min-max normalised ca^{a,v}, the IQR map); see `infer` and `localization_maps`.
         Runs the model as it is (call .eval() first for inference without masking).
         """
-        jsa = self.jsa(*self.encode(image, spec))
-        return localization_maps(jsa, tuple(image.shape[-2:]), alpha)
+        maps = self.infer(image, spec, temperature)
+        return localization_maps(maps.ca, maps.ia, tuple(image.shape[-2:]), alpha, upsample)
 
 
-def localization_maps(jsa: JSAOutput, size: tuple[int, int], alpha: float = 0.6) -> tuple[Tensor, Tensor]:
-    """The ca^{a,v} map and the IQR map (eq. 14) of a JSA output, upsampled to `size`.
+def localization_maps(
+    ca: Tensor, ia: Tensor, size: tuple[int, int], alpha: float = 0.6, upsample: str = "bilinear"
+) -> tuple[Tensor, Tensor]:
+    """The ca^{a,v} map and the IQR map (eq. 14) at `size` from B x h x w token-grid maps.
 
-    The B x Lv maps are laid out on the encoder's token grid for an image of `size`,
-    upsampled bilinearly (align_corners=True) and min-max normalised. IQR blends the
-    normalised maps as the released evaluation does:
+    Each map is upsampled (`upsample`: "bilinear", align_corners=True, the field's;
+    "bicubic", align_corners=False, the released code's) and min-max normalised. IQR blends
+    the normalised maps as the released evaluation does:
     norm(alpha norm(ca^{a,v}) + (1 - alpha) norm(ia^{v,v})). Returns two B x H x W maps.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    grid_h, grid_w = (resnet_output_size(n) for n in size)
-    if grid_h * grid_w != jsa.ca_img.shape[1]:
-        raise ValueError(f"size {size} gives a {grid_h} x {grid_w} token grid, but the maps hold {jsa.ca_img.shape[1]} tokens")
-    ca = minmax_normalize(upsample_map(jsa.ca_img.float().reshape(-1, grid_h, grid_w), size))
-    ia = minmax_normalize(upsample_map(jsa.ia_img.float().reshape(-1, grid_h, grid_w), size))
-    return ca, minmax_normalize(alpha * ca + (1 - alpha) * ia)
+    if ca.dim() != 3 or ca.shape != ia.shape:
+        raise ValueError(f"ca and ia must be B x h x w maps of one shape, got {tuple(ca.shape)} and {tuple(ia.shape)}")
+    ca_map = normalised_map(ca, size, upsample)
+    return ca_map, blend_maps(ca_map, normalised_map(ia, size, upsample), alpha)
+
+
+class ObjectSaliency(nn.Module):
+    """OGL's object map (EZ-VSL; the released test_model.py): the mean over channels of
+    |layer4 features| of an ImageNet ResNet-18, B x 3 x H x W (ImageNet-normalised)
+    -> B x h x w (7 x 7 at 224). weights: a local torchvision ResNet-18 state dict."""
+
+    def __init__(self, weights: str | Path) -> None:
+        super().__init__()
+        self.trunk = ResNet18Trunk(3, 64)
+        try:
+            self.trunk.load_torchvision_checkpoint(weights)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as error:
+            raise ValueError(f"{weights} is not a torchvision ResNet-18 state dict ({error})") from None
+        self.eval()
+
+    def forward(self, image: Tensor) -> Tensor:
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must be B x 3 x H x W, got shape {tuple(image.shape)}")
+        return self.trunk(image).abs().mean(dim=1)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -90,25 +90,31 @@ def test_reconstruction_loss_hand_computed_and_detached_targets():
 def _fake_output(batch=4, dim=3, seed=0):
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(*shape, generator=gen)
+    attn_img, attn_aud = rand(batch, 5, 2), rand(batch, 3, 2)
     return JSAOutput(
         slots_img=torch.randn(batch, 2, dim, generator=gen),
         slots_aud=torch.randn(batch, 2, dim, generator=gen),
         q_img=rand(batch, 2, dim),
         q_aud=rand(batch, 2, dim),
-        attn_img=rand(batch, 5, 2),
-        attn_aud=rand(batch, 3, 2),
-        ia_img=rand(batch, 5),
+        attn_img=attn_img,
+        attn_aud=attn_aud,
+        ia_img=attn_img[..., 0],
         ca_img=rand(batch, 5),
-        ia_aud=rand(batch, 3),
+        ia_aud=attn_aud[..., 0],
         ca_aud=rand(batch, 3),
     )
+
+
+def _model_output(jsa, tokens_img, tokens_aud, recon_img, recon_aud):
+    """A ModelOutput of one target slot, whose maps are the module's slot-0 maps."""
+    return ModelOutput(tokens_img, tokens_aud, jsa, recon_img, recon_aud, jsa.ca_img[..., None], jsa.ca_aud[..., None])
 
 
 def test_jsa_loss_weights_the_terms():
     out = _fake_output()
     tokens_img, tokens_aud = torch.randn(4, 5, 3), torch.randn(4, 3, 3)
     recon_img, recon_aud = torch.randn(4, 5, 3), torch.randn(4, 3, 3)
-    model_out = ModelOutput(tokens_img, tokens_aud, out, recon_img, recon_aud)
+    model_out = _model_output(out, tokens_img, tokens_aud, recon_img, recon_aud)
     cfg = LossConfig(k=2, weight_match=100.0, weight_div=0.1, weight_recon=0.1)
     terms = jsa_loss(model_out, cfg)
     expected = terms["loss_ctr"] + 100 * terms["loss_match"] + 0.1 * terms["loss_div"] + 0.1 * terms["loss_recon"]
@@ -130,4 +136,4 @@ def test_loss_config_validation():
         LossConfig(directions="avg")
     with pytest.raises(ValueError, match="k="):
         tokens = (torch.randn(2, 5, 3), torch.randn(2, 3, 3))
-        jsa_loss(ModelOutput(*tokens, _fake_output(batch=2), *tokens), LossConfig(k=20))
+        jsa_loss(_model_output(_fake_output(batch=2), *tokens, *tokens), LossConfig(k=20))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -187,6 +187,13 @@ class AudioVisualDataset(Dataset):
     once with the full list. A file that fails to decode later raises BadFilesError naming
     it ("fail") or makes __getitem__ return None with a warning ("skip"; batch with
     `collate_skip_none`).
+
+    subset: ids or class names; only the listed items of those ids or classes are kept
+    (ValueError for a name that is neither). ground_truth: for the test split, a VGG-SS
+    style JSON to read instead of ROOT/test.json (a validation split). on_missing: what
+    an id whose image or audio file is not on disk gets, "fail" (BadFilesError naming
+    them) or "skip" (dropped without a warning, listed in `missing` for the caller to
+    report); None treats it as any bad file.
     """
 
     def __init__(
@@ -196,11 +203,19 @@ class AudioVisualDataset(Dataset):
         image_cfg: ImageConfig = ImageConfig(),
         audio_cfg: AudioConfig = AudioConfig(),
         on_bad_file: Literal["fail", "skip"] = "fail",
+        *,
+        subset: Collection[str] | None = None,
+        ground_truth: str | Path | None = None,
+        on_missing: Literal["fail", "skip"] | None = None,
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if on_bad_file not in ("fail", "skip"):
             raise ValueError(f"on_bad_file must be 'fail' or 'skip', got {on_bad_file!r}")
+        if on_missing not in (None, "fail", "skip"):
+            raise ValueError(f"on_missing must be None, 'fail' or 'skip', got {on_missing!r}")
+        if ground_truth is not None and split != "test":
+            raise ValueError(f"ground_truth is a test split's annotation file, got it for split {split!r}")
         self.root = Path(root)
         self.split = split
         self.image_cfg = image_cfg
@@ -213,11 +228,12 @@ class AudioVisualDataset(Dataset):
         problems: dict[str, list[tuple[Path, str]]] = {}
         self.classes: list[str] = []
         self.gt_format: Literal["vggss", "flickr"] | None = None
+        self._vggss_json = Path(ground_truth) if ground_truth is not None else self.root / "test.json"
         if split == "train":
             records = [(name, -1, ()) for name in read_id_list(self.root / "train.txt")]
-        elif (self.root / "test.json").exists():
+        elif ground_truth is not None or self._vggss_json.exists():
             self.gt_format = "vggss"
-            vggss = read_vggss_json(self.root / "test.json")
+            vggss = read_vggss_json(self._vggss_json)
             self.classes = sorted({class_name for _, class_name, _ in vggss})
             class_index = {name: index for index, name in enumerate(self.classes)}
             records = [(name, class_index[class_name], boxes) for name, class_name, boxes in vggss]
@@ -238,6 +254,8 @@ class AudioVisualDataset(Dataset):
                 "Annotations/<id>.xml (Flickr-SoundNet); neither exists"
             )
 
+        if subset is not None:
+            records = self._subset(records, subset)
         mask_paths = self._find_masks([name for name, _, _ in records])
         entries = []
         for name, label, boxes in records:
@@ -247,20 +265,37 @@ class AudioVisualDataset(Dataset):
                 problems.setdefault(name, []).extend(entry_problems)
             elif name not in problems:
                 entries.append(entry)
-        if problems:
-            error = BadFilesError.from_problems([p for name, _, _ in records for p in problems.get(name, [])])
-            if on_bad_file == "fail":
-                raise error
-            warnings.warn(f"skipping {len(problems)} id(s) of {self.root}: {error}", stacklevel=2)
+        self.missing = [  # ids with a file not on disk, when on_missing decides about them
+            name for name, _, _ in records
+            if on_missing is not None and any(reason.startswith("missing") for _, reason in problems.get(name, ()))
+        ]  # fmt: skip
+        missing = set(self.missing)
+        troubled = [name for name, _, _ in records if name in problems]  # in list-file order
+        fatal = [name for name in troubled if (on_missing if name in missing else on_bad_file) == "fail"]
+        if fatal:
+            raise BadFilesError.from_problems([p for name in fatal for p in problems[name]])
+        bad = [name for name in troubled if name not in missing]
+        if bad:
+            error = BadFilesError.from_problems([p for name in bad for p in problems[name]])
+            warnings.warn(f"skipping {len(bad)} id(s) of {self.root}: {error}", stacklevel=2)
         if not entries:
             raise DataError(f"{self.root}: no usable {split} items remain")
         self._entries = tuple(entries)
+
+    def _subset(self, records: list[tuple[str, int, tuple]], subset: Collection[str]) -> list[tuple[str, int, tuple]]:
+        """The records whose id or class name is in `subset`; ValueError naming the names
+        that are neither an id nor a class of this split."""
+        names = set(subset)
+        unknown = names - {name for name, _, _ in records} - set(self.classes)
+        if unknown:
+            raise ValueError(f"the subset names {len(unknown)} id(s) or class(es) not in the {self.split} split of {self.root}: {sorted(unknown)[:MAX_LISTED]}")
+        return [r for r in records if r[0] in names or (r[1] >= 0 and self.classes[r[1]] in names)]
 
     def _box_problems(self, name: str, boxes: tuple) -> list[tuple[Path, str]]:
         """(annotation file, reason) for each box of test item `name` that gives no
         ground-truth region on image_cfg.size x image_cfg.size (see `vggss_box_problem`)."""
         if self.gt_format == "vggss":
-            source, find_problem = self.root / "test.json", vggss_box_problem
+            source, find_problem = self._vggss_json, vggss_box_problem
         elif self.gt_format == "flickr":
             source, find_problem = self.root / "Annotations" / f"{name}.xml", flickr_box_problem
         else:
