@@ -31,7 +31,8 @@ class RunConfig:
 
     # model
     dim: int = ModelConfig.dim
-    num_slots: int = ModelConfig.num_slots
+    targets: int = field(default=ModelConfig.targets, metadata={"help": "T: the first T slots are targets (S = T + O)"})
+    off_targets: int = field(default=ModelConfig.off_targets, metadata={"help": "O: off-target slots"})
     iters: int = ModelConfig.iters
     mlp_hidden: int = ModelConfig.mlp_hidden
     mask_prob: float = ModelConfig.mask_prob
@@ -73,6 +74,12 @@ class RunConfig:
     )
     num_workers: int = 8
     seed: int = 0
+    # model selection: best.pt by validation AP50 on --val (VGG-SS style JSON of ids in
+    # --data), or by validation loss on --val-fraction of train.txt (no boxes there)
+    val: str | None = field(default=None, metadata={"help": "validation split: a VGG-SS style JSON (file, class, bbox) of ids in --data; best.pt by its AP50"})
+    val_fraction: float = field(
+        default=0.0, metadata={"help": "validation split: this fraction of train.txt (test ids excluded), held out; best.pt by its loss"}
+    )
     log_every: int = 10
     # the bundled synthetic world, used when no --data is given
     synth_train: int = 2000
@@ -92,6 +99,8 @@ class RunConfig:
             problems.append(f"--train-resize ({self.train_resize}) must be >= --image-size ({self.image_size})")
         if self.win_length > self.n_fft:
             problems.append(f"--win-length ({self.win_length}) must be <= --n-fft ({self.n_fft})")
+        if self.val is not None and self.val_fraction > 0:
+            problems.append(f"--val ({self.val}) and --val-fraction ({self.val_fraction}) both choose a validation split: give one")
         if self.k > self.batch_size:
             problems.append(f"--k ({self.k}) must be <= --batch-size ({self.batch_size}): k neighbours are looked up in the batch")
         try:
@@ -105,7 +114,8 @@ class RunConfig:
         _, bins, frames = self.audio_config().spectrogram_shape
         return ModelConfig(
             dim=self.dim,
-            num_slots=self.num_slots,
+            targets=self.targets,
+            off_targets=self.off_targets,
             iters=self.iters,
             mlp_hidden=self.mlp_hidden,
             mask_prob=self.mask_prob,
@@ -168,14 +178,15 @@ _CHECKS: dict[str, tuple[str, Any]] = {
         ("weight_decay", "weight_match", "weight_div", "weight_recon"), ("a finite number >= 0", lambda v: _number(v) and v >= 0)
     ),
     "mask_prob": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
-    # two slots at least: the target slot and an off-target one (the divergence term)
-    "num_slots": ("an integer >= 2", lambda v: _positive_int(v) and v >= 2),
+    # a target slot and an off-target one at least (the divergence term)
+    **dict.fromkeys(("targets", "off_targets"), ("an integer >= 1", _positive_int)),
     "synth_classes": ("an integer >= 2", lambda v: _positive_int(v) and v >= 2),
     "backend": ("one of auto, triton, torch", lambda v: v in ("auto", "triton", "torch")),
     "amp": ("one of bf16, fp16, none", lambda v: v in ("bf16", "fp16", "none")),
     "directions": ("one of sum, mean", lambda v: v in ("sum", "mean")),
     **dict.fromkeys(("color_augment", "compile"), ("true or false", lambda v: isinstance(v, bool))),
-    **dict.fromkeys(("pretrained_image", "pretrained_audio"), ("a path or none", lambda v: v is None or isinstance(v, str))),
+    **dict.fromkeys(("pretrained_image", "pretrained_audio", "val"), ("a path or none", lambda v: v is None or isinstance(v, str))),
+    "val_fraction": ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
 }
 
 
@@ -261,6 +272,10 @@ def saved_config(saved: Mapping[str, Any], source: str) -> RunConfig:
     """The RunConfig a checkpoint stored (`dataclasses.asdict`): DataError naming `source`
     when it holds settings this version does not know or bad values. A setting it lacks
     (added since) takes its default."""
+    if "num_slots" in saved:  # written before --targets/--off-targets: slot 0 the target
+        saved = {key: value for key, value in saved.items() if key != "num_slots"} | {
+            "off_targets": saved["num_slots"] - 1 if _positive_int(saved["num_slots"]) else saved["num_slots"]
+        }
     unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(RunConfig)})
     if unknown:
         raise DataError(f"{source} was written by another version of jsa-fast: it holds settings unknown here, {unknown}")
