@@ -69,7 +69,6 @@ __all__ = ["PrepareSettings", "prepare", "merge_parts", "read_ids", "shard_of", 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi")
 JPEG_QUALITY = 95
 WAV_SUBTYPES = {"pcm16": "PCM_16", "float": "FLOAT"}
-STATUSES = ("ok", "no-audio", "no-video", "corrupt")
 COLUMNS = (
     "id", "status", "reason", "source", "duration_s", "fps", "num_frames", "width", "height",
     "frame_index", "frame_time_s", "audio_rate_in", "audio_channels_in", "audio_rate_out",
@@ -101,6 +100,10 @@ class PrepareSettings:
     def __post_init__(self) -> None:
         if self.frame_time is not None and self.frame_index is not None:
             raise UsageError("--frame-time and --frame-index exclude each other")
+        if (self.frame_time is not None and not self.frame_time >= 0) or (self.frame_index or 0) < 0:
+            raise UsageError(f"the frame must be at a time or index >= 0, got {self.frame_time=} {self.frame_index=}")
+        if (self.seconds is not None and not self.seconds > 0) or self.sample_rate < 1:
+            raise UsageError(f"--seconds and --sample-rate must be positive, got {self.seconds} and {self.sample_rate}")
         if self.audio_format not in WAV_SUBTYPES:
             raise UsageError(f"--audio-format must be one of {sorted(WAV_SUBTYPES)}, got {self.audio_format!r}")
 
@@ -255,7 +258,7 @@ def prepare_clip(clip_id: str, source: Path | None, root: Path, settings: Prepar
         wave = mono_resampled(samples, rate, settings.sample_rate).numpy()
         start, window = _audio_window(wave, frame_time, settings.seconds, settings.sample_rate)
         stage = f"frame {index}"
-        pixels = decode_frame(source, index)
+        pixels = decode_frame(source, index, None if probe.stamps is None else probe.stamps[index])
     except _ClipProblem as problem:
         return row | {"status": problem.status, "reason": problem.reason}
     except MissingStreamError as error:

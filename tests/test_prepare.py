@@ -59,7 +59,7 @@ def write_clip(path: Path, fmt: str, vcodec: str, acodec: str | None, fps: int, 
     # faststart: the index comes first, so a cut file still opens and shows its truncation
     options = {"movflags": "faststart"} if fmt == "mp4" else {}
     with av.open(str(path), "w", format=fmt, options=options) as container:
-        video = container.add_stream(vcodec, rate=fps)
+        video = container.add_stream(vcodec, rate=fps, options={"g": "4"})  # key frames often: the frame is sought
         video.width, video.height = size
         video.pix_fmt = "yuv420p"
         layout = "mono" if channels == 1 else "stereo"

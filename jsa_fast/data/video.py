@@ -35,7 +35,10 @@ __all__ = [
 # Audio codecs that an MP4 file can hold as they are (copied packet for packet); any other
 # track is decoded and encoded as AAC.
 MP4_AUDIO_CODECS = frozenset({"aac", "mp3", "opus", "flac", "alac", "ac3", "eac3"})
-VIDEO_CRF = "18"  # x264 quality: visually lossless for overlays and synthetic scenes
+# x264: visually lossless quality for overlays and synthetic scenes, a fast preset, and a
+# key frame every 2 s, as streamed video has (a reader can then seek to a frame).
+X264_OPTIONS = {"crf": "18", "preset": "veryfast"}
+KEY_FRAME_SECONDS = 2
 
 
 class MissingStreamError(ValueError):
@@ -51,12 +54,15 @@ class VideoProbe:
     """What a video holds, read from its container without decoding any frame.
 
     frame_times: presentation time of each frame in the file (sorted; its length is the
-    frame count); listed_frames: the count the container's header states (0 when it
-    states none; more than the file holds in a truncated file); duration_s: the container's duration (the frames' span when it records none);
+    frame count); stamps: the same as the container's timestamps (in the video stream's
+    time base; None when it records none); listed_frames: the count the container's
+    header states (0 when it states none; more than the file holds in a truncated file);
+    duration_s: the container's duration (the frames' span when it records none);
     audio_rate / audio_channels: of the first audio stream, None when there is none.
     """
 
     frame_times: tuple[float, ...]
+    stamps: tuple[int, ...] | None
     listed_frames: int
     fps: float
     duration_s: float
@@ -89,7 +95,7 @@ def probe_video(path: str | Path) -> VideoProbe:
         if None in stamps or stream.time_base is None:
             if fps <= 0:
                 raise ValueError(f"{path}: the video has neither frame times nor a frame rate")
-            times = [index / fps for index in range(len(stamps))]
+            times, stamps = [index / fps for index in range(len(stamps))], None
         else:
             stamps.sort()
             times = [float((pts - stamps[0]) * stream.time_base) for pts in stamps]
@@ -100,6 +106,7 @@ def probe_video(path: str | Path) -> VideoProbe:
         audio = container.streams.audio[0] if container.streams.audio else None
         return VideoProbe(
             tuple(times),
+            None if stamps is None else tuple(stamps),
             stream.frames,
             fps,
             duration,
@@ -119,8 +126,21 @@ def iter_frames(path: str | Path) -> Iterator[av.VideoFrame]:
         yield from container.decode(video=0)
 
 
-def decode_frame(path: str | Path, index: int) -> np.ndarray:
-    """Frame `index` (0-based, presentation order) as H x W x 3 uint8 RGB."""
+def decode_frame(path: str | Path, index: int, stamp: int | None = None) -> np.ndarray:
+    """Frame `index` (0-based, presentation order) as H x W x 3 uint8 RGB.
+
+    With its timestamp (`VideoProbe.stamps[index]`) only the frames from the key frame
+    before it are decoded (a seek); without one, or when the seek does not meet the frame
+    exactly, every frame up to it."""
+    if stamp is not None:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            container.seek(stamp, stream=stream, backward=True)
+            for frame in container.decode(stream):
+                if frame.pts is None or frame.pts > stamp:
+                    break
+                if frame.pts == stamp:
+                    return frame.to_ndarray(format="rgb24")
     decoded = 0
     for decoded, frame in enumerate(iter_frames(path), start=1):
         if decoded - 1 == index:
@@ -228,9 +248,8 @@ def write_video(
     if first is None:
         raise ValueError(f"{path}: no frames to write")
     with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream(
-            "libx264", rate=Fraction(fps).limit_denominator(1001), options={"crf": VIDEO_CRF}
-        )
+        options = X264_OPTIONS | {"g": str(max(1, round(KEY_FRAME_SECONDS * fps)))}
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options=options)
         stream.pix_fmt = "yuv420p"
         stream.height, stream.width = (side - side % 2 for side in first.shape[:2])
         mux_audio = None
