@@ -16,6 +16,8 @@ buffers, outputs, fp32 accumulators, byte masks), and a precision gives each rol
 dtype: fp32, bf16 and fp16 (all alike), fp64, and "autocast" (fp32 inputs, parameters
 and outputs; bf16 buffers: what bf16 autocast runs over an fp32 model).
 
+`--precisions` restricts the precisions (default: all).
+
 Run with TRITON_INTERPRET unset: under the interpreter there is nothing to compile.
 """
 
@@ -160,11 +162,11 @@ def compile_kernel(kernel: Any, precision: str, config: dict[str, Any], sizes: d
     return usage
 
 
-def launches(shapes: str) -> list[tuple[str, Any, str, Shape, dict[str, Any]]]:
+def launches(shapes: str, precisions: list[str]) -> list[tuple[str, Any, str, Shape, dict[str, Any]]]:
     """(launch name, kernel, precision, shape, constexpr config) for every launch the
     operator makes, by distinct configuration."""
     rows = []
-    for precision in PRECISIONS:
+    for precision in precisions:
         fp64 = {"FP64": precision == "fp64"}
         for shape in SHAPES[shapes]:
             row_cfg = row_config(shape.dim, 2 * shape.batch * shape.slots, interpret=False) | fp64
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (80: Ampere, 90: Hopper, 100: Blackwell)")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="all")
+    parser.add_argument("--precisions", choices=list(PRECISIONS), nargs="+", default=list(PRECISIONS))
     parser.add_argument("--json", default=None, help="write the rows here as JSON")
     args = parser.parse_args(argv)
     if INTERPRET:
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     limit = SHARED_MEMORY_LIMIT.get(args.arch)
     rows, failures = [], []
-    for name, kernel, precision, shape, config in launches(args.shapes):
+    for name, kernel, precision, shape, config in launches(args.shapes, args.precisions):
         usage = compile_kernel(kernel, precision, config, size_arguments(shape), args.arch)
         row = {"kernel": name, "precision": precision, "shape": str(shape), "config": config} | usage
         rows.append(row)
