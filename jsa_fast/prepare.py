@@ -39,7 +39,9 @@ import json
 import multiprocessing
 import os
 import re
+import secrets
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -187,8 +189,9 @@ def _number(value: float) -> str:
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """write(temporary) then rename it to `path`: a reader never sees half a file, and an
-    interrupted write leaves only a hidden temporary, which the next write replaces."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    interrupted write leaves only a hidden temporary (.<name>.<random>.tmp, unique even
+    between machines sharing ROOT), which the next run of its shard deletes."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -333,19 +336,20 @@ def _write_outputs(root: Path, rows: Sequence[Row], manifest: Path, train_txt: b
 
 def _check_settings(root: Path, settings: PrepareSettings) -> None:
     """Record the settings in ROOT/prepare.json, or refuse a ROOT prepared with others (its
-    files would mix two settings) or holding a data set that prepare did not write."""
+    files would mix two settings) or holding a data set that prepare did not write. Shards
+    starting together may each write the file (the same bytes); each writes it before it
+    makes frames/ and audio/, so their folders are never taken for a foreign data set."""
     path = root / SETTINGS_FILE
     wanted = json.dumps(dataclasses.asdict(settings), indent=1, sort_keys=True) + "\n"
-    if path.exists():
-        if path.read_text(encoding="utf-8") != wanted:
-            raise UsageError(
-                f"--out {root} was prepared with other settings ({path}: "
-                f"{json.loads(path.read_text(encoding='utf-8'))}); use another --out"
-            )
-        return
-    if any((root / folder).exists() for folder in ("frames", "audio")):
-        raise UsageError(f"--out {root} holds a data set that prepare did not write (no {SETTINGS_FILE}); use another --out")
-    _write_text(path, wanted)
+    if not path.exists():
+        if any((root / folder).exists() for folder in ("frames", "audio")) and not path.exists():
+            raise UsageError(f"--out {root} holds a data set that prepare did not write (no {SETTINGS_FILE}); use another --out")
+        _write_text(path, wanted)
+    if path.read_text(encoding="utf-8") != wanted:
+        raise UsageError(
+            f"--out {root} was prepared with other settings ({path}: "
+            f"{json.loads(path.read_text(encoding='utf-8'))}); use another --out"
+        )
 
 
 def _remove_stale_temporaries(root: Path, ids: set[str], manifest: Path) -> None:
@@ -353,7 +357,7 @@ def _remove_stale_temporaries(root: Path, ids: set[str], manifest: Path) -> None
     other shards', which may be writing theirs into the same ROOT right now."""
     for folder in ("frames", "audio"):
         for path in (root / folder).glob(".*.tmp"):
-            if path.name[1:].rsplit(".", 3)[0] in ids:  # .<id>.<ext>.<pid>.tmp
+            if path.name[1:].rsplit(".", 3)[0] in ids:  # .<id>.<ext>.<random>.tmp
                 path.unlink(missing_ok=True)
     for path in root.glob(f".{manifest.name}.*.tmp"):
         path.unlink(missing_ok=True)
@@ -419,9 +423,18 @@ def prepare(
     _remove_stale_temporaries(root, wanted, manifest)
     sources = {clip_id: videos.get(clip_id) for clip_id in ids}
     _complete_journal(journal_path)
+    previous = _read_rows(manifest) + _read_rows(journal_path)
+    left_out = sorted({row["id"] for row in previous} - wanted)
+    if left_out:
+        warnings.warn(
+            f"{len(left_out)} id(s) of the previous run in {root} are not among this run's ({', '.join(left_out[:5])}"
+            f"{', ...' if len(left_out) > 5 else ''}): {manifest.name}{'' if shard else ' and train.txt'} will "
+            "list only this run's ids (their files stay)",
+            stacklevel=2,
+        )
     done = {
         row["id"]: row
-        for row in _read_rows(manifest) + _read_rows(journal_path)
+        for row in previous
         if row["id"] in wanted
         and row["status"] == "ok"
         and row["source"] == str(sources[row["id"]])

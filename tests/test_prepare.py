@@ -325,3 +325,13 @@ def test_train_and_evaluate_run_on_the_result(prepared: Path, tmp_path: Path) ->
                           str(tmp_path / "eval"), "--device", "cpu", "--num-workers", "0"]) == 0  # fmt: skip
     results = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert results["n"] == 3 and 0 <= results["ap50"] <= 1
+
+
+def test_a_run_with_fewer_ids_says_what_it_leaves_out(prepared: Path, videos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fewer"
+    shutil.copytree(prepared, out)
+    (tmp_path / "two.txt").write_text("clip_a\nclip_b\n")
+    with pytest.warns(UserWarning, match=r"7 id\(s\) of the previous run in .* list only this run's ids \(their files stay\)"):
+        assert prepare_main([str(videos), "--out", str(out), "--ids", str(tmp_path / "two.txt"), "--seconds", str(SECONDS)]) == 0
+    assert list(manifest(out)) == ["clip_a", "clip_b"] and (out / "train.txt").read_text().split() == ["clip_a", "clip_b"]
+    assert (out / "frames" / "clip_c.jpg").exists()
