@@ -1,5 +1,5 @@
-// k-reciprocal false-negative masks: the algorithm both devices share (see
-// k_reciprocal.h), the CPU kernels, and the op's registration with torch's dispatcher.
+// k-reciprocal false-negative masks: the steps both devices share (k_reciprocal.h), the
+// op's schema, and the module that loads it.
 //
 // torch.ops.jsa_fast.k_reciprocal_mask(z_img: B x D, z_aud: B x D, k, packed=False)
 //   -> B x B bool, or B x ceil(B / 32) int32 bit words when packed.
@@ -8,26 +8,17 @@
 
 #include <Python.h>
 
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
-#include <numeric>
 #include <tuple>
-#include <vector>
-
-// AVX2 and AVX-512 clones of the similarity loop, picked when the library loads.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define JSA_FAST_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define JSA_FAST_TARGET_CLONES
-#endif
 
 namespace jsa_fast {
 namespace k_reciprocal {
+namespace {
 
 void check_inputs(const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k) {
   for (const auto& [name, z] : {std::pair<const char*, const at::Tensor&>{"z_img", z_img}, {"z_aud", z_aud}}) {
@@ -45,11 +36,12 @@ void check_inputs(const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k) {
       z_img.device() == z_aud.device(), "z_img and z_aud must be on one device, got ", z_img.device(), " and ",
       z_aud.device());
   TORCH_CHECK_VALUE(1 <= k && k <= z_img.size(0), "k must be an integer in [1, B=", z_img.size(0), "], got ", k);
-  // Neighbour lists hold int32 row indices.
+  // Neighbour lists and keys hold int32 row indices.
   TORCH_CHECK_VALUE(
       z_img.size(0) <= std::numeric_limits<int32_t>::max(), "z_img has more than 2^31 - 1 rows: ", z_img.size(0));
 }
 
+// Step 1: B x D any float -> B x D contiguous float32 rows of unit norm (or zero).
 at::Tensor normalized_rows(const at::Tensor& z, const char* name) {
   const at::Tensor rows = z.to(at::kFloat);
   // Checked after the cast: a finite float64 beyond float32's range becomes inf here.
@@ -58,10 +50,13 @@ at::Tensor normalized_rows(const at::Tensor& z, const char* name) {
   return (rows / norms).contiguous();
 }
 
-int64_t scratch_bytes() {
+// The scratch bound per step: JSA_FAST_KRECIPROCAL_SCRATCH_MIB MiB when set (a small bound
+// makes many small tiles and blocks, which is how the tests cross their boundaries at
+// small B), else the device's default.
+int64_t scratch_bytes(const Kernels& kernels) {
   const char* mib = std::getenv("JSA_FAST_KRECIPROCAL_SCRATCH_MIB");
   if (mib == nullptr || *mib == '\0') {
-    return kScratchBytes;
+    return kernels.default_scratch_bytes();
   }
   char* end = nullptr;
   const double value = std::strtod(mib, &end);
@@ -71,60 +66,132 @@ int64_t scratch_bytes() {
   return std::max<int64_t>(1, static_cast<int64_t>(value * (1 << 20)));
 }
 
-namespace {
-
-// eps of the filter (k_reciprocal.h): twice the worst |s~ - s|. Rows have norm <= 1 (to
-// float32 rounding). Rounding to bfloat16 (8 significant bits, to nearest) moves an entry
-// by less than 2^-8 of itself, so a product by less than (1 + 2^-8)^2 - 1 = 2^-7 + 2^-16
-// of itself, and the products' sum by less than (2^-7 + 2^-16) sum_d |a_d b_d| <= ~2^-7.
-// A float32 sum of D terms in any order adds at most ~D 2^-24 (2^-23 per addition covers
-// accumulators that truncate), and s's own rounding 2^-24.
-double filter_margin(int64_t width) {
-  return 2.0 * (std::ldexp(1.0, -7) + static_cast<double>(width + 1) * std::ldexp(1.0, -23));
+// Step 2's bound, from the rows (B x D float32, norms <= N) and their bfloat16 roundings
+// (each within rho of its row, in norm), both measured:
+// - rounding the rows: |<a~, b~> - <a, b>| <= |<a~ - a, b~>| + |<a, b~ - b>|
+//   <= rho (N + rho) + N rho (Cauchy-Schwarz);
+// - summing the D exact products in float32 in any order: at most D additions, each
+//   within 2^-23 of its result (2^-24 rounds to nearest; 2^-23 also covers accumulators
+//   that truncate), whose magnitudes are at most sum_d |a~_d b~_d| <= (N + rho)^2; doubled;
+// - s's own rounding to float32: 2^-24 N^2;
+// - a slack of 2^-30 for the float64 arithmetic of s and of these bounds, and for
+//   subnormal results.
+// The tile's rounding to bfloat16 moves a value by less than one unit in its last place,
+// 2^-7 of itself or less: |acc - v| <= 2^-7 (|v| + |acc - v|).
+FilterBound filter_bound(const at::Tensor& rows, const at::Tensor& filter_rows, int64_t scratch) {
+  const int64_t batch = rows.size(0);
+  const int64_t width = rows.size(1);
+  // Float64 copies of both (16 bytes per entry), a chunk of rows at a time.
+  const int64_t chunk_rows = std::max<int64_t>(1, scratch / (16 * width));
+  double norm = 0.0;
+  double residual = 0.0;
+  for (int64_t start = 0; start < batch; start += chunk_rows) {
+    const int64_t count = std::min(chunk_rows, batch - start);
+    const at::Tensor exact = rows.narrow(0, start, count).to(at::kDouble);
+    const at::Tensor rounded = filter_rows.narrow(0, start, count).to(at::kDouble);
+    norm = std::max(norm, at::linalg_vector_norm(exact, 2, {1}).max().item<double>());
+    residual = std::max(residual, at::linalg_vector_norm(rounded - exact, 2, {1}).max().item<double>());
+  }
+  const double reach = norm + residual;
+  const double error = residual * (2.0 * norm + residual) +
+      2.0 * static_cast<double>(width) * std::ldexp(1.0, -23) * reach * reach + std::ldexp(norm * norm, -24) +
+      std::ldexp(1.0, -30);
+  const double rounding = std::ldexp(1.0, -7) / (1.0 - std::ldexp(1.0, -7));
+  return {error, rounding};
 }
 
-// The filter similarities of rows [start, start + count) against all rows: T x B
-// float32, float32 accumulation of bfloat16 values. CUDA multiplies the bfloat16 rows
-// on tensor cores; ATen has no such product on CPU, which multiplies float32 copies of
-// the bfloat16-rounded rows (the same error bound).
-at::Tensor filter_similarities(const at::Tensor& filter_rows, int64_t start, int64_t count) {
-  const at::Tensor tile = filter_rows.narrow(0, start, count);
-  if (filter_rows.is_cuda()) {
-    return at::mm(tile, filter_rows.t(), at::kFloat);
+// The most candidates a row may have on the filter's path.
+int64_t candidate_limit(int64_t batch) {
+  return std::max<int64_t>(1, batch / kCandidateShare);
+}
+
+// Steps 2-3 for every row; rows that need the general path get general[i] = 1.
+void filter_rows_in_tiles(
+    const at::Tensor& rows, int64_t k, const Kernels& kernels, const at::Tensor& neighbours,
+    const at::Tensor& general) {
+  const int64_t batch = rows.size(0);
+  const int64_t limit = candidate_limit(batch);
+  const int64_t scratch = scratch_bytes(kernels);
+  const at::Tensor filter_rows = rows.to(at::kBFloat16);
+  const FilterBound bound = filter_bound(rows, filter_rows, scratch);
+  // Per tile row: its float32 sums (where the device has them) and bfloat16 values (6
+  // bytes per column), and the candidates' indices and keys (12 bytes each).
+  const int64_t tile_rows = std::clamp<int64_t>(scratch / (6 * batch + 12 * limit), 1, batch);
+  const int64_t probe_rows = std::min(tile_rows, (batch + kProbeShare - 1) / kProbeShare);
+  for (int64_t start = 0; start < batch;) {
+    const int64_t count = start == 0 ? probe_rows : std::min(tile_rows, batch - start);
+    const at::Tensor tile = kernels.filter_tile(filter_rows, start, count);
+    kernels.refine(tile, bound, rows, start, k, limit, neighbours, general);
+    if (start == 0 && count < batch) {
+      const int64_t crowded = general.narrow(0, 0, count).sum().item<int64_t>();
+      if (kSkipDenominator * crowded >= kSkipNumerator * count) {
+        general.narrow(0, count, batch - count).fill_(1);
+        return;
+      }
+    }
+    start += count;
   }
-  return at::mm(tile, filter_rows.t());
+}
+
+// Step 4 for the rows listed in ids (int64): neighbours[ids[r]] <- N(ids[r]) from the
+// exact similarities against all rows. The rows are gathered once in float64, listed
+// ones first. Each block row of `side` listed rows takes one GEMM against the columns
+// from its own first row on: that covers its own similarities to every row, and, through
+// the transpose, those of the later listed rows to its rows, so the blocks below the
+// diagonal are never computed.
+void general_path(
+    const at::Tensor& rows, const at::Tensor& ids, int64_t k, const Kernels& kernels, const at::Tensor& neighbours) {
+  const int64_t batch = rows.size(0);
+  const int64_t count = ids.numel();
+  at::Tensor listed = at::zeros({batch}, rows.options().dtype(at::kBool));
+  listed.index_fill_(0, ids, true);
+  const at::Tensor order = at::cat({ids, listed.logical_not().nonzero().flatten()});
+  const at::Tensor order32 = order.to(at::kInt);
+  const at::Tensor ordered_rows = rows.index_select(0, order).to(at::kDouble);
+  const at::Tensor state = at::zeros({count, k}, rows.options().dtype(at::kLong));
+  const at::Tensor floors = at::zeros({count}, rows.options().dtype(at::kLong));
+  // Per block entry: its similarity and its transpose (float64), and a merge's survivor
+  // index (4 bytes); per block row, a merge's next state (8 k).
+  const int64_t scratch = scratch_bytes(kernels);
+  const int64_t side = std::clamp<int64_t>(
+      std::min(scratch / (20 * batch + 8 * k), std::max(kMinBlockSide, (count + kBlocksPerSide - 1) / kBlocksPerSide)),
+      1, count);
+  for (int64_t start = 0; start < count; start += side) {
+    const int64_t length = std::min(side, count - start);
+    const at::Tensor products = at::mm(
+        ordered_rows.narrow(0, start, length), ordered_rows.narrow(0, start, batch - start).t());
+    kernels.merge(
+        products, order32.narrow(0, start, batch - start), state.narrow(0, start, length),
+        floors.narrow(0, start, length));
+    const int64_t later = count - start - length;
+    if (later > 0) {
+      kernels.merge(
+          products.narrow(1, length, later).t().contiguous(), order32.narrow(0, start, length),
+          state.narrow(0, start + length, later), floors.narrow(0, start + length, later));
+    }
+  }
+  // Every slot is full (k <= B): the keys' indices are the neighbours.
+  neighbours.index_copy_(0, ids, state.bitwise_not().bitwise_and(0xFFFFFFFFLL).to(at::kInt));
 }
 
 // rows: B x D normalised float32 -> B x k int32, row i the k rows nearest to row i,
 // sorted by index.
 at::Tensor nearest_lists(const at::Tensor& rows, int64_t k, const Kernels& kernels) {
   const int64_t batch = rows.size(0);
-  at::Tensor neighbours = at::empty({batch, k}, rows.options().dtype(at::kInt));
-  at::Tensor overflow = at::zeros({batch}, rows.options().dtype(at::kByte));
-  if (k <= kFastPathMaxK) {
-    at::Tensor filter_rows = rows.to(at::kBFloat16);
-    if (!rows.is_cuda()) {
-      filter_rows = filter_rows.to(at::kFloat);
-    }
-    const double margin = filter_margin(rows.size(1));
-    const int64_t tile_rows = std::clamp<int64_t>(scratch_bytes() / (4 * batch), 1, batch);
-    for (int64_t start = 0; start < batch; start += tile_rows) {
-      const int64_t count = std::min(tile_rows, batch - start);
-      const at::Tensor approx = filter_similarities(filter_rows, start, count);
-      // The k-th largest filter similarity of each row (topk's order is not needed).
-      const at::Tensor kth = std::get<0>(at::topk(approx, k, /*dim=*/1, /*largest=*/true, /*sorted=*/false)).amin(1);
-      kernels.refine(approx, kth - 2.0 * margin, rows, start, k, neighbours, overflow);
-    }
+  const at::Tensor neighbours = at::empty({batch, k}, rows.options().dtype(at::kInt));
+  const at::Tensor general = at::zeros({batch}, rows.options().dtype(at::kByte));
+  if (k <= candidate_limit(batch)) {
+    filter_rows_in_tiles(rows, k, kernels, neighbours, general);
   } else {
-    overflow.fill_(1);
+    general.fill_(1);  // no row can have k candidates or fewer than limit
   }
-  const at::Tensor general_rows = overflow.nonzero().flatten();
+  const at::Tensor general_rows = general.nonzero().flatten();
   if (general_rows.numel() > 0) {
-    kernels.exact_top_k(rows, general_rows, k, neighbours);
+    general_path(rows, general_rows, k, kernels, neighbours);
   }
   // Sorted by index for binary searches, a chunk of rows at a time: a sort's values,
   // int64 indices and buffers take ~16 bytes per entry.
-  const int64_t chunk_rows = std::max<int64_t>(1, scratch_bytes() / (16 * k));
+  const int64_t chunk_rows = std::max<int64_t>(1, scratch_bytes(kernels) / (16 * k));
   for (int64_t start = 0; start < batch; start += chunk_rows) {
     at::Tensor chunk = neighbours.narrow(0, start, std::min(chunk_rows, batch - start));
     chunk.copy_(std::get<0>(at::sort(chunk, /*dim=*/1)));
@@ -132,136 +199,14 @@ at::Tensor nearest_lists(const at::Tensor& rows, int64_t k, const Kernels& kerne
   return neighbours;
 }
 
-// ---------------------------------------------------------------------------------------
-// CPU kernels
-// ---------------------------------------------------------------------------------------
-
-// Work units (multiply-adds or list entries) each thread gets at least: below this,
-// waking threads costs more than it saves.
-constexpr int64_t kMinWorkPerThread = int64_t{1} << 15;
-
-// s = float32(sum_d a[d] * b[d] in float64), k_reciprocal.h. Fixed lanes fix the order of
-// additions (without -ffast-math the compiler may not reorder them) and still vectorise;
-// as the products are exact, fused and separate multiply-adds agree, so every
-// instruction set gives the same bits.
-JSA_FAST_TARGET_CLONES
-float exact_similarity(const float* a, const float* b, int64_t width) {
-  constexpr int64_t kLanes = 8;
-  double lane_sums[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= width; d += kLanes) {
-    for (int64_t lane = 0; lane < kLanes; ++lane) {
-      lane_sums[lane] += static_cast<double>(a[d + lane]) * static_cast<double>(b[d + lane]);
-    }
-  }
-  for (; d < width; ++d) {
-    lane_sums[d % kLanes] += static_cast<double>(a[d]) * static_cast<double>(b[d]);
-  }
-  double sum = 0.0;
-  for (const double lane_sum : lane_sums) {
-    sum += lane_sum;
-  }
-  return static_cast<float>(sum);
-}
-
-// The k nearest of n rows given their similarities and indices, by `nearer`, into out.
-void select_nearest(const float* values, const int32_t* ids, int64_t n, int64_t k, int32_t* out) {
-  std::vector<int64_t> order(n);
-  std::iota(order.begin(), order.end(), int64_t{0});
-  std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [&](int64_t a, int64_t b) {
-    return nearer(values[a], ids[a], values[b], ids[b]);
-  });
-  for (int64_t rank = 0; rank < k; ++rank) {
-    out[rank] = ids[order[rank]];
-  }
-}
-
-void refine_cpu(
-    const at::Tensor& approx, const at::Tensor& lower, const at::Tensor& rows, int64_t tile_start, int64_t k,
-    at::Tensor& neighbours, at::Tensor& overflow) {
-  const int64_t tile = approx.size(0);
-  const int64_t batch = approx.size(1);
-  const int64_t width = rows.size(1);
-  const float* approx_data = approx.const_data_ptr<float>();
-  const at::Tensor lower_contiguous = lower.contiguous();
-  const float* lower_data = lower_contiguous.const_data_ptr<float>();
-  const float* row_data = rows.const_data_ptr<float>();
-  int32_t* lists = neighbours.mutable_data_ptr<int32_t>();
-  uint8_t* flags = overflow.mutable_data_ptr<uint8_t>();
-  at::parallel_for(0, tile, std::max<int64_t>(1, kMinWorkPerThread / batch), [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> candidates;
-    std::vector<float> values;
-    for (int64_t local = begin; local < end; ++local) {
-      const int64_t row = tile_start + local;
-      const float* approx_row = approx_data + local * batch;
-      candidates.clear();
-      for (int64_t j = 0; j < batch; ++j) {
-        if (approx_row[j] >= lower_data[local]) {
-          candidates.push_back(static_cast<int32_t>(j));
-        }
-      }
-      const auto n = static_cast<int64_t>(candidates.size());
-      if (n > kMaxCandidates) {
-        flags[row] = 1;
-        continue;
-      }
-      values.resize(n);
-      for (int64_t c = 0; c < n; ++c) {
-        values[c] = exact_similarity(row_data + row * width, row_data + candidates[c] * width, width);
-      }
-      select_nearest(values.data(), candidates.data(), n, k, lists + row * k);
-    }
-  });
-}
-
-void exact_top_k_cpu(const at::Tensor& rows, const at::Tensor& row_ids, int64_t k, at::Tensor& neighbours) {
-  const int64_t batch = rows.size(0);
-  const int64_t width = rows.size(1);
-  const float* row_data = rows.const_data_ptr<float>();
-  const at::Tensor ids = row_ids.contiguous();
-  const int64_t* id_data = ids.const_data_ptr<int64_t>();
-  int32_t* lists = neighbours.mutable_data_ptr<int32_t>();
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / (batch * width));
-  at::parallel_for(0, ids.numel(), grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> values(batch);
-    std::vector<int32_t> all_rows(batch);
-    std::iota(all_rows.begin(), all_rows.end(), int32_t{0});
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t row = id_data[n];
-      for (int64_t j = 0; j < batch; ++j) {
-        values[j] = exact_similarity(row_data + row * width, row_data + j * width, width);
-      }
-      select_nearest(values.data(), all_rows.data(), batch, k, lists + row * k);
-    }
-  });
-}
-
-void assemble_cpu(const at::Tensor& img, const at::Tensor& aud, const MaskView& mask) {
-  const int64_t k = img.size(1);
-  const int32_t* img_lists = img.const_data_ptr<int32_t>();
-  const int32_t* aud_lists = aud.const_data_ptr<int32_t>();
-  at::parallel_for(0, mask.batch, std::max<int64_t>(1, kMinWorkPerThread / (k * 8)), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      assemble_row(i, img_lists, aud_lists, k, mask);
-    }
-  });
-}
-
-constexpr Kernels kCpuKernels{&refine_cpu, &exact_top_k_cpu, &assemble_cpu};
-
-at::Tensor k_reciprocal_mask_cpu(const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k, bool packed) {
-  return k_reciprocal_mask(z_img, z_aud, k, packed, kCpuKernels);
-}
-
 }  // namespace
 
 at::Tensor k_reciprocal_mask(
     const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k, bool packed, const Kernels& kernels) {
   check_inputs(z_img, z_aud, k);
-  const at::Tensor rows_img = normalized_rows(z_img, "z_img");
-  const at::Tensor rows_aud = normalized_rows(z_aud, "z_aud");
-  const at::Tensor img = nearest_lists(rows_img, k, kernels);
-  const at::Tensor aud = nearest_lists(rows_aud, k, kernels);
+  // One modality's rows at a time: their float32 copy is the largest input-sized buffer.
+  const at::Tensor img = nearest_lists(normalized_rows(z_img, "z_img"), k, kernels);
+  const at::Tensor aud = nearest_lists(normalized_rows(z_aud, "z_aud"), k, kernels);
   const int64_t batch = z_img.size(0);
   const int64_t words = (batch + 31) / 32;
   at::Tensor mask = packed ? at::zeros({batch, words}, img.options())
@@ -277,10 +222,6 @@ TORCH_LIBRARY(jsa_fast, m) {
   // The fake (meta) implementation for torch.compile is registered in Python.
   m.set_python_module("jsa_fast.ops");
   m.def("k_reciprocal_mask(Tensor z_img, Tensor z_aud, int k, bool packed=False) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(jsa_fast, CPU, m) {
-  m.impl("k_reciprocal_mask", &k_reciprocal_mask_cpu);
 }
 
 }  // namespace k_reciprocal

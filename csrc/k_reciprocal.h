@@ -1,39 +1,49 @@
-// k-reciprocal false-negative masks (paper eq. 12-13): what the CPU (k_reciprocal.cpp)
+// k-reciprocal false-negative masks (paper eq. 12-13): what the CPU (k_reciprocal_cpu.cpp)
 // and CUDA (k_reciprocal_cuda.cu) kernels of jsa_fast._C share.
 //
 // R = N^v & N^v^T & N^a & N^a^T with the diagonal cleared, where N^m[i, j] says that j
 // is one of the k rows most cosine-similar to row i (self included, ties to the lower
-// index). Both devices run the same algorithm, per modality:
+// index). Both devices run the same steps (k_reciprocal.cpp), per modality:
 //
 //   1. rows <- z / max(||z||, 1e-12) in float32, through the ATen calls F.normalize
 //      makes, so the rows are the reference's rows bit for bit on that device.
-//   2. Filter, one tile of T rows at a time (T x B float32, never the whole B x B):
-//      s~[i, j] = <bf16(row_i), bf16(row_j)> accumulated in float32 (a tensor-core GEMM
-//      on CUDA), t_i = the k-th largest s~[i, :], candidates C_i = {j : s~[i, j] >=
-//      t_i - 2 eps}. With |s~ - s| <= eps for the exact similarity s below, C_i holds
-//      every true neighbour: at least k rows have s > t_i - eps >= s of any row outside.
-//      (eps is twice the worst-case error: filter_margin in k_reciprocal.cpp.)
-//   3. Refine: s[i, j] for j in C_i, exactly as documented below, and the k first of
-//      C_i by (s descending, index ascending) are N(i). Rows with more than
-//      kMaxCandidates candidates (many near-ties) and every row when k > kFastPathMaxK
-//      take the general path: s against all B rows and the same selection (a stable sort
-//      on CUDA, nth_element by that order on the CPU).
-//   4. Assemble R from the B x k neighbour lists (each sorted by index, so that
+//   2. Filter, one tile of T rows at a time (never the whole B x B): v[i, j] = the
+//      float32 sum of the products of the bfloat16-rounded rows, rounded to bfloat16 (a
+//      tensor-core GEMM on CUDA). With |acc - s| <= e for the sum acc before its rounding
+//      and |acc - v| <= c |v| (FilterBound: e from the rows' measured rounding, c from
+//      bfloat16's precision), s lies in [lo(v), hi(v)] = v -+ (c |v| + e), both
+//      increasing in v. Let t_i be the k-th largest v[i, :]: at least k rows have
+//      s >= lo(t_i), so every true neighbour has s >= lo(t_i), and no row with
+//      hi(v[i, j]) < lo(t_i) is one. The candidates are the others: v[i, j] >=
+//      candidate_floor(t_i). One pass per row (select_candidates) finds t_i and writes the
+//      candidates to global memory, at most `limit` = B / kCandidateShare of them.
+//   3. Refine: s[i, j] for the candidates, exactly as documented below, and the k
+//      largest keys (neighbour_key: s, then the lower index) are N(i).
+//   4. General path, for rows with more than `limit` candidates (crowded similarities:
+//      collapsed embeddings, many ties), and for every row when k > limit: s against all
+//      B rows as a tiled float64 GEMM (symmetric blocks computed once, serving the rows of
+//      both sides) with a running top-k per row (merge_largest). When most rows of the
+//      first (small) filter tile take this path, the rest of the batch goes straight to
+//      it, without the filter.
+//   5. Assemble R from the B x k neighbour lists (each sorted by index, so that
 //      membership is a binary search): O(B k log k) work, O(B k) memory.
 //
 // The similarity s[i, j] is the float32 rounding of sum_d row_i[d] * row_j[d] summed in
 // float64. Products of float32 values are exact in float64 and the float64 sum's error is
 // far below float32's spacing, so s is the exact dot product of the normalised rows
-// rounded to float32 (but for rare double roundings): exact whenever the sum is
-// representable, which keeps exact ties tied on every device, thread count and summation
-// order. Near-ties within a float32 ulp may resolve differently from a float32 matrix
-// product (the reference's), as any two float32 summation orders may.
+// rounded to float32 (but for rare double roundings), whatever the summation order (a
+// GEMM's or a loop's): exact whenever the sum is representable, which keeps exact ties
+// tied on every device, thread count and tiling. Near-ties within a float32 ulp may
+// resolve differently from a float32 matrix product (the reference's), as any two
+// float32 summation orders may.
 
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #ifdef __CUDACC__
 #define JSA_FAST_HOST_DEVICE __host__ __device__
@@ -44,23 +54,31 @@
 namespace jsa_fast {
 namespace k_reciprocal {
 
-// Candidates a row may have on the fast path (the CUDA kernel keeps them in shared memory).
-constexpr int64_t kMaxCandidates = 2048;
-// Largest k the filter serves; above it every row takes the general path.
-constexpr int64_t kFastPathMaxK = 256;
-// Scratch memory per step: the float32 tile of filter similarities, the general path's
-// similarities, values and indices.
-constexpr int64_t kScratchBytes = int64_t{256} << 20;
-// kScratchBytes, or JSA_FAST_KRECIPROCAL_SCRATCH_MIB MiB when that is set: a smaller bound
-// means more, smaller tiles (the tests use it to run many tiles at small B).
-int64_t scratch_bytes();
+// A row whose filter admits more than B / kCandidateShare candidates takes the general
+// path: there half a row of GEMM similarities (symmetry) costs less than refining them
+// one gathered dot product at a time.
+constexpr int64_t kCandidateShare = 8;
+// The first filter tile holds B / kProbeShare rows; when at least kSkipNumerator /
+// kSkipDenominator of them take the general path, the batch's similarities crowd
+// together and the other rows skip the filter.
+constexpr int64_t kProbeShare = 16;
+constexpr int64_t kSkipNumerator = 3;
+constexpr int64_t kSkipDenominator = 4;
+// The general path's square blocks have at least this side (GEMM efficiency), unless the
+// scratch bound says otherwise, and at most a kBlocksPerSide-th of its rows, so that
+// symmetry skips most blocks below the diagonal.
+constexpr int64_t kMinBlockSide = 512;
+constexpr int64_t kBlocksPerSide = 8;
 
-// Raises ValueError (TORCH_CHECK_VALUE), naming the argument, for inputs the op cannot
-// take. The data-dependent finiteness check lives in normalized_rows.
-void check_inputs(const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k);
+// A key that orders neighbours: larger is nearer (a larger similarity, or an equal one
+// and a lower index). Distinct rows never share a key; kEmptyKey is below every key.
+constexpr uint64_t kEmptyKey = 0;
 
-// Step 1: B x D any float -> B x D contiguous float32 rows of unit norm (or zero).
-at::Tensor normalized_rows(const at::Tensor& z, const char* name);
+// What the filter's error bound needs (step 2): s in [v - c |v| - e, v + c |v| + e].
+struct FilterBound {
+  double error;     // e, absolute
+  double rounding;  // c, relative to the tile's value v
+};
 
 // The output R: B x B bool entries, or (packed) B x words int32 words, bit b of word w of
 // row i being R[i, 32 w + b]; exactly one of the two pointers is set.
@@ -71,30 +89,95 @@ struct MaskView {
   int64_t words;
 };
 
-// The device-specific steps 2-4; each function handles one device's tensors.
+// The device-specific parts of steps 2-5; each function handles one device's tensors.
+// Tensors passed as const references may still have their data written, as stated.
 struct Kernels {
-  // Step 3 for tile rows [tile_start, tile_start + T): filter similarities approx (T x B
-  // float32), candidate bounds lower (T float32) -> neighbours[i] (B x k int32, any
-  // order) for rows with at most kMaxCandidates candidates, overflow[i] = 1 (B uint8)
-  // for the others.
+  // The scratch bound the device gets when JSA_FAST_KRECIPROCAL_SCRATCH_MIB is not set.
+  int64_t (*default_scratch_bytes)();
+  // Step 2's GEMM: filter_rows (B x D bfloat16) rows [start, start + count) against all
+  // rows -> count x B bfloat16, float32 sums of the (exact) products rounded once.
+  at::Tensor (*filter_tile)(const at::Tensor& filter_rows, int64_t start, int64_t count);
+  // Steps 2-3 for the tile's rows i = tile_start + r (tile: T x B bfloat16): writes N(i)
+  // to neighbours[i] (B x k int32, any order), or general[i] = 1 (B uint8) for rows with
+  // more than `limit` candidates.
   void (*refine)(
-      const at::Tensor& approx, const at::Tensor& lower, const at::Tensor& rows, int64_t tile_start, int64_t k,
-      at::Tensor& neighbours, at::Tensor& overflow);
-  // The general path for the listed rows (int64): neighbours[row] <- its k first rows.
-  void (*exact_top_k)(const at::Tensor& rows, const at::Tensor& row_ids, int64_t k, at::Tensor& neighbours);
-  // Step 4: two B x k int32 lists sorted by index -> R, written into a zeroed mask.
+      const at::Tensor& tile, const FilterBound& bound, const at::Tensor& rows, int64_t tile_start, int64_t k,
+      int64_t limit, const at::Tensor& neighbours, const at::Tensor& general);
+  // Step 4's running top-k: for each row r of products (R x C float64 sums, whose
+  // float32 roundings are the similarities s), state[r] (R x k int64 holding uint64
+  // keys, kEmptyKey for empty slots) becomes the k largest of itself and the keys of
+  // (s[r, c], column_ids[c]) (C int32); floors[r] (R int64) is the smallest key of a full
+  // state[r], else kEmptyKey.
+  void (*merge)(
+      const at::Tensor& products, const at::Tensor& column_ids, const at::Tensor& state, const at::Tensor& floors);
+  // Step 5: two B x k int32 lists sorted by index -> R, written into a zeroed mask.
   void (*assemble)(const at::Tensor& img, const at::Tensor& aud, const MaskView& mask);
 };
 
-// Steps 1-4 for both modalities on the device whose kernels are given.
+// Steps 1-5 for both modalities on the device whose kernels are given; raises ValueError
+// (TORCH_CHECK_VALUE), naming the argument, for inputs the op cannot take.
 at::Tensor k_reciprocal_mask(
     const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k, bool packed, const Kernels& kernels);
 
-// a is nearer than b: a larger similarity, or an equal one and a lower index. A strict
-// total order over distinct indices, so "the k first" is well defined.
-JSA_FAST_HOST_DEVICE inline bool nearer(float a_value, int64_t a_index, float b_value, int64_t b_index) {
-  return a_value > b_value || (a_value == b_value && a_index < b_index);
+// ---------------------------------------------------------------------------------------
+// Keys and bounds, the same on both devices
+// ---------------------------------------------------------------------------------------
+
+// The bits of `value` as a To of the same size (std::bit_cast is C++20).
+template <class To, class From>
+JSA_FAST_HOST_DEVICE inline To bit_cast(From value) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs types of one size");
+  To result;
+  memcpy(&result, &value, sizeof(To));
+  return result;
 }
+
+// The bits of a bfloat16 as the float it is.
+JSA_FAST_HOST_DEVICE inline float bfloat16_value(uint16_t bits) {
+  return bit_cast<float>(static_cast<uint32_t>(bits) << 16);
+}
+
+// Unsigned integers in the order of the floats whose bits they map (NaN aside): flip
+// every bit of a negative value, only the sign bit of a positive one.
+JSA_FAST_HOST_DEVICE inline uint16_t bfloat16_order(uint16_t bits) {
+  return (bits & 0x8000u) ? static_cast<uint16_t>(~bits) : static_cast<uint16_t>(bits | 0x8000u);
+}
+
+JSA_FAST_HOST_DEVICE inline uint16_t bfloat16_from_order(uint16_t order) {
+  return (order & 0x8000u) ? static_cast<uint16_t>(order & 0x7FFFu) : static_cast<uint16_t>(~order);
+}
+
+// Exact similarities rank by (value descending, index ascending): the value's order in
+// the high half, the index's complement in the low half. -0 counts as +0, so that the two
+// tie as values do. Every finite value's key is above kEmptyKey.
+JSA_FAST_HOST_DEVICE inline uint64_t neighbour_key(float value, int32_t index) {
+  const auto bits = bit_cast<uint32_t>(value == 0.0f ? 0.0f : value);
+  const uint32_t order = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  return (static_cast<uint64_t>(order) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(index));
+}
+
+JSA_FAST_HOST_DEVICE inline int32_t key_index(uint64_t key) {
+  return static_cast<int32_t>(~static_cast<uint32_t>(key));
+}
+
+// The smallest filter value a candidate may have when the row's k-th largest is kth
+// (step 2): hi(v) >= lo(kth) with lo(t) = t - c |t| - e and hi(v) = v + c |v| + e,
+// solved for v and rounded down to a float. The few float64 roundings here are far
+// below the slack in bound.error.
+JSA_FAST_HOST_DEVICE inline float candidate_floor(float kth, const FilterBound& bound) {
+  const double t = kth;
+  const double reach = t - bound.rounding * fabs(t) - 2.0 * bound.error;  // v + c |v| >= reach
+  const double floor = reach >= 0.0 ? reach / (1.0 + bound.rounding) : reach / (1.0 - bound.rounding);
+  float rounded = static_cast<float>(floor);
+  if (static_cast<double>(rounded) > floor) {
+    rounded = nextafterf(rounded, -HUGE_VALF);
+  }
+  return rounded;
+}
+
+// ---------------------------------------------------------------------------------------
+// Step 5
+// ---------------------------------------------------------------------------------------
 
 // Whether x is in list[0, k), sorted ascending.
 JSA_FAST_HOST_DEVICE inline bool sorted_contains(const int32_t* list, int64_t k, int32_t x) {

@@ -1,22 +1,24 @@
 // k-reciprocal false-negative masks: the CUDA kernels of jsa_fast._C (the algorithm, its
 // similarity and its memory bound are described in k_reciprocal.h; k_reciprocal.cpp
-// holds the CPU twin and the steps both devices share).
+// holds the steps both devices share, k_reciprocal_rows.h the per-row steps that a CUDA
+// block here and a CPU thread in k_reciprocal_cpu.cpp both run).
 //
-// Per modality and tile of T rows: the filter similarities are one bf16 tensor-core GEMM
-// (T x B float32, ATen/cuBLAS) and topk gives each row's bound; refine_kernel (one block
-// per row) gathers the row's candidates into shared memory, computes their exact
-// similarities (one warp per candidate, float64 sums) and ranks them. Rows with too many
-// candidates go to exact_similarities_kernel (one warp per pair, all B columns, a chunk of
-// rows at a time) and a stable sort. assemble_kernel (one thread per row) writes R from
-// the neighbour lists.
+// Per modality and tile of T rows: the filter tile is one bf16 tensor-core GEMM written
+// as bf16 (cuBLAS); refine_kernel (one block per row) finds the row's k-th filter value
+// and writes its candidates in one pass over the row, computes their exact similarities
+// (one warp per candidate, float64 sums) and selects the k nearest. The general path's
+// float64 GEMM is cuBLAS's (through ATen); merge_kernel (one block per row) keeps each
+// row's running top-k. assemble_kernel (one thread per row) writes R.
 
 #include "k_reciprocal.h"
+#include "k_reciprocal_rows.h"
 
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <tuple>
+#include <algorithm>
 
 namespace jsa_fast {
 namespace k_reciprocal {
@@ -25,7 +27,25 @@ namespace {
 constexpr int kWarpSize = 32;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kColumnsPerBlock = 64;
+
+// A group of all the threads of a block (k_reciprocal_rows.h).
+struct BlockGroup {
+  template <class F>
+  __device__ void for_each(int64_t n, const F& f) const {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      f(i);
+    }
+  }
+  __device__ void sync() const {
+    __syncthreads();
+  }
+  __device__ bool leader() const {
+    return threadIdx.x == 0;
+  }
+  __device__ static uint32_t fetch_add(uint32_t* counter, uint32_t value) {
+    return atomicAdd(counter, value);
+  }
+};
 
 // s = float32(sum_d a[d] * b[d] in float64) (k_reciprocal.h), computed by one warp: lane l
 // sums d = l, l + 32, ... and a fixed tree adds the lanes. The result is lane 0's.
@@ -40,84 +60,50 @@ __device__ float warp_exact_similarity(const float* a, const float* b, int64_t w
   return static_cast<float>(sum);
 }
 
-// One block per tile row i: C_i = {j : approx[i, j] >= lower[i]} (any order), then each
-// candidate's rank among C_i by `nearer` on exact similarities; ranks below k give N(i).
-// More than kMaxCandidates candidates: overflow[i] = 1 and the general path takes the row.
+// One block per tile row (refine_row): candidates[r] and keys[r] are the row's `limit`
+// slots of global scratch.
 __global__ void refine_kernel(
-    const float* __restrict__ approx, const float* __restrict__ lower, const float* __restrict__ rows,
-    int64_t tile_start, int64_t batch, int64_t width, int64_t k, int32_t* __restrict__ neighbours,
-    uint8_t* __restrict__ overflow) {
-  __shared__ int32_t candidate_index[kMaxCandidates];
-  __shared__ float candidate_value[kMaxCandidates];
-  __shared__ int candidate_count;
+    const uint16_t* __restrict__ tile, const FilterBound bound, const float* __restrict__ rows, int64_t tile_start,
+    int64_t batch, int64_t width, int64_t k, int64_t limit, int32_t* __restrict__ candidates,
+    uint64_t* __restrict__ keys, int32_t* __restrict__ neighbours, uint8_t* __restrict__ general) {
+  __shared__ RowScratch scratch;
   const int64_t local = blockIdx.x;
   const int64_t row = tile_start + local;
-  const float* approx_row = approx + local * batch;
-  const float bound = lower[local];
-  if (threadIdx.x == 0) {
-    candidate_count = 0;
-  }
-  __syncthreads();
-  for (int64_t j = threadIdx.x; j < batch; j += blockDim.x) {
-    if (approx_row[j] >= bound) {
-      const int slot = atomicAdd(&candidate_count, 1);
-      if (slot < kMaxCandidates) {
-        candidate_index[slot] = static_cast<int32_t>(j);
-      }
-    }
-  }
-  __syncthreads();
-  const int n = candidate_count;
-  if (n > kMaxCandidates) {
-    if (threadIdx.x == 0) {
-      overflow[row] = 1;
-    }
-    return;
-  }
+  int32_t* row_candidates = candidates + local * limit;
+  uint64_t* row_keys = keys + local * limit;
+  const float* self = rows + row * width;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  const float* self = rows + row * width;
-  for (int c = warp; c < n; c += kWarps) {
-    const float value = warp_exact_similarity(self, rows + candidate_index[c] * width, width, lane);
-    if (lane == 0) {
-      candidate_value[c] = value;
+  const auto fill_keys = [&](uint32_t count) {
+    for (uint32_t c = warp; c < count; c += kWarps) {
+      const int32_t j = row_candidates[c];
+      const float value = warp_exact_similarity(self, rows + j * width, width, lane);
+      if (lane == 0) {
+        row_keys[c] = neighbour_key(value, j);
+      }
     }
-  }
-  __syncthreads();
-  // `nearer` is a strict total order, so the ranks are 0 .. n - 1, each once.
-  for (int c = threadIdx.x; c < n; c += blockDim.x) {
-    const float value = candidate_value[c];
-    const int32_t index = candidate_index[c];
-    int rank = 0;
-    for (int other = 0; other < n; ++other) {
-      rank += nearer(candidate_value[other], candidate_index[other], value, index);
-    }
-    if (rank < k) {
-      neighbours[row * k + rank] = index;
-    }
+  };
+  const bool refined = refine_row(
+      BlockGroup{}, scratch, tile + local * batch, batch, k, bound, limit, row_candidates, row_keys, fill_keys,
+      neighbours + row * k);
+  if (!refined && threadIdx.x == 0) {
+    general[row] = 1;
   }
 }
 
-// out[r, j] = s[row_ids[r], j] for a chunk of rows; grid (ceil(B / kColumnsPerBlock), rows):
-// columns on x, whose limit is 2^31 - 1 blocks; a chunk holds at most 2^24 / B rows.
-__global__ void exact_similarities_kernel(
-    const float* __restrict__ rows, const int64_t* __restrict__ row_ids, int64_t batch, int64_t width,
-    float* __restrict__ out) {
-  const int64_t r = blockIdx.y;
-  const float* self = rows + row_ids[r] * width;
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t first_column = static_cast<int64_t>(blockIdx.x) * kColumnsPerBlock;
-  for (int c = warp; c < kColumnsPerBlock; c += kWarps) {
-    const int64_t j = first_column + c;
-    if (j >= batch) {
-      break;  // j is the same in all lanes of the warp, so the whole warp leaves
-    }
-    const float value = warp_exact_similarity(self, rows + j * width, width, lane);
-    if (lane == 0) {
-      out[r * batch + j] = value;
-    }
-  }
+// One block per row r of products (merge_largest); survivors[r] (columns) and next[r]
+// (k) are the row's global scratch.
+__global__ void merge_kernel(
+    const double* __restrict__ products, const int32_t* __restrict__ column_ids, int64_t columns, int64_t k,
+    uint64_t* __restrict__ state, uint64_t* __restrict__ floors, int32_t* __restrict__ survivors,
+    uint64_t* __restrict__ next) {
+  __shared__ RowScratch scratch;
+  const int64_t r = blockIdx.x;
+  const double* row_sums = products + r * columns;
+  merge_largest(
+      BlockGroup{}, scratch, state + r * k, floors + r, k, columns,
+      [&](int64_t c) { return neighbour_key(static_cast<float>(row_sums[c]), column_ids[c]); },
+      survivors + r * columns, next + r * k);
 }
 
 // One thread per row i writes R[i, :] (assemble_row).
@@ -129,45 +115,94 @@ __global__ void assemble_kernel(
   }
 }
 
+// A 256th of the device's memory, within [64 MiB, 512 MiB]: large tiles on large devices,
+// and B = 65,536 within 2 GiB of extra memory (k_reciprocal.h).
+int64_t default_scratch_bytes_cuda() {
+  const auto total = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->totalGlobalMem);
+  return std::clamp<int64_t>(total / 256, int64_t{64} << 20, int64_t{512} << 20);
+}
+
+// cuBLAS may sum split products in the output's type (bfloat16) unless told not to; the
+// filter's bound assumes float32 sums, so the handle's math mode forbids it for the call.
+class FloatReductions {
+ public:
+  explicit FloatReductions(cublasHandle_t handle) : handle_(handle) {
+    TORCH_CUDABLAS_CHECK(cublasGetMathMode(handle_, &saved_));
+    TORCH_CUDABLAS_CHECK(cublasSetMathMode(
+        handle_, static_cast<cublasMath_t>(saved_ | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
+  }
+  ~FloatReductions() {
+    cublasSetMathMode(handle_, saved_);
+  }
+  FloatReductions(const FloatReductions&) = delete;
+  FloatReductions& operator=(const FloatReductions&) = delete;
+
+ private:
+  cublasHandle_t handle_;
+  cublasMath_t saved_;
+};
+
+// count x B bfloat16 = rows [start, start + count) times all rows, transposed. Row-major
+// matrices are column-major transposes, so cuBLAS computes the column-major B x count
+// product all^T(op T) x tile^T(op N), which is the row-major tile.
+at::Tensor filter_tile_cuda(const at::Tensor& filter_rows, int64_t start, int64_t count) {
+  const int64_t batch = filter_rows.size(0);
+  const int64_t width = filter_rows.size(1);
+  at::Tensor tile = at::empty({count, batch}, filter_rows.options());
+  const cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  const FloatReductions float_reductions(handle);
+  const float one = 1.0f;
+  const float zero = 0.0f;
+  const auto* all = filter_rows.const_data_ptr<at::BFloat16>();
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(
+      handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(batch), static_cast<int>(count), static_cast<int>(width),
+      &one, all, CUDA_R_16BF, static_cast<int>(width), all + start * width, CUDA_R_16BF, static_cast<int>(width),
+      &zero, tile.mutable_data_ptr<at::BFloat16>(), CUDA_R_16BF, static_cast<int>(batch), CUBLAS_COMPUTE_32F,
+      CUBLAS_GEMM_DEFAULT));
+  return tile;
+}
+
 void refine_cuda(
-    const at::Tensor& approx, const at::Tensor& lower, const at::Tensor& rows, int64_t tile_start, int64_t k,
-    at::Tensor& neighbours, at::Tensor& overflow) {
-  const at::Tensor lower_contiguous = lower.contiguous();
+    const at::Tensor& tile, const FilterBound& bound, const at::Tensor& rows, int64_t tile_start, int64_t k,
+    int64_t limit, const at::Tensor& neighbours, const at::Tensor& general) {
+  const int64_t tile_rows = tile.size(0);
+  const at::Tensor candidates = at::empty({tile_rows, limit}, rows.options().dtype(at::kInt));
+  const at::Tensor keys = at::empty({tile_rows, limit}, rows.options().dtype(at::kLong));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  refine_kernel<<<approx.size(0), kThreads, 0, stream>>>(
-      approx.const_data_ptr<float>(), lower_contiguous.const_data_ptr<float>(), rows.const_data_ptr<float>(),
-      tile_start, approx.size(1), rows.size(1), k, neighbours.mutable_data_ptr<int32_t>(),
-      overflow.mutable_data_ptr<uint8_t>());
+  refine_kernel<<<static_cast<unsigned>(tile_rows), kThreads, 0, stream>>>(
+      reinterpret_cast<const uint16_t*>(tile.const_data_ptr<at::BFloat16>()), bound, rows.const_data_ptr<float>(),
+      tile_start, tile.size(1), rows.size(1), k, limit, candidates.mutable_data_ptr<int32_t>(),
+      reinterpret_cast<uint64_t*>(keys.mutable_data_ptr<int64_t>()), neighbours.mutable_data_ptr<int32_t>(),
+      general.mutable_data_ptr<uint8_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void exact_top_k_cuda(const at::Tensor& rows, const at::Tensor& row_ids, int64_t k, at::Tensor& neighbours) {
-  const int64_t batch = rows.size(0);
-  // Similarities (4 bytes), sorted values (4) and indices (8) per entry.
-  const int64_t chunk_rows = std::max<int64_t>(1, scratch_bytes() / (16 * batch));
+void merge_cuda(
+    const at::Tensor& products, const at::Tensor& column_ids, const at::Tensor& state, const at::Tensor& floors) {
+  const int64_t block_rows = products.size(0);
+  const int64_t columns = products.size(1);
+  const int64_t k = state.size(1);
+  const at::Tensor survivors = at::empty({block_rows, columns}, state.options().dtype(at::kInt));
+  const at::Tensor next = at::empty({block_rows, k}, state.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  for (int64_t start = 0; start < row_ids.numel(); start += chunk_rows) {
-    const at::Tensor ids = row_ids.narrow(0, start, std::min(chunk_rows, row_ids.numel() - start)).contiguous();
-    at::Tensor values = at::empty({ids.numel(), batch}, rows.options());
-    const dim3 grid((batch + kColumnsPerBlock - 1) / kColumnsPerBlock, ids.numel());
-    exact_similarities_kernel<<<grid, kThreads, 0, stream>>>(
-        rows.const_data_ptr<float>(), ids.const_data_ptr<int64_t>(), batch, rows.size(1),
-        values.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // A stable sort keeps equal similarities in index order: ties go to the lower index.
-    const at::Tensor order = std::get<1>(at::sort(values, /*stable=*/true, /*dim=*/1, /*descending=*/true));
-    neighbours.index_copy_(0, ids, order.narrow(1, 0, k).to(at::kInt));
-  }
+  merge_kernel<<<static_cast<unsigned>(block_rows), kThreads, 0, stream>>>(
+      products.const_data_ptr<double>(), column_ids.const_data_ptr<int32_t>(), columns, k,
+      reinterpret_cast<uint64_t*>(state.mutable_data_ptr<int64_t>()),
+      reinterpret_cast<uint64_t*>(floors.mutable_data_ptr<int64_t>()), survivors.mutable_data_ptr<int32_t>(),
+      reinterpret_cast<uint64_t*>(next.mutable_data_ptr<int64_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void assemble_cuda(const at::Tensor& img, const at::Tensor& aud, const MaskView& mask) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto blocks = static_cast<unsigned>((mask.batch + kThreads - 1) / kThreads);
-  assemble_kernel<<<blocks, kThreads, 0, stream>>>(img.const_data_ptr<int32_t>(), aud.const_data_ptr<int32_t>(), img.size(1), mask);
+  assemble_kernel<<<blocks, kThreads, 0, stream>>>(
+      img.const_data_ptr<int32_t>(), aud.const_data_ptr<int32_t>(), img.size(1), mask);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-constexpr Kernels kCudaKernels{&refine_cuda, &exact_top_k_cuda, &assemble_cuda};
+constexpr Kernels kCudaKernels{
+    &default_scratch_bytes_cuda, &filter_tile_cuda, &refine_cuda, &merge_cuda, &assemble_cuda};
 
 at::Tensor k_reciprocal_mask_cuda(const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k, bool packed) {
   const c10::cuda::CUDAGuard device_guard(z_img.device());

@@ -67,7 +67,9 @@ def k_reciprocal_mask(z_img: Tensor, z_aud: Tensor, k: int = 20, *, packed: bool
     packed=True returns B x ceil(B / 32) int32 words instead (`pack_mask`'s layout, bit b
     of word w of row i is R[i, 32 w + b]; `unpack_mask` expands it): the form for large
     global batches, 512 MiB instead of 4 GiB at B = 65,536. The kernels never hold more
-    than a tile of the B x B similarity and O(B k) neighbour lists (csrc/k_reciprocal.h).
+    than a tile of the B x B similarity (a bounded scratch), O(B k) neighbour lists and
+    O(B D) copies of the rows (csrc/k_reciprocal.h). Rows whose similarities crowd
+    together (collapsed embeddings) take a general path of about the cost of spread ones.
     """
     if not torch.compiler.is_compiling():
         # The finiteness check reads the data, which a compiled graph cannot branch on;

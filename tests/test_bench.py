@@ -31,7 +31,7 @@ def test_kreciprocal_benchmark(tmp_path):
     out = tmp_path / "kreciprocal.json"
     assert load_benchmark("kreciprocal").main(["--device", "cpu", "--batch", "16", "64", "--dim", "8", "--k", "4", "--repeats", "2", "--json", str(out)]) == 0
     record = read_record(out)
-    assert [row["B"] for row in record["rows"]] == [16, 64]
+    assert [(row["B"], row["input"]) for row in record["rows"]] == [(b, i) for b in (16, 64) for i in ("random", "collapsed-0.1", "collapsed-0.01")]
     assert all(row["identical"] for row in record["rows"])  # extension == reference, bit for bit
 
 

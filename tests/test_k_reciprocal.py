@@ -6,6 +6,7 @@ opcheck."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from jsa_fast import ops, reference
 
@@ -183,6 +184,33 @@ def assert_matches_reference(z_img: torch.Tensor, z_aud: torch.Tensor, k: int, d
     assert torch.equal(packed, reference.pack_mask(expected))
 
 
+def similarities(z: torch.Tensor) -> torch.Tensor:
+    """The kernels' similarities of z's rows (csrc/k_reciprocal.h): float64 sums of the
+    products of the reference's normalised float32 rows, rounded to float32."""
+    rows = F.normalize(z.float(), dim=1).double()
+    return (rows @ rows.T).float()
+
+
+def exact_similarity_mask(z_img: torch.Tensor, z_aud: torch.Tensor, k: int) -> torch.Tensor:
+    """R as the reference defines it, with the kernels' similarities: where the reference's
+    float32 products round near-ties differently, this is the mask the kernels must give."""
+    masks = []
+    for z in (z_img, z_aud):
+        order = torch.sort(similarities(z), dim=1, descending=True, stable=True).indices[:, :k]
+        nearest = torch.zeros(z.shape[0], z.shape[0], dtype=torch.bool).scatter_(1, order, True)
+        masks.append(nearest & nearest.T)
+    return (masks[0] & masks[1]).fill_diagonal_(False)
+
+
+def assert_matches_exact_similarities(z_img: torch.Tensor, z_aud: torch.Tensor, k: int, device: str = "cpu") -> None:
+    """The extension's kernel for `device` against exact_similarity_mask, in both forms."""
+    expected = exact_similarity_mask(z_img, z_aud, k)
+    got = ops.k_reciprocal_mask(z_img.to(device), z_aud.to(device), k).cpu()
+    assert torch.equal(got, expected), f"B={z_img.shape[0]}, k={k}: {int((got != expected).sum())} entries differ"
+    packed = ops.k_reciprocal_mask(z_img.to(device), z_aud.to(device), k, packed=True).cpu()
+    assert torch.equal(packed, reference.pack_mask(expected))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("batch", BATCH_SIZES)
@@ -210,28 +238,61 @@ def test_kernel_matches_reference_on_random_rows(batch, dtype, width, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_kernel_matches_reference_on_tight_clusters(device):
-    # Rows within ~3e-2 of a few centres: a cluster's similarities (1 - 2e-3 .. 1) differ by less than
-    # the bfloat16 filter's error bound (~8e-3), so whole clusters become candidates and the
-    # float64 refinement alone orders them.
+@pytest.mark.parametrize("clusters", [40, 4])
+def test_kernel_on_tight_clusters(device, clusters):
+    # Rows within ~3e-2 of a few centres: a cluster's similarities (1 - 2e-3 .. 1) differ by
+    # less than the bfloat16 filter's error, so whole clusters become candidates. 40
+    # clusters of 15 rows stay within the filter's B / 8 = 75 candidates, so the float64
+    # refinement alone orders them; 4 clusters of 150 exceed it and take the general path.
+    # Within a cluster, similarities come within float32 rounding of each other, which the
+    # reference's float32 sums may order differently: the oracle is the exact one.
     gen = torch.Generator().manual_seed(3)
-    centres = torch.randn(4, 64, generator=gen)
-    z_img = centres[torch.arange(300) % 4] + 3e-2 * torch.randn(300, 64, generator=gen)
-    z_aud = centres[torch.arange(300) % 3] + 3e-2 * torch.randn(300, 64, generator=gen)
-    for k in (5, 20, 100):
-        assert_matches_reference(z_img, z_aud, k)
-        if device == "cuda":
-            # cuBLAS's float32 sums (the reference on CUDA) may order near-ties in a cluster
-            # differently; the kernels' float64 sums agree across devices.
-            got = ops.k_reciprocal_mask(z_img.cuda(), z_aud.cuda(), k).cpu()
-            assert torch.equal(got, ops.k_reciprocal_mask(z_img, z_aud, k))
+    centres = torch.randn(clusters, 64, generator=gen)
+    z_img = centres[torch.arange(600) % clusters] + 3e-2 * torch.randn(600, 64, generator=gen)
+    z_aud = centres[torch.arange(600) % (clusters - 1)] + 3e-2 * torch.randn(600, 64, generator=gen)
+    for k in (5, 12, 100):
+        assert_matches_exact_similarities(z_img, z_aud, k, device)
+
+
+def filter_values(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The filter's values of row pairs (csrc/k_reciprocal.h, step 2): N x D, N x D -> N,
+    float32 sums of the bfloat16-rounded rows' products, rounded to bfloat16."""
+    return (x.bfloat16().float() * y.bfloat16().float()).sum(dim=1).bfloat16().float()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_filter_margin_keeps_neighbours_that_the_filter_misorders(device):
+    # Rows q, a, b (searched for among random triples): a is q's nearest other row and q
+    # is a's, by exact similarity, but the bfloat16 filter puts b above a for q. With k = 2
+    # a true neighbour of q lies below q's k-th filter value: only the margin keeps it a
+    # candidate, and R[q, a] tells. a and b lie on either side of q at angles theta and
+    # theta + delta (delta ~ 1e-3, below the filter's error); the 61 other rows are
+    # orthogonal to all three.
+    gen = torch.Generator().manual_seed(0)
+    q, side = F.normalize(torch.randn(2, 2000, 3, generator=gen), dim=2)
+    side = F.normalize(side - (side * q).sum(dim=1, keepdim=True) * q, dim=1)  # orthogonal to q
+    theta = 0.5 + 0.7 * torch.rand(2000, 1, generator=gen)
+    delta = 1e-4 + 3e-3 * torch.rand(2000, 1, generator=gen)
+    a = theta.cos() * q + theta.sin() * side
+    b = (theta + delta).cos() * q - (theta + delta).sin() * side
+    triples = F.pad(F.normalize(torch.stack([q, a, b], dim=1), dim=2), (0, 5))  # 2000 x 3 x 8
+    q, a, b = triples.unbind(1)
+    exact = {pair: (x.double() * y.double()).sum(dim=1) for pair, (x, y) in {"qa": (q, a), "qb": (q, b), "ab": (a, b)}.items()}
+    misordered = (exact["qa"] > exact["qb"] + 1e-5) & (exact["qa"] > exact["ab"] + 1e-5) & (filter_values(q, a) < filter_values(q, b))
+    assert misordered.any()
+    z = torch.zeros(64, 8)
+    z[:3] = triples[misordered.nonzero()[0, 0]]
+    z[3:, 3:] = torch.randn(61, 5, generator=gen)
+    expected = reference.k_reciprocal_mask(z, z, 2)
+    assert expected[0, 1] and not expected[0, 2]
+    assert_matches_reference(z, z, 2, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernel_general_path_for_rows_with_many_candidates(device):
     # 2,100 copies of one direction (scaled) tie with each other: each has 2,100 candidates,
-    # more than the fast path holds (kMaxCandidates = 2048), and takes the general path;
-    # the 60 random rows keep the fast path. Ties still go to the lower index.
+    # more than the filter's B / 8 = 270, and takes the general path; the 60 random rows
+    # keep the filter. Ties still go to the lower index.
     gen = torch.Generator().manual_seed(4)
     scales = torch.rand(2100, 1, generator=gen) + 0.5
     copies = torch.zeros(2100, 16).index_fill_(1, torch.tensor([0]), 1.0) * scales
@@ -243,15 +304,15 @@ def test_kernel_general_path_for_rows_with_many_candidates(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernel_with_many_tiles_and_chunks(device, monkeypatch):
-    # A 0.05 MiB scratch bound: filter tiles of 5-24 rows, general-path chunks of 1-6 rows
-    # and list-sorting chunks of 10-3276 rows, so tile and chunk boundaries are crossed.
+    # A 0.05 MiB scratch bound: filter tiles of ~12 rows, general-path block rows of 1-4
+    # rows and list-sorting chunks of 10-3276 rows, so tile and block boundaries are crossed.
     monkeypatch.setenv("JSA_FAST_KRECIPROCAL_SCRATCH_MIB", "0.05")
     gen = torch.Generator().manual_seed(9)
     z_img, z_aud = tied_rows(540, 3, torch.float32), torch.randn(540, 32, generator=gen)
     for k in (1, 20, 300):
         assert_matches_reference(z_img, z_aud, k, device)
-    z_copies = torch.zeros(2200, 8).index_fill_(1, torch.tensor([2]), 1.0)  # every row overflows
-    assert_matches_reference(z_copies, torch.randn(2200, 8, generator=gen), 4, device)
+    z_copies = torch.zeros(600, 8).index_fill_(1, torch.tensor([2]), 1.0)  # every row overflows
+    assert_matches_reference(z_copies, torch.randn(600, 8, generator=gen), 4, device)
 
 
 def test_bad_scratch_bound_is_named(monkeypatch):
@@ -261,13 +322,98 @@ def test_bad_scratch_bound_is_named(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("k", [256, 257, 299])
+@pytest.mark.parametrize("k", [37, 38, 256, 299])
 def test_kernel_large_k_takes_the_general_path(device, k):
-    # k = 256 is the fast path's largest; above it every row takes the general path.
+    # At B = 300 the filter serves k <= B / 8 = 37; above it every row takes the general path.
     z_img, z_aud = tied_rows(300, 5, torch.float32), tied_rows(300, 6, torch.float32)
     assert_matches_reference(z_img, z_aud, k, device)
     gen = torch.Generator().manual_seed(k)
     assert_matches_reference(torch.randn(300, 32, generator=gen), torch.randn(300, 32, generator=gen), k, device)
+
+
+# ---------------------------------------------------------------------------------------
+# Collapsed embeddings: crowded similarities, the general path
+# ---------------------------------------------------------------------------------------
+
+
+def collapsed_exact_rows(batch: int, flips: int, seed: int, width: int = 256) -> torch.Tensor:
+    """batch x width rows crowded around one row, with exact cosine similarities and many ties.
+
+    A base row of +-1 entries; each row flips the signs of `flips` random entries and is
+    scaled by a power of two. Norms are 16 times a power of two, so the normalised entries
+    are +-1/16 (exact in every float dtype) and a dot product is 1 - 2 h / 256 for h
+    differing signs: similarities take a few values within 4 flips / 256 of 1.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 2, (width,), generator=gen).float() * 2 - 1
+    signs = torch.ones(batch, width)
+    signs.scatter_(1, torch.rand(batch, width, generator=gen).argsort(dim=1)[:, :flips], -1.0)
+    return base * signs * 2.0 ** torch.randint(-3, 4, (batch, 1), generator=gen).float()
+
+
+def collapsed_rows(batch: int, spread: float, seed: int, width: int = 256) -> torch.Tensor:
+    """batch x width rows: one shared Gaussian mean plus spread times Gaussian noise (no ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, width, generator=gen) + spread * torch.randn(batch, width, generator=gen)
+
+
+def crowded(z: torch.Tensor, k: int) -> torch.Tensor:
+    """B bool: whether the row has more than B / 8 rows at or above its k-th similarity.
+    The filter admits all of those (csrc/k_reciprocal.h, step 2), so these rows take the
+    general path."""
+    sim = similarities(z)
+    kth = sim.topk(k, dim=1).values[:, -1:]
+    return (sim >= kth).sum(dim=1) > z.shape[0] // 8
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flips", [1, 2, 4])
+def test_kernel_matches_reference_on_collapsed_exact_rows(device, flips):
+    # Every row within a few flips of one row: similarities crowd into a few exact values
+    # near 1, with ties at every row's k-th place; at k = 50 most rows take the general path.
+    z_img, z_aud = collapsed_exact_rows(700, flips, 0), collapsed_exact_rows(700, flips, 1)
+    assert crowded(z_img, 50).float().mean() > 0.5
+    for k in (1, 5, 20, 50):
+        assert_matches_reference(z_img, z_aud, k, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spread", [0.03, 0.01, 1e-3])
+def test_kernel_on_collapsed_rows_without_ties(device, spread):
+    # Shared mean plus noise: all similarities within 2^-8 of 1, far inside the bfloat16
+    # filter's window, so every row is a candidate of every row and takes the general path.
+    # Near-ties within float32 rounding are the norm here (at 1e-3 the similarities span
+    # a few hundred float32 steps), so the kernels' mask is the exact-similarity one.
+    z_img, z_aud = collapsed_rows(600, spread, 2), collapsed_rows(600, spread, 3)
+    assert similarities(z_img).min() > 1 - 2**-8 and similarities(z_aud).min() > 1 - 2**-8
+    for k in (5, 20):
+        assert_matches_exact_similarities(z_img, z_aud, k, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_on_a_batch_dominated_by_one_class(device, monkeypatch):
+    # Half the rows collapsed (general path), half spread (filter), shuffled: the general
+    # path's rows also take columns outside their symmetric blocks. With a small scratch
+    # bound the blocks are many and narrow; the first filter tile is a sample too small to
+    # skip the filter for the rest. Exact rows in one modality, noisy ones in the other.
+    monkeypatch.setenv("JSA_FAST_KRECIPROCAL_SCRATCH_MIB", "2")
+    gen = torch.Generator().manual_seed(5)
+    shuffle = torch.randperm(800, generator=gen)
+    z_img = torch.cat([collapsed_exact_rows(400, 2, 6), tied_rows(400, 7, torch.float32, width=256)])[shuffle]
+    z_aud = torch.cat([collapsed_rows(400, 1e-2, 8), torch.randn(400, 256, generator=gen)])[shuffle]
+    for k in (5, 20):
+        assert_matches_exact_similarities(z_img, z_aud, k, device)
+        assert_matches_reference(z_img, z_img.flip(0), k, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_skips_the_filter_after_a_crowded_first_tile(device):
+    # The first tile's B / 16 = 63 rows are collapsed: the rest of the batch goes to the
+    # general path without the filter, spread rows included, and the mask stays exact.
+    z = torch.cat([collapsed_exact_rows(150, 1, 9), tied_rows(850, 10, torch.float32, width=256)])
+    for k in (5, 20):
+        assert crowded(z, k)[:63].all()
+        assert_matches_reference(z, z.roll(1, 0), k, device)
 
 
 @pytest.mark.gpu
@@ -285,9 +431,9 @@ def test_cuda_kernel_matches_cpu_kernel_on_exact_ties():
 def test_cuda_kernel_at_a_large_global_batch():
     # B = 65,536 (the issue's bound), too large for the reference's B x B matrices: 4,096
     # shuffled clusters of 16 rows around random centres, k = 16, so that each row's
-    # neighbours are exactly its cluster in both modalities and R is known. The packed mask
-    # is 512 MiB; the kernel's scratch (a 256 MiB filter tile, normalised rows, neighbour
-    # lists) about as much again.
+    # neighbours are exactly its cluster in both modalities and R is known; every row keeps
+    # the filter. The packed mask is 512 MiB; the kernel's scratch (at most 512 MiB of
+    # filter tiles and candidates), normalised rows and neighbour lists about as much again.
     batch, width, k = 65536, 512, 16
     gen = torch.Generator(device="cuda").manual_seed(0)
     cluster = torch.randperm(batch, device="cuda", generator=gen) // k
@@ -306,6 +452,49 @@ def test_cuda_kernel_at_a_large_global_batch():
     for start in range(0, batch, 4096):
         rows = torch.arange(start, start + 4096, device="cuda")
         expected = cluster[rows, None] == cluster[None, :]
+        expected[torch.arange(4096, device="cuda"), rows] = False
+        assert torch.equal(ops.unpack_mask(words[start : start + 4096], batch), expected)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_kernel_on_collapsed_rows_at_16384():
+    # The benchmark's GPU size, all rows crowded (the general path), against the reference.
+    z_img, z_aud = collapsed_exact_rows(16384, 2, 11), collapsed_exact_rows(16384, 2, 12)
+    assert_matches_reference(z_img, z_aud, 20, "cuda")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_kernel_on_collapsed_rows_at_a_large_global_batch():
+    # B = 65,536 collapsed rows, every one on the general path, packed, within 2 GiB of extra
+    # memory. Each row flips one of 256 signs of a shared row (collapsed_exact_rows): its
+    # similarities are 1 to the rows that flipped the same entry and 1 - 2^-6 to all
+    # others. With ~256 rows per entry and k = 16, N(i) is the 16 lowest-indexed rows that
+    # flipped i's entry, so R pairs rows of one entry that are both among those 16, in both
+    # modalities.
+    batch, k = 65536, 16
+    zs = [collapsed_exact_rows(batch, 1, seed) for seed in (13, 14)]
+    first = []
+    for z in zs:
+        flipped = (z.sign() != z.sum(dim=0).sign()).int().argmax(dim=1)  # the column sums keep the shared signs
+        assert torch.bincount(flipped, minlength=256).min() >= k
+        order = torch.argsort(flipped * batch + torch.arange(batch))
+        rank = torch.empty(batch, dtype=torch.long)
+        rank[order] = torch.arange(batch) - torch.searchsorted(flipped[order], flipped[order])
+        first.append((flipped.cuda(), (rank < k).cuda()))
+    z_img, z_aud = (z.cuda() for z in zs)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    words = ops.k_reciprocal_mask(z_img, z_aud, k, packed=True)
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 2 * 2**30, f"{extra / 2**20:.0f} MiB beyond the inputs"
+    for start in range(0, batch, 4096):
+        rows = torch.arange(start, start + 4096, device="cuda")
+        expected = ~torch.zeros(4096, batch, dtype=torch.bool, device="cuda")
+        for flipped, among_first in first:
+            expected &= (flipped[rows, None] == flipped[None, :]) & among_first[rows, None] & among_first[None, :]
         expected[torch.arange(4096, device="cuda"), rows] = False
         assert torch.equal(ops.unpack_mask(words[start : start + 4096], batch), expected)
 
