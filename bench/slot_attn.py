@@ -11,7 +11,7 @@ back-propagates fixed random weights on all ten outputs. "bf16" means module and
 inputs in bf16; "fp32" in fp32 (TF32 off, torch's default). The ratio that matters is
 `vs_best_reference`: each variant's time over the fastest reference variant's.
 
-FLOP count: the products the K/V-free algorithm needs (kernels/joint_slot_attention.py),
+FLOP count: the products the K/V-free algorithm needs (jsa_fast/kernels/joint_slot_attention.py),
 the same for every variant so that TFLOP/s compare; per batch element and modality with
 L tokens, S slots, width d, MLP hidden H and N iterations,
 

@@ -5,7 +5,7 @@ Parameters and state-dict keys are those of `jsa_fast.reference.JointSlotAttenti
 `fused.load_state_dict(reference.state_dict())` works both ways.
 
 The Triton path runs both modalities' N iterations as one operator
-(kernels/joint_slot_attention.py), which folds the weights once per call:
+(jsa_fast/kernels/joint_slot_attention.py), which folds the weights once per call:
 at the paper's shapes JSA is bound by kernel launches, and folding removes per-iteration
 products (K, V and Q are never formed; the GRU's input product reads the attention
 context C directly) while stacking the two modalities' weights lets every product and
@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from jsa_fast.reference import JointSlotAttention, JSAOutput
-from kernels import INTERPRET, joint_slot_attention
-from kernels.joint_slot_attention import PARAMETERS
+from jsa_fast.kernels import INTERPRET, joint_slot_attention
+from jsa_fast.kernels.joint_slot_attention import PARAMETERS
 
 BACKENDS = ("auto", "triton", "torch")
 

@@ -1,6 +1,6 @@
 """What of the GPU path can be checked without a GPU: the Triton kernels compile for Hopper
 (sm_90) with the launch configurations the operator uses there, without spilling
-registers (`python -m kernels.compile_check`), and the triton_op bodies run on fake CUDA
+registers (`python -m jsa_fast.kernels.compile_check`), and the triton_op bodies run on fake CUDA
 tensors. Both in fresh processes, as this test session interprets the kernels (conftest.py)."""
 
 import json
@@ -23,7 +23,7 @@ def run_compile_check(tmp_path, *options: str) -> list[dict]:
     env = compiling_env()
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from a cache
     out = tmp_path / "compile_check.json"
-    command = [sys.executable, "-m", "kernels.compile_check", "--arch", "90", *options, "--json", str(out)]
+    command = [sys.executable, "-m", "jsa_fast.kernels.compile_check", "--arch", "90", *options, "--json", str(out)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(out.read_text())["rows"]
@@ -51,16 +51,16 @@ def test_kernels_compile_without_spills_at_every_shape(tmp_path):
 
 def test_compile_check_refuses_to_run_interpreted():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "kernels.compile_check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "jsa_fast.kernels.compile_check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "TRITON_INTERPRET" in result.stderr
 
 
 GPU_OPS_ON_FAKE_CUDA_TENSORS = """
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-import kernels
+import jsa_fast.kernels as kernels
 from jsa_fast import JointSlotAttention
-from kernels.joint_slot_attention import PARAMETERS
+from jsa_fast.kernels.joint_slot_attention import PARAMETERS
 assert not kernels.INTERPRET
 reference = JointSlotAttention(dim=96, num_slots=3, iters=2, mlp_hidden=64)
 stacked = [torch.stack([reference.image.get_parameter(n), reference.audio.get_parameter(n)]).detach() for n in PARAMETERS]
@@ -71,12 +71,12 @@ with FakeTensorMode(allow_non_fake_inputs=True):
         masks = torch.zeros(4, 49, device="cuda", dtype=torch.bool), torch.zeros(4, 16, device="cuda", dtype=torch.bool)
         params = [p.to("cuda", dtype) for p in stacked]
         slots_init = torch.empty(3, 96, device="cuda", dtype=dtype)
-        out = torch.ops.jsa.joint_slot_attention(x_img, x_aud, *masks, slots_init, params, 2, 1e-8, [1e-5] * 3, compute, dtype)
+        out = torch.ops.jsa_fast.joint_slot_attention(x_img, x_aud, *masks, slots_init, params, 2, 1e-8, [1e-5] * 3, compute, dtype)
         assert [tuple(o.shape) for o in out[:10]] == [(4, 3, 96)] * 4 + [(4, 49, 3), (4, 16, 3), (4, 49), (4, 49), (4, 16), (4, 16)]
         assert all(o.dtype == dtype and o.device.type == "cuda" for o in out[:10])
         tokens, hidden = out[10:12]
         assert tokens.shape == (4 * 65, 96) and tokens.dtype == hidden.dtype == compute  # kept in the products' dtype
-        grads = torch.ops.jsa.joint_slot_attention_backward(list(out[:10]), x_img, x_aud, *masks, slots_init, params, out[10:], 2, 1e-8, [1e-5] * 3)
+        grads = torch.ops.jsa_fast.joint_slot_attention_backward(list(out[:10]), x_img, x_aud, *masks, slots_init, params, out[10:], 2, 1e-8, [1e-5] * 3)
         assert grads[0].shape == x_img.shape and grads[2].shape == slots_init.shape and all(g.device.type == "cuda" for g in grads)
 print("ok")
 """

@@ -1,4 +1,4 @@
-"""The fused operator (kernels/joint_slot_attention.py) and FusedJointSlotAttention against
+"""The fused operator (jsa_fast/kernels/joint_slot_attention.py) and FusedJointSlotAttention against
 jsa_fast/reference.py.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) at tiny shapes;
@@ -14,8 +14,8 @@ from torch import nn
 import jsa_fast.fused
 from jsa_fast import FusedJointSlotAttention, JointSlotAttention
 from jsa_fast.reference import JSAOutput
-from kernels import joint_slot_attention
-from kernels.joint_slot_attention import PARAMETERS
+from jsa_fast.kernels import joint_slot_attention
+from jsa_fast.kernels.joint_slot_attention import PARAMETERS
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -145,7 +145,7 @@ def test_kernels_with_the_gpu_tiles_under_the_interpreter(monkeypatch):
     # runs rows in blocks and d in strips. Here the GPU configurations run under the
     # interpreter, tails included: d = 100 (strips of 64/32 and a tail; 16-row blocks), 36
     # tokens and 2 x 9 slot rows (several row programs, the last one partial).
-    module = importlib.import_module("kernels.joint_slot_attention")
+    module = importlib.import_module("jsa_fast.kernels.joint_slot_attention")
     for name in ("row_config", "attention_config"):
         gpu_config = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *args, _config=gpu_config: {k: v for k, v in _config(*args, interpret=False).items() if k != "num_warps"})
@@ -210,7 +210,7 @@ def test_parameters_apart_still_match():
 
 
 def operator_arguments(dtype=torch.float64, batch=2, l_img=3, l_aud=2, dim=4, num_slots=2, hidden=6, masks=True):
-    """Random arguments of jsa::joint_slot_attention at a tiny shape."""
+    """Random arguments of jsa_fast::joint_slot_attention at a tiny shape."""
     torch.manual_seed(7)
     reference = JointSlotAttention(dim=dim, num_slots=num_slots, iters=2, mlp_hidden=hidden)
     params = [torch.stack([reference.image.get_parameter(n), reference.audio.get_parameter(n)]).detach() for n in PARAMETERS]
@@ -245,14 +245,14 @@ def test_operator_opcheck():
     # One iteration (the last, with the cross-modal maps): opcheck runs the operator many times.
     x_img, x_aud, mask_img, mask_aud, slots_init, params = operator_arguments(dtype=torch.float32)
     args = (x_img, x_aud, mask_img, mask_aud, slots_init, params, 1, 1e-8, [1e-5, 1e-5, 1e-5], torch.float32, torch.float32)
-    torch.library.opcheck(torch.ops.jsa.joint_slot_attention.default, args)
+    torch.library.opcheck(torch.ops.jsa_fast.joint_slot_attention.default, args)
     # The backward operator has no double backward: it is checked on plain tensors.
-    out = torch.ops.jsa.joint_slot_attention.default(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:5]),
+    out = torch.ops.jsa_fast.joint_slot_attention.default(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:5]),
                                                      [p.detach() for p in params], *args[6:])  # fmt: skip
     grads = [torch.randn_like(o) if i % 3 else None for i, o in enumerate(out[:10])]
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:5]]
     torch.library.opcheck(
-        torch.ops.jsa.joint_slot_attention_backward.default,
+        torch.ops.jsa_fast.joint_slot_attention_backward.default,
         (grads, *plain, [p.detach() for p in params], out[10:], 1, 1e-8, [1e-5, 1e-5, 1e-5]),
     )
 

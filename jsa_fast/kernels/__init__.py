@@ -1,21 +1,21 @@
 """Triton kernels of jsa-fast and the operator they make up, each kernel's file stating
 the math it computes, all tested against `jsa_fast.reference`.
 
-- `joint_slot_attention` (kernels/joint_slot_attention.py): JSA's N iterations for both
-  modalities as one operator (`jsa::joint_slot_attention` and its backward), on folded
+- `joint_slot_attention` (jsa_fast/kernels/joint_slot_attention.py): JSA's N iterations for both
+  modalities as one operator (`jsa_fast::joint_slot_attention` and its backward), on folded
   weights, from these kernels:
-  - kernels/layer_norm.py: LN_in on the tokens of both modalities (mask tokens swapped
+  - jsa_fast/kernels/layer_norm.py: LN_in on the tokens of both modalities (mask tokens swapped
     in), the residual + LN_slots that ends each iteration, and their backwards;
-  - kernels/slot_attention.py: logits, softmax over slots, + eps, key normalisation and
+  - jsa_fast/kernels/slot_attention.py: logits, softmax over slots, + eps, key normalisation and
     the context Â^T x̂ for both modalities in one launch (the cross-modal maps on the last
     iteration), forward and backward;
-  - kernels/gru.py: the GRU gates and blend fused with LN_ff, forward and backward.
+  - jsa_fast/kernels/gru.py: the GRU gates and blend fused with LN_ff, forward and backward.
 
 How the operators are registered (triton_op on a GPU, custom_op under
-TRITON_INTERPRET=1): kernels/registry.py. Kernels never import training code.
+TRITON_INTERPRET=1): jsa_fast/kernels/registry.py. Kernels never import training code.
 """
 
-from kernels.joint_slot_attention import joint_slot_attention
-from kernels.registry import INTERPRET
+from jsa_fast.kernels.joint_slot_attention import joint_slot_attention
+from jsa_fast.kernels.registry import INTERPRET
 
 __all__ = ["INTERPRET", "joint_slot_attention"]

@@ -1,5 +1,5 @@
 """Compile every Triton kernel for a GPU without one, and report what it needs:
-`python -m kernels.compile_check [--arch 90] [--shapes paper|all] [--json PATH]`.
+`python -m jsa_fast.kernels.compile_check [--arch 90] [--shapes paper|all] [--json PATH]`.
 
 For each kernel, precision and shape, the launch configuration the operator uses on a
 GPU (`row_config` / `attention_config` with interpret=False), with the argument
@@ -38,11 +38,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.gru import gru_bwd_kernel, gru_fwd_kernel
-from kernels.joint_slot_attention import attention_config, row_config
-from kernels.layer_norm import ln_in_bwd_kernel, ln_in_fwd_kernel, residual_norm_kernel, slot_norm_bwd_kernel
-from kernels.registry import INTERPRET
-from kernels.slot_attention import attention_bwd_kernel, attention_fwd_kernel
+from jsa_fast.kernels.gru import gru_bwd_kernel, gru_fwd_kernel
+from jsa_fast.kernels.joint_slot_attention import attention_config, row_config
+from jsa_fast.kernels.layer_norm import ln_in_bwd_kernel, ln_in_fwd_kernel, residual_norm_kernel, slot_norm_bwd_kernel
+from jsa_fast.kernels.registry import INTERPRET
+from jsa_fast.kernels.slot_attention import attention_bwd_kernel, attention_fwd_kernel
 
 # Shared memory one block may use (opt-in maximum), by compute capability.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}

@@ -15,7 +15,7 @@ Backward, with dS̄ = dS_n (the MLP's residual) + normalise_backward(ds̄):
     dZ_in = dS̄ (1 - z)(1 - n^2),  dZ_hn = dZ_in r,  dZ_r = dZ_in Z_hn r (1 - r),
     dZ_z = dS̄ (h - n) z (1 - z),  dh (direct) = dS̄ z.
 
-Rows are those of a 2 x R stack (kernels/layer_norm.py), BLOCK_R at a time.
+Rows are those of a 2 x R stack (jsa_fast/kernels/layer_norm.py), BLOCK_R at a time.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.layer_norm import normalise, normalise_backward, row_offsets
+from jsa_fast.kernels.layer_norm import normalise, normalise_backward, row_offsets
 
 __all__ = ["gru_fwd_kernel", "gru_bwd_kernel"]
 

@@ -8,9 +8,9 @@ modalities (2 x ..., image first, PARAMETERS' order). Once per call they are fol
 
     w_q      2 x d x d       W_q' = W_q diag(γ_slots)
     key      2 x d x (d+1)   [W_k | b_k]
-    w_logit  2 x d x (d+1)   W_q'^T [W_k | b_k]: G = s̃ w_logit (kernels/slot_attention.py)
+    w_logit  2 x d x (d+1)   W_q'^T [W_k | b_k]: G = s̃ w_logit (jsa_fast/kernels/slot_attention.py)
     b_query  2 x d           W_q β_slots + b_q:  Q = s̃ W_q'^T + b_query
-    w_gru    2 x 4d x 2d     [C | h] w_gru^T + b_gru = [Z_r | Z_z | Z_in | Z_hn] (kernels/gru.py),
+    w_gru    2 x 4d x 2d     [C | h] w_gru^T + b_gru = [Z_r | Z_z | Z_in | Z_hn] (jsa_fast/kernels/gru.py),
              W_ih W_v folded in: [[W_iv,r W_hh,r] [W_iv,z W_hh,z] [W_iv,n 0] [0 W_hh,n]]
     b_gru    2 x 4d          [b_iv,r + b_hh,r | b_iv,z + b_hh,z | b_iv,n | b_hh,n], b_iv = W_ih b_v + b_ih
     w_mlp1   2 x H x d       W_1 diag(γ_ff);  b_mlp1  2 x H   W_1 β_ff + b_1
@@ -18,11 +18,11 @@ modalities (2 x ..., image first, PARAMETERS' order). Once per call they are fol
 Per iteration n = 1..N, for both modalities at once (R = B S rows each; eight launches):
 
     G = s̃_{n-1} w_logit                       GEMM (bmm over the two modalities)
-    C, [Â, ia, ca, Q]                          Triton, kernels/slot_attention.py
+    C, [Â, ia, ca, Q]                          Triton, jsa_fast/kernels/slot_attention.py
     Z = [C | S_{n-1}] w_gru^T + b_gru           GEMM
-    S̄, s̄ = GRU gates, LN_ff                   Triton, kernels/gru.py
+    S̄, s̄ = GRU gates, LN_ff                   Triton, jsa_fast/kernels/gru.py
     Y = relu(s̄ w_mlp1^T + b_mlp1)             GEMM + relu
-    S_n = S̄ + Y W_2^T + b_2, s̃_n               GEMM + Triton, kernels/layer_norm.py
+    S_n = S̄ + Y W_2^T + b_2, s̃_n               GEMM + Triton, jsa_fast/kernels/layer_norm.py
 
 (the last iteration adds Q = s̃_{N-1} W_q'^T + b_query and, for the cross-modal maps,
 G' = Q [W_k | b_k] of the other modality). The forward keeps the LN_in tokens,
@@ -33,7 +33,7 @@ gradient once, as one GEMM over all N iterations (K = N R) instead of N GEMMs an
 and maps the folded weights' gradients back to the parameters by hand, so that every
 parameter gradient comes out contiguous (no copy when autograd hands it to `.grad`).
 
-Registered as `jsa::joint_slot_attention` and `jsa::joint_slot_attention_backward`
+Registered as `jsa_fast::joint_slot_attention` and `jsa_fast::joint_slot_attention_backward`
 (kernels/registry.py: triton_op on a GPU, custom_op under TRITON_INTERPRET=1).
 """
 
@@ -45,10 +45,10 @@ import torch
 import triton
 from torch import Tensor
 
-from kernels.gru import gru_bwd_kernel, gru_fwd_kernel
-from kernels.layer_norm import ln_in_bwd_kernel, ln_in_fwd_kernel, residual_norm_kernel, slot_norm_bwd_kernel
-from kernels.registry import INTERPRET, io_dtype, kernel_input, launcher, register_op
-from kernels.slot_attention import attention_bwd_kernel, attention_fwd_kernel
+from jsa_fast.kernels.gru import gru_bwd_kernel, gru_fwd_kernel
+from jsa_fast.kernels.layer_norm import ln_in_bwd_kernel, ln_in_fwd_kernel, residual_norm_kernel, slot_norm_bwd_kernel
+from jsa_fast.kernels.registry import INTERPRET, io_dtype, kernel_input, launcher, register_op
+from jsa_fast.kernels.slot_attention import attention_bwd_kernel, attention_fwd_kernel
 
 __all__ = ["joint_slot_attention", "PARAMETERS", "attention_config", "row_config"]
 
@@ -64,7 +64,7 @@ _FOLDED = ("w_q", "key", "w_logit", "w_gru", "b_gru", "w_mlp1", "b_mlp1")
 # On a GPU: row kernels take ROW_ELEMENTS elements a program (whole d-wide rows), the
 # attention kernels BLOCK_L x BLOCK_S x BLOCK_D products a strip (the last iteration's
 # backward, with the cross map, holds the most); all with GPU_NUM_WARPS. Checked by
-# `python -m kernels.compile_check` (sm_90, no GPU needed): at the paper's shapes at most
+# `python -m jsa_fast.kernels.compile_check` (sm_90, no GPU needed): at the paper's shapes at most
 # 124 registers a thread and no spills in fp32, bf16, fp16, the autocast mix and fp64;
 # no spills up to L = 512 but in fp64 (gradcheck only), the strips narrowing to 4.
 GPU_NUM_WARPS = 8
@@ -186,7 +186,7 @@ def _saved_buffers(shapes: _Shapes, device: torch.device, dtype: torch.dtype) ->
     return [new(shapes.tokens, d), new(2, n, r, 2 * d), new(2, n, r, d), new(2, r, d), new(2, r, d + 1)]
 
 
-@register_op("jsa::joint_slot_attention", _forward_fake)
+@register_op("jsa_fast::joint_slot_attention", _forward_fake)
 def _forward(
     x_img: Tensor, x_aud: Tensor, mask_img: Tensor | None, mask_aud: Tensor | None, slots_init: Tensor,
     params: list[Tensor], iters: int, eps: float, ln_eps: list[float], compute_dtype: torch.dtype, out_dtype: torch.dtype,
@@ -276,7 +276,7 @@ def _grad_buffer_layout(params: list[Tensor]) -> list[tuple[tuple[int, ...], tor
     return [special.get(name) or (tuple(p[name].shape), p[name].dtype) for name in _GRAD_BUFFERS]
 
 
-@register_op("jsa::joint_slot_attention_backward", _backward_fake)
+@register_op("jsa_fast::joint_slot_attention_backward", _backward_fake)
 def _backward(
     grads: list[Tensor | None], x_img: Tensor, x_aud: Tensor, mask_img: Tensor | None, mask_aud: Tensor | None,
     slots_init: Tensor, params: list[Tensor], saved: list[Tensor], iters: int, eps: float, ln_eps: list[float],

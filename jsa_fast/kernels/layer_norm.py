@@ -7,7 +7,7 @@ Three LayerNorms act on whole d-wide rows (SPEC.md):
   S_n = S̄ + MLP(...): the kernel gets S̄ and the MLP's last product and writes S_n and
   its normalisation s̃_n = (S_n - μ) / σ (the affine γ_s, β_s is folded into the
   weights that read s̃, jsa_fast/fused.py);
-- LN_ff lives in kernels/gru.py, fused with the GRU gates that produce its input.
+- LN_ff lives in jsa_fast/kernels/gru.py, fused with the GRU gates that produce its input.
 
 Every normalisation is recomputed from its input in backward (μ and σ are d-wide sums,
 cheaper to redo than to keep). With y = (x - μ) / σ and g = dL/dy, the input gradient is
