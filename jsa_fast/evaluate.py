@@ -29,9 +29,10 @@ from tqdm import tqdm
 
 from jsa_fast.checkpoint import load_checkpoint, non_finite_tensors
 from jsa_fast.cli import ArgumentParser, DataError, UsageError, bounded, command
-from jsa_fast.config import saved_config
+from jsa_fast.config import RunConfig, saved_config
 from jsa_fast.data.dali import make_dali_loader, resolve_loader
-from jsa_fast.data.datasets import AudioVisualDataset, BadFilesError, make_loader
+from jsa_fast.data.datasets import AudioVisualDataset, BadFilesError, make_loader, read_id_list, read_vggss_json
+from jsa_fast.losses import jsa_loss
 from jsa_fast.metrics import (
     UPSAMPLE_MODES,
     LocalizationEvaluator,
@@ -43,10 +44,10 @@ from jsa_fast.metrics import (
     recall_at,
 )
 from jsa_fast.model import JSAModel, ObjectSaliency, localization_maps
-from jsa_fast.train import autocast_context, resolve_data_root, resolve_device
+from jsa_fast.train import EpochSeededDataset, autocast_context, resolve_data_root, resolve_device
 from jsa_fast.viz import overlay_heatmap, save_overlays
 
-__all__ = ["Protocol", "PROTOCOLS", "Evaluation", "main", "evaluate", "scored_maps", "load_object_saliency"]
+__all__ = ["Protocol", "PROTOCOLS", "Evaluation", "Validation", "main", "evaluate", "scored_maps", "load_object_saliency"]
 
 FIXED_THRESHOLD = 0.6  # the released code's; the table's second threshold under "median"
 RECALL_KS = (1, 5, 10)
@@ -233,6 +234,91 @@ def evaluate(
             if taken:
                 save_overlays(taken, out / "overlays", prefix=prefix)
     return Evaluation(results, items)
+
+
+def test_ids(root: Path) -> set[str]:
+    """The ids of ROOT's test list (test.json, else test.txt; none without either)."""
+    if (root / "test.json").exists():
+        return {name for name, _, _ in read_vggss_json(root / "test.json")}
+    if (root / "test.txt").exists():
+        return set(read_id_list(root / "test.txt"))
+    return set()
+
+
+class Validation:
+    """Model selection on a validation split, never on the test split.
+
+    cfg.val: a VGG-SS style JSON (file, class, bbox) of ids of `root`; they must not be
+    test ids, and those in train.txt are held out of training. A model scores its
+    AP50 / AUC / mean cIoU there (the field's protocol, ca^{a,v}); higher AP50 is better,
+    ties go to the higher AUC. cfg.val_fraction: that fraction of train.txt's ids
+    (test ids excluded; drawn by cfg.seed) is held out. Those items carry no boxes, so a
+    model scores the training objective there (eval mode, batches of cfg.batch_size in
+    list order, the training transform drawn once by cfg.seed); lower is better.
+    `train_ids` are the ids left to train on. Scores are computed in fp32, as evaluation's.
+    """
+
+    def __init__(self, cfg: RunConfig, root: Path, on_bad_file: str = "fail") -> None:
+        if cfg.val is None and not cfg.val_fraction > 0:
+            raise ValueError("a validation split needs cfg.val or cfg.val_fraction > 0")
+        self.cfg = cfg
+        listed = read_id_list(root / "train.txt")
+        tests = test_ids(root)
+        if cfg.val is not None:
+            self.dataset = AudioVisualDataset(
+                root, "test", cfg.image_config(), cfg.audio_config(), on_bad_file, ground_truth=cfg.val
+            )  # fmt: skip
+            overlap = sorted(tests.intersection(self.dataset.ids))
+            if overlap:
+                raise UsageError(f"--val {cfg.val} holds {len(overlap)} test id(s) of {root}, e.g. {overlap[:5]}: a validation split must leave the test split out")
+            held_out = set(self.dataset.ids)
+        else:
+            candidates = [name for name in listed if name not in tests]
+            count = max(1, round(cfg.val_fraction * len(candidates)))
+            if count >= len(candidates):
+                raise UsageError(f"--val-fraction {cfg.val_fraction} of the {len(candidates)} training ids of {root} leaves none to train on")
+            order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(cfg.seed))
+            held_out = {candidates[i] for i in order[:count].tolist()}
+            dataset = AudioVisualDataset(root, "train", cfg.image_config(), cfg.audio_config(), on_bad_file, subset=held_out)
+            self.dataset = EpochSeededDataset(dataset, cfg.seed)
+        self.train_ids = [name for name in listed if name not in held_out]
+        self.loader = make_loader(self.dataset, cfg.batch_size, shuffle=False, num_workers=0, seed=cfg.seed, drop_last=False)
+
+    def score(self, model: JSAModel, device: torch.device) -> dict[str, float]:
+        """{"val_ap50", "val_auc", "val_mean_ciou"} (cfg.val) or {"val_loss"}; leaves the
+        model in the mode it found it in."""
+        training = model.training
+        try:
+            if self.cfg.val is not None:
+                summary = evaluate(model, self.loader, self.cfg.image_size, device, overlays=0, classes=self.dataset.classes).summary
+                return {f"val_{key}": summary[key] for key in SUMMARY_KEYS}
+            return {"val_loss": self._loss(model, device)}
+        finally:
+            model.train(training)
+
+    @torch.no_grad()
+    def _loss(self, model: JSAModel, device: torch.device) -> float:
+        model.eval()
+        total, count = 0.0, 0
+        for batch in self.loader:
+            if batch is None:
+                continue
+            size = batch["image"].shape[0]
+            loss_cfg = dataclasses.replace(self.cfg.loss_config(), k=min(self.cfg.k, size))
+            terms = jsa_loss(model(batch["image"].to(device), batch["spec"].to(device)), loss_cfg)
+            total, count = total + terms["loss"].float().item() * size, count + size
+        if count == 0:
+            raise DataError("no validation item could be loaded (every item was skipped)")
+        return total / count
+
+    @staticmethod
+    def better(scores: dict[str, float], best: dict[str, float] | None) -> bool:
+        """Whether `scores` beat `best` (None: nothing yet)."""
+        if best is None:
+            return True
+        if "val_loss" in scores:
+            return scores["val_loss"] < best["val_loss"]
+        return (scores["val_ap50"], scores["val_auc"]) > (best["val_ap50"], best["val_auc"])
 
 
 def write_items(items: list[dict[str, Any]], path: Path) -> Path:

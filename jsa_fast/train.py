@@ -2,7 +2,9 @@
 
 With no --data the bundled synthetic world is built once in a cache folder and the `tiny`
 preset is trained on it. Writes OUT/last.pt (atomically, every epoch and on Ctrl-C),
-OUT/metrics.jsonl (a line per logged step and per epoch) and OUT/loss_curves.png.
+OUT/metrics.jsonl (a line per logged step and per epoch) and OUT/loss_curves.png; with a
+validation split (--val FILE or --val-fraction F, see `jsa_fast.evaluate.Validation`)
+OUT/best.pt, the epoch that scored best there (the test split is never used to select).
 `--resume` continues exactly where OUT/last.pt stopped, mid-epoch included, with its
 configuration (flags given must not change it, nor --data its training items, unless
 --allow-changes); an --out that holds a run is otherwise refused unless --overwrite.
@@ -280,7 +282,7 @@ def _logged_by_checkpoint(line: str, step: int, epochs_done: int) -> bool:
     return record.get("step", step + 1) <= step
 
 
-RUN_FILES = ("last.pt", "metrics.jsonl", "loss_curves.png")  # what a run writes to OUT
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "loss_curves.png")  # what a run writes to OUT
 
 
 def check_out_folder(out: Path, resume: bool, overwrite: bool) -> None:
@@ -373,7 +375,13 @@ def train(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    dataset = AudioVisualDataset(data_root, "train", cfg.image_config(), cfg.audio_config(), on_bad_file)
+    validation = None
+    if cfg.val is not None or cfg.val_fraction > 0:
+        from jsa_fast.evaluate import Validation  # here: jsa_fast.evaluate imports this module
+
+        validation = Validation(cfg, data_root, on_bad_file)
+    train_ids = validation.train_ids if validation is not None else None
+    dataset = AudioVisualDataset(data_root, "train", cfg.image_config(), cfg.audio_config(), on_bad_file, subset=train_ids)
     fingerprint = data_fingerprint(dataset.ids)
     if state and not allow_changes and state.get("data_fingerprint") not in (None, fingerprint):
         saved_items = state["data_fingerprint"]["items"]
@@ -394,6 +402,7 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
     epoch, batch_in_epoch, step = 0, 0, 0
     sums = new_epoch_sums()  # this epoch's trained batches and loss sums, for its summary line
+    best_val = None  # the validation scores of best.pt
     log = MetricsLog(out / "metrics.jsonl")
 
     if state:
@@ -407,6 +416,7 @@ def train(
         scaler.load_state_dict(state["scaler"])
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
         sums = state["epoch_sums"]
+        best_val = state.get("best_val")
         _set_rng_state(state["rng"])
     if world.is_main:
         if overwrite:
@@ -443,29 +453,31 @@ def train(
             f"lower --lr (now {cfg.lr:g}) or check those items"
         )
 
-    def checkpoint() -> None:
+    def checkpoint(best: bool = False) -> None:
+        """Save last.pt, and the same state as best.pt when `best`."""
         nonlocal saved_step
         if not world.is_main:
             return
         broken = non_finite_tensors(model.state_dict())
         if broken:
             raise stopped(f"after step {step} the model holds non-finite values ({len(broken)} tensors, e.g. {broken[0]}); lower --lr (now {cfg.lr:g})")
-        save_checkpoint(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "step": step,
-                "epoch_sums": sums,
-                "rng": _rng_state(),
-                "config": dataclasses.asdict(cfg),
-                "data": data,
-                "data_fingerprint": fingerprint,
-            },
-            checkpoint_path,
-        )
+        saved = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "step": step,
+            "epoch_sums": sums,
+            "rng": _rng_state(),
+            "config": dataclasses.asdict(cfg),
+            "data": data,
+            "data_fingerprint": fingerprint,
+            "best_val": best_val,
+        }
+        save_checkpoint(saved, checkpoint_path)
+        if best:
+            save_checkpoint(saved, out / "best.pt")
         saved_step = (step, epoch)
 
     epoch_means: dict[str, float] = {}
@@ -543,8 +555,14 @@ def train(
             epoch_means = {name: sums[name] / sums["batches"] for name in LOSS_TERMS}
             if world.is_main:
                 log.write({"kind": "epoch", "step": step, "epoch": epoch, **epoch_means, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": seen_items / (time.perf_counter() - started)})
+            improved = False
+            if validation is not None and world.is_main:
+                scores = validation.score(model, device)
+                log.write({"kind": "val", "step": step, "epoch": epoch, **scores})
+                improved = validation.better(scores, best_val)
+                best_val = scores if improved else best_val
             epoch, batch_in_epoch, sums = epoch + 1, 0, new_epoch_sums()
-            checkpoint()
+            checkpoint(best=improved)
     if world.is_main:
         try:
             plot_loss_curves(log.path, out / "loss_curves.png")
