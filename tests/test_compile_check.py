@@ -1,5 +1,5 @@
 """What of the GPU path can be checked without a GPU: the Triton kernels compile for Hopper
-(sm_90) with the launch configurations the operator uses there, without spilling
+(sm_90), Ampere and Blackwell with the launch configurations the operator uses there, without spilling
 registers (`python -m jsa_fast.kernels.compile_check`), and the triton_op bodies run on fake CUDA
 tensors. Both in fresh processes, as this test session interprets the kernels (conftest.py)."""
 
@@ -23,7 +23,7 @@ def run_compile_check(tmp_path, *options: str) -> list[dict]:
     env = compiling_env()
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from a cache
     out = tmp_path / "compile_check.json"
-    command = [sys.executable, "-m", "jsa_fast.kernels.compile_check", "--arch", "90", *options, "--json", str(out)]
+    command = [sys.executable, "-m", "jsa_fast.kernels.compile_check", *options, "--json", str(out)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(out.read_text())["rows"]
@@ -31,7 +31,7 @@ def run_compile_check(tmp_path, *options: str) -> list[dict]:
 
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
     # The paper's shapes in fp32, bf16 and the autocast mix (fp32 tensors, bf16 products).
-    rows = run_compile_check(tmp_path, "--shapes", "paper", "--precisions", "fp32", "bf16", "autocast")
+    rows = run_compile_check(tmp_path, "--arch", "90", "--shapes", "paper", "--precisions", "fp32", "bf16", "autocast")
     kernels = {row["kernel"] for row in rows}
     assert len(kernels) == 11 and {"ln_in forward", "attention backward, last", "gru + LN_ff backward"} <= kernels
     assert {row["precision"] for row in rows} == {"fp32", "bf16", "autocast"}
@@ -41,11 +41,18 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert len(rows) == 33 and all(row["num_warps"] == 8 and row["registers"] <= 128 for row in rows)
 
 
+def test_kernels_compile_for_ampere_and_blackwell(tmp_path):
+    # The extension's other architectures (setup.py): sm_80 and sm_100, bf16 at the paper's shapes.
+    rows = run_compile_check(tmp_path, "--arch", "80", "100", "--shapes", "paper", "--precisions", "bf16")
+    assert {row["arch"] for row in rows} == {80, 100} and len(rows) == 22
+    assert all(row["spill_bytes"] == 0 and row["registers"] > 0 for row in rows)
+
+
 @pytest.mark.slow
 def test_kernels_compile_without_spills_at_every_shape(tmp_path):
     # Odd widths, one and three slots, 256 and 512 image tokens, fp16 and fp64 too (the
     # exit status covers spills but in fp64).
-    rows = run_compile_check(tmp_path, "--shapes", "all")
+    rows = run_compile_check(tmp_path, "--arch", "90", "--shapes", "all")
     assert len({row["shape"] for row in rows}) == 5 and len({row["precision"] for row in rows}) == 5
 
 

@@ -1,10 +1,10 @@
 """Compile every Triton kernel for a GPU without one, and report what it needs:
-`python -m jsa_fast.kernels.compile_check [--arch 90] [--shapes paper|all] [--json PATH]`.
+`python -m jsa_fast.kernels.compile_check [--arch 80 90 100] [--shapes paper|all] [--json PATH]`.
 
 For each kernel, precision and shape, the launch configuration the operator uses on a
 GPU (`row_config` / `attention_config` with interpret=False), with the argument
 specialisations a launch gets (alignment and divisibility hints, sizes of 1 as
-constants), is compiled by Triton for sm_<arch> (Triton ships ptxas and cuobjdump, so no
+constants), is compiled by Triton for each sm_<arch> (Triton ships ptxas and cuobjdump, so no
 GPU or CUDA toolkit is needed) and cuobjdump reports registers per thread, spill stack
 bytes and shared memory. The exit status is 1 when a kernel spills registers in any
 precision but fp64 (there for gradcheck, reported only) or needs more shared memory than
@@ -193,7 +193,8 @@ def launches(shapes: str, precisions: list[str]) -> list[tuple[str, Any, str, Sh
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (80: Ampere, 90: Hopper, 100: Blackwell)")
+    parser.add_argument("--arch", type=int, nargs="+", default=[90],
+                        help="compute capabilities x 10 (80: Ampere, 90: Hopper, 100: Blackwell; the extension's list)")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="all")
     parser.add_argument("--precisions", choices=list(PRECISIONS), nargs="+", default=list(PRECISIONS))
     parser.add_argument("--json", default=None, help="write the rows here as JSON")
@@ -201,20 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     if INTERPRET:
         print("TRITON_INTERPRET is set: the kernels are interpreted, not compiled; unset it", file=sys.stderr)
         return 2
-    limit = SHARED_MEMORY_LIMIT.get(args.arch)
     rows, failures = [], []
-    for name, kernel, precision, shape, config in launches(args.shapes, args.precisions):
-        usage = compile_kernel(kernel, precision, config, size_arguments(shape), args.arch)
-        row = {"kernel": name, "precision": precision, "shape": str(shape), "config": config} | usage
-        rows.append(row)
-        print(f"{name:26s} {precision:8s} {str(shape):44s} warps {usage['num_warps']}  registers {usage['registers']:3d}  "
-              f"spill {usage['spill_bytes']:4d} B  shared {usage['shared_bytes']:6d} B")  # fmt: skip
-        if usage["spill_bytes"] > 0 and precision != "fp64":
-            failures.append(f"{name} {precision} {shape}: spills {usage['spill_bytes']} bytes")
-        if limit is not None and usage["shared_bytes"] > limit:
-            failures.append(f"{name} {precision} {shape}: {usage['shared_bytes']} B shared > {limit} B")
+    for arch in args.arch:
+        limit = SHARED_MEMORY_LIMIT.get(arch)
+        for name, kernel, precision, shape, config in launches(args.shapes, args.precisions):
+            usage = compile_kernel(kernel, precision, config, size_arguments(shape), arch)
+            row = {"arch": arch, "kernel": name, "precision": precision, "shape": str(shape), "config": config} | usage
+            rows.append(row)
+            print(f"sm_{arch} {name:26s} {precision:8s} {str(shape):44s} warps {usage['num_warps']}  registers {usage['registers']:3d}  "
+                  f"spill {usage['spill_bytes']:4d} B  shared {usage['shared_bytes']:6d} B")  # fmt: skip
+            if usage["spill_bytes"] > 0 and precision != "fp64":
+                failures.append(f"sm_{arch} {name} {precision} {shape}: spills {usage['spill_bytes']} bytes")
+            if limit is not None and usage["shared_bytes"] > limit:
+                failures.append(f"sm_{arch} {name} {precision} {shape}: {usage['shared_bytes']} B shared > {limit} B")
     if args.json:
-        Path(args.json).write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1))
     for failure in failures:
         print("FAIL", failure, file=sys.stderr)
     return 1 if failures else 0
