@@ -47,7 +47,18 @@ from jsa_fast.model import JSAModel, ObjectSaliency, localization_maps
 from jsa_fast.train import EpochSeededDataset, autocast_context, resolve_data_root, resolve_device
 from jsa_fast.viz import overlay_heatmap, save_overlays
 
-__all__ = ["Protocol", "PROTOCOLS", "Evaluation", "Validation", "main", "evaluate", "scored_maps", "load_object_saliency"]
+__all__ = [
+    "Protocol",
+    "PROTOCOLS",
+    "Evaluation",
+    "Validation",
+    "main",
+    "evaluate",
+    "scored_maps",
+    "load_object_saliency",
+    "protocol_from_args",
+    "temperature_value",
+]
 
 FIXED_THRESHOLD = 0.6  # the released code's; the table's second threshold under "median"
 RECALL_KS = (1, 5, 10)
@@ -369,7 +380,8 @@ def _threshold(text: str) -> str | float:
     return value
 
 
-def _temperature(text: str) -> float:
+def temperature_value(text: str) -> float:
+    """argparse type of --temperature: a finite number > 0."""
     value = bounded(float, low=0)(text)
     if value == 0:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
@@ -399,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     protocol.add_argument("--upsample", choices=sorted(UPSAMPLE_MODES), default=None, help="bilinear (align_corners=True) or bicubic (align_corners=False)")
     protocol.add_argument("--threshold", type=_threshold, default=None, help="'median' or a fixed value (the other kind is scored too)")
     protocol.add_argument("--alpha", type=bounded(float, 0, 1), default=None, help="IQR weight on ca^{a,v} (field 0.6, released 0.4)")
-    protocol.add_argument("--temperature", type=_temperature, default=None, help="factor on the inference logits (field 1, released 0.1)")
+    protocol.add_argument("--temperature", type=temperature_value, default=None, help="factor on the inference logits (field 1, released 0.1)")
     protocol.add_argument("--ogl-alpha", type=bounded(float, 0, 1), default=None, help="OGL weight on ca^{a,v} (0.4)")
     parser.add_argument("--ogl", default=None, metavar="R18.pth", help="a local torchvision ResNet-18 state dict: adds the OGL and object-only maps")
     parser.add_argument("--subset", default=None, metavar="FILE", help="evaluate only these ids or class names (one per line)")
@@ -414,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def protocol_from_args(args: argparse.Namespace) -> Protocol:
-    """--protocol's choices with the flags given applied over them."""
-    given = {name: getattr(args, name) for name in ("upsample", "threshold", "alpha", "temperature", "ogl_alpha")}
+    """--protocol's choices with the flags given (those of the five a CLI has) applied over them."""
+    given = {name: getattr(args, name, None) for name in ("upsample", "threshold", "alpha", "temperature", "ogl_alpha")}
     return dataclasses.replace(PROTOCOLS[args.protocol], **{k: v for k, v in given.items() if v is not None})
 
 

@@ -1,6 +1,7 @@
 """Where the sound comes from, on a video or an image of your own:
 `python -m jsa_fast.localize --checkpoint C INPUT [--audio WAV] --out DIR [--fps 4]
-[--map ca|iqr] [--alpha 0.6] [--batch-size 16] [--device cpu|cuda]`.
+[--map ca|iqr|ogl|obj] [--protocol field|released] [--alpha A] [--temperature T] [--ogl R18.pth]
+[--batch-size 16] [--device cpu|cuda]`.
 
 A video with sound: at each output time t = k / fps (k = 0, 1, ... while t is within the
 clip) the frame on screen at t and the audio window of the model's training clip length
@@ -14,7 +15,11 @@ An image and --audio WAV: the map of the image with the WAV's middle clip (as ev
 reads a data set's audio): DIR/<stem>_heatmap.png at the image's size and
 DIR/<stem>_map.npy (H x W).
 
-The map is ca^{a,v} (SPEC.md "Inference"), or the IQR map with --map iqr.
+The map is ca^{a,v} (SPEC.md "Inference"), or the IQR map with --map iqr; with --ogl (a
+local ImageNet ResNet-18 state dict) the OGL map (the default then) or the object map
+alone (--map obj). --protocol chooses the upsampling to the model's image size, IQR's
+alpha and the inference temperature as jsa_fast.evaluate does (field: bilinear, 0.6, 1;
+released: bicubic, 0.4, 0.1); --alpha and --temperature override them.
 """
 
 from __future__ import annotations
@@ -36,14 +41,16 @@ from jsa_fast.config import RunConfig, saved_config
 from jsa_fast.data.audio import AudioConfig, load_audio, log_spectrogram, middle_clip
 from jsa_fast.data.image import eval_transform, load_image
 from jsa_fast.data.video import decode_audio, iter_frames, mono_resampled, probe_video, write_video
+from jsa_fast.evaluate import PROTOCOLS, Protocol, load_object_saliency, protocol_from_args, scored_maps, temperature_value
 from jsa_fast.metrics import upsample_map
-from jsa_fast.model import JSAModel
+from jsa_fast.model import JSAModel, ObjectSaliency
 from jsa_fast.train import autocast_context, resolve_device
 from jsa_fast.viz import overlay_heatmap
 
 __all__ = ["load_model", "output_times", "centred_window", "Localizer", "localize_video", "localize_image", "main"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MAPS = {"ca": "av", "iqr": "iqr", "ogl": "ogl", "obj": "obj"}  # --map -> jsa_fast.evaluate.scored_maps' name
 OVERLAY_ALPHA = 0.5
 
 
@@ -78,12 +85,25 @@ def centred_window(wave: Tensor, centre_s: float, num_samples: int, sample_rate:
 
 
 class Localizer:
-    """A trained model that maps (image, audio clip) pairs to sound-source maps."""
+    """A trained model that maps (image, audio clip) pairs to sound-source maps: `which`
+    of `MAPS` under `protocol` (its upsampling, IQR alpha and temperature); "ogl" and
+    "obj" need the object map's `saliency` network."""
 
-    def __init__(self, model: JSAModel, cfg: RunConfig, device: torch.device, which: str = "ca", alpha: float = 0.6) -> None:
-        if which not in ("ca", "iqr"):
-            raise UsageError(f"--map must be 'ca' or 'iqr', got {which!r}")
-        self.model, self.cfg, self.device, self.which, self.alpha = model, cfg, device, which, alpha
+    def __init__(
+        self,
+        model: JSAModel,
+        cfg: RunConfig,
+        device: torch.device,
+        which: str = "ca",
+        protocol: Protocol = PROTOCOLS["field"],
+        saliency: ObjectSaliency | None = None,
+    ) -> None:
+        if which not in MAPS:
+            raise UsageError(f"--map must be one of {', '.join(MAPS)}, got {which!r}")
+        if (which in ("ogl", "obj")) != (saliency is not None):
+            raise UsageError(f"--map {which} {'needs' if saliency is None else 'does not use'} --ogl R18.pth (the object map's ResNet-18)")
+        self.protocol, self.saliency = protocol, saliency
+        self.model, self.cfg, self.device, self.which = model, cfg, device, which
         self.audio_cfg: AudioConfig = cfg.audio_config()
         self.image_transform = eval_transform(cfg.image_config())
 
@@ -94,8 +114,10 @@ class Localizer:
         image = torch.stack([self.image_transform(picture) for picture in images]).to(self.device)
         spec = torch.stack([log_spectrogram(clip, self.audio_cfg) for clip in clips]).to(self.device)
         with autocast_context(self.device, self.cfg.amp):
-            ca, iqr = self.model.localize(image, spec, self.alpha)
-        return (ca if self.which == "ca" else iqr).float().clamp(0, 1).cpu().numpy()
+            inference = self.model.infer(image, spec, self.protocol.temperature)
+            obj = self.saliency(image) if self.saliency is not None else None
+        maps = scored_maps(inference.ca, inference.ia, obj, tuple(image.shape[-2:]), self.protocol)
+        return maps[MAPS[self.which]].float().clamp(0, 1).cpu().numpy()
 
 
 def _overlay(rgb: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
@@ -176,8 +198,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--audio", default=None, help="the WAV to localise in an image INPUT")
     parser.add_argument("--out", required=True, help="folder for the outputs")
     parser.add_argument("--fps", type=bounded(float, low=1e-3), default=4.0, help="maps per second of video")
-    parser.add_argument("--map", choices=("ca", "iqr"), default="ca", help="ca^{a,v} (default) or the IQR map")
-    parser.add_argument("--alpha", type=bounded(float, low=0, high=1), default=0.6, help="IQR weight on ca^{a,v}")
+    parser.add_argument("--map", choices=tuple(MAPS), default=None, help="ca^{a,v} (default), IQR, OGL (default with --ogl) or the object map")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="field", help="as jsa_fast.evaluate: field (default) or released")
+    parser.add_argument("--alpha", type=bounded(float, low=0, high=1), default=None, help="IQR weight on ca^{a,v} (field 0.6, released 0.4)")
+    parser.add_argument("--temperature", type=temperature_value, default=None, help="factor on the inference logits (field 1, released 0.1)")
+    parser.add_argument("--ogl", default=None, metavar="R18.pth", help="a local torchvision ResNet-18 state dict: the OGL and object maps")
     parser.add_argument("--batch-size", type=bounded(int, low=1), default=16)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     return parser
@@ -198,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     device = resolve_device(args.device)
-    localizer = Localizer(*load_model(args.checkpoint, device), device, args.map, args.alpha)
+    which = args.map or ("ogl" if args.ogl is not None else "ca")
+    saliency = load_object_saliency(args.ogl, device) if args.ogl is not None else None
+    localizer = Localizer(*load_model(args.checkpoint, device), device, which, protocol_from_args(args), saliency)
     if is_image:
         written = localize_image(localizer, source, Path(args.audio), out)
     else:

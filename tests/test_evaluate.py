@@ -18,9 +18,11 @@ from torch import nn
 from torchvision.models import resnet18
 
 from jsa_fast.checkpoint import load_checkpoint
-from jsa_fast.config import PRESETS
+from jsa_fast.config import PRESETS, saved_config
+from jsa_fast.data.datasets import AudioVisualDataset
 from jsa_fast.data.synth import generate_synthetic_dataset
 from jsa_fast.evaluate import PROTOCOLS, Validation, main as evaluate_main, scored_maps
+from jsa_fast.localize import main as localize_main
 from jsa_fast.losses import LossConfig, jsa_loss
 from jsa_fast.metrics import AUC_THRESHOLDS, LocalizationEvaluator
 from jsa_fast.model import JSAModel, ModelConfig, ObjectSaliency
@@ -363,3 +365,32 @@ def test_subset_of_class_names_and_ids(trained, world, tmp_path, capsys):
 def test_bad_protocol_flags_are_one_line(flags, culprit, tmp_path, capsys):
     status, _, err = run_cli(["--checkpoint", tmp_path / "last.pt", *flags], capsys)
     assert status == 2 and len(err.strip().splitlines()) == 1 and culprit in err
+
+
+# ---------------------------------------------------------------------------------
+# localize takes the protocol's choices that apply to a map: upsampling, alpha, temperature, OGL
+# ---------------------------------------------------------------------------------
+
+
+def test_localize_makes_the_maps_evaluation_scores(trained, world, resnet18_weights, tmp_path, capsys):
+    state = load_checkpoint(trained / "last.pt")
+    cfg = saved_config(state["config"], "last.pt")
+    model = JSAModel(cfg.model_config())
+    model.load_state_dict(state["model"])
+    model.eval()
+    item = AudioVisualDataset(world, "test", cfg.image_config(), cfg.audio_config())[0]
+    protocol = dataclasses.replace(PROTOCOLS["released"], temperature=0.5)
+    with torch.no_grad():
+        image = item["image"][None]
+        inference = model.infer(image, item["spec"][None], protocol.temperature)
+        obj = ObjectSaliency(resnet18_weights)(image)
+        expected = scored_maps(inference.ca, inference.ia, obj, (64, 64), protocol)["ogl"][0]
+    name = item["id"]
+    args = ["--checkpoint", trained / "last.pt", world / "frames" / f"{name}.jpg", "--audio", world / "audio" / f"{name}.wav", "--device", "cpu"]
+    assert localize_main([str(a) for a in [*args, "--out", tmp_path, "--protocol", "released", "--temperature", "0.5", "--ogl", resnet18_weights]]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / f"{name}_map.npy"), expected.numpy(), rtol=0, atol=1e-5)
+    for flags, culprit in ((["--map", "obj"], "--map obj needs --ogl"), (["--map", "iqr", "--ogl", resnet18_weights], "--map iqr does not use --ogl"),
+                           (["--temperature", "0"], "--temperature")):  # fmt: skip
+        assert localize_main([str(a) for a in [*args, "--out", tmp_path, *flags]]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and culprit in err
