@@ -3,8 +3,10 @@
 Project metadata lives in pyproject.toml; this file only describes the extension.
 
 - CUDA build (CUDAExtension from csrc/*.cpp and csrc/*.cu) when csrc/ holds a .cu file,
-  torch was built with CUDA and a CUDA toolkit root is found; TORCH_CUDA_ARCH_LIST
-  defaults to 9.0 (Hopper).
+  torch was built with CUDA and a CUDA toolkit root is found, for every recent GPU:
+  TORCH_CUDA_ARCH_LIST defaults to DEFAULT_ARCH_LIST (Ampere sm_80, Hopper sm_90,
+  Blackwell sm_100, and PTX of sm_100 that newer GPUs compile when they load it); set
+  TORCH_CUDA_ARCH_LIST to build for others.
 - CPU build (CppExtension from csrc/*.cpp) otherwise, or when JSA_FAST_FORCE_CPU=1.
 
 Install with `pip install -e . --no-build-isolation` (the build needs the torch it runs
@@ -24,6 +26,7 @@ from setuptools import Extension, setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
+DEFAULT_ARCH_LIST = "8.0;9.0;10.0+PTX"
 
 
 def find_cuda_toolkit() -> Path | None:
@@ -77,7 +80,7 @@ def make_extension() -> Extension:
     if toolkit is not None:
         # torch.utils.cpp_extension reads CUDA_HOME once, when it is first imported.
         os.environ["CUDA_HOME"] = str(toolkit)
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         from torch.utils.cpp_extension import CUDAExtension
 
         return CUDAExtension(
