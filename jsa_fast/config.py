@@ -16,11 +16,12 @@ from typing import Any
 
 from jsa_fast.cli import DataError, UsageError
 from jsa_fast.data.audio import AudioConfig
-from jsa_fast.data.image import ImageConfig
+from jsa_fast.data.image import AUGMENTS, ImageConfig
+from jsa_fast.encoders import IMAGENET_WEIGHTS
 from jsa_fast.losses import LossConfig
 from jsa_fast.model import ModelConfig
 
-__all__ = ["RunConfig", "PRESETS", "add_config_arguments", "config_from_args", "given_overrides", "saved_config"]
+__all__ = ["RunConfig", "PRESETS", "add_config_arguments", "config_from_args", "given_overrides", "saved_config", "released_epochs"]
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,26 @@ class RunConfig:
     mask_prob: float = ModelConfig.mask_prob
     encoder_width: int = ModelConfig.encoder_width
     backend: str = ModelConfig.backend
+    # None: not chosen (training refuses to start), "none": random weights
     pretrained_image: str | None = field(
         default=None,
-        metadata={"help": "a local torchvision ResNet-18 checkpoint for the image encoder", "aliases": ("--pretrained",)},
+        metadata={
+            "help": f"the image encoder's start: a local torchvision ResNet-18 state dict (the paper's: {IMAGENET_WEIGHTS}) or none (random)",
+            "aliases": ("--pretrained",),
+            "parse": str,
+        },
     )
     pretrained_audio: str | None = field(
-        default=None, metadata={"help": "a local torchvision ResNet-18 checkpoint for the audio encoder (conv1 summed over RGB)"}
+        default=None,
+        metadata={"help": "a local torchvision ResNet-18 state dict for the audio encoder (conv1 summed over RGB), or none", "parse": str},
     )
     # preprocessing
     image_size: int = ImageConfig.size
     train_resize: int = ImageConfig.train_resize
-    color_augment: bool = ImageConfig.color_augment
+    augment: str = field(
+        default=ImageConfig.augment,
+        metadata={"help": "training augmentation of images and spectrograms: released (the released code's), flip (crop and flip) or none"},
+    )
     audio_seconds: float = AudioConfig.seconds
     n_fft: int = AudioConfig.n_fft
     win_length: int = AudioConfig.win_length
@@ -61,14 +71,19 @@ class RunConfig:
     weight_recon: float = LossConfig.weight_recon
     directions: str = LossConfig.directions
     # optimisation
-    epochs: int = 100
+    epochs: int | None = field(
+        default=None, metadata={"help": "default: by the training set's size, as the released scripts (`released_epochs`)", "parse": int}
+    )
     batch_size: int = field(
         default=256,
         metadata={"help": "the GLOBAL batch: pairs per optimiser step over all processes (each of N takes B / N)"},
     )
     lr: float = 5e-5
     weight_decay: float = 0.01
-    amp: str = "bf16"  # autocast dtype on CUDA ("bf16", "fp16" or "none"); CPU runs fp32
+    amp: str = field(
+        default="fp16",
+        metadata={"help": "training autocast: fp16 (with a GradScaler, as released), bf16 or none (fp32); evaluation runs fp32 unless given --amp"},
+    )
     compile: bool = field(
         default=True, metadata={"help": "torch.compile the model and losses (pays off for long runs, not tiny ones)"}
     )
@@ -110,7 +125,10 @@ class RunConfig:
         if problems:
             raise UsageError("; ".join(problems))
 
-    def model_config(self) -> ModelConfig:
+    def model_config(self, start_weights: bool = False) -> ModelConfig:
+        """The architecture; with `start_weights` also the pretrained files its encoders
+        load when built (training's start; a trained model's weights come from its
+        checkpoint, so evaluation needs no such file)."""
         _, bins, frames = self.audio_config().spectrogram_shape
         return ModelConfig(
             dim=self.dim,
@@ -124,8 +142,8 @@ class RunConfig:
             spec_frames=frames,
             encoder_width=self.encoder_width,
             backend=self.backend,
-            pretrained_image=self.pretrained_image,
-            pretrained_audio=self.pretrained_audio,
+            pretrained_image=_weights_file(self.pretrained_image) if start_weights else None,
+            pretrained_audio=_weights_file(self.pretrained_audio) if start_weights else None,
         )
 
     def loss_config(self) -> LossConfig:
@@ -133,11 +151,15 @@ class RunConfig:
 
     def audio_config(self) -> AudioConfig:
         return AudioConfig(
-            seconds=self.audio_seconds, n_fft=self.n_fft, win_length=self.win_length, hop_length=self.hop_length
+            seconds=self.audio_seconds,
+            n_fft=self.n_fft,
+            win_length=self.win_length,
+            hop_length=self.hop_length,
+            spec_augment=self.augment == "released",
         )
 
     def image_config(self) -> ImageConfig:
-        return ImageConfig(size=self.image_size, train_resize=self.train_resize, color_augment=self.color_augment)
+        return ImageConfig(size=self.image_size, train_resize=self.train_resize, augment=self.augment)
 
     def synth_kwargs(self) -> dict[str, Any]:
         """Arguments of `jsa_fast.data.synth.ensure_synthetic_dataset`."""
@@ -149,6 +171,26 @@ class RunConfig:
             audio_seconds=self.synth_audio_seconds,
             num_classes=self.synth_classes,
         )
+
+
+def _weights_file(choice: str | None) -> str | None:
+    """A pretrained choice as ModelConfig takes it: a path, or None for random weights."""
+    return None if choice in (None, "none") else choice
+
+
+def released_epochs(items: int) -> int:
+    """Epochs for a training set of `items` when --epochs is not given: the released
+    train_script.sh trains 100 epochs on the 10k subsets and 50 on VGGSound-144k; a size in
+    between takes the nearer of the two on a log scale (100 below 38,000 items, about
+    sqrt(10k x 144k))."""
+    return 100 if items < 38_000 else 50
+
+
+PRETRAINED_HINT = (
+    f"--pretrained: choose the image encoder's start: the paper fine-tunes torchvision's ImageNet ResNet-18 "
+    f"(ResNet18_Weights.IMAGENET1K_V1, the file {IMAGENET_WEIGHTS}; nothing is downloaded here): "
+    f"--pretrained PATH/{IMAGENET_WEIGHTS}, or --pretrained none for random weights"
+)
 
 
 def _positive_int(value: Any) -> bool:
@@ -167,10 +209,11 @@ def _number(value: Any) -> bool:
 _CHECKS: dict[str, tuple[str, Any]] = {
     **dict.fromkeys(
         ("dim", "iters", "mlp_hidden", "encoder_width", "image_size", "train_resize", "n_fft",
-         "win_length", "hop_length", "epochs", "batch_size", "log_every", "synth_train", "synth_test",
+         "win_length", "hop_length", "batch_size", "log_every", "synth_train", "synth_test",
          "synth_image_size"),
         ("an integer >= 1", _positive_int),
     ),
+    "epochs": ("an integer >= 1", lambda v: v is None or _positive_int(v)),
     **dict.fromkeys(("k", "num_workers"), ("an integer >= 0", _non_negative_int)),
     **dict.fromkeys(("seed", "synth_seed"), ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))),
     **dict.fromkeys(("tau", "lr", "audio_seconds", "synth_audio_seconds"), ("a finite number > 0", lambda v: _number(v) and v > 0)),
@@ -184,8 +227,10 @@ _CHECKS: dict[str, tuple[str, Any]] = {
     "backend": ("one of auto, triton, torch", lambda v: v in ("auto", "triton", "torch")),
     "amp": ("one of bf16, fp16, none", lambda v: v in ("bf16", "fp16", "none")),
     "directions": ("one of sum, mean", lambda v: v in ("sum", "mean")),
-    **dict.fromkeys(("color_augment", "compile"), ("true or false", lambda v: isinstance(v, bool))),
-    **dict.fromkeys(("pretrained_image", "pretrained_audio", "val"), ("a path or none", lambda v: v is None or isinstance(v, str))),
+    "augment": (f"one of {', '.join(AUGMENTS)}", lambda v: v in AUGMENTS),
+    "compile": ("true or false", lambda v: isinstance(v, bool)),
+    **dict.fromkeys(("pretrained_image", "pretrained_audio"), ("a path or none", lambda v: v is None or (isinstance(v, str) and v != ""))),
+    "val": ("a path or none", lambda v: v is None or isinstance(v, str)),
     "val_fraction": ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
 }
 
@@ -205,7 +250,7 @@ PRESETS: dict[str, RunConfig] = {
         mlp_hidden=128,
         encoder_width=8,
         image_size=112,
-        train_resize=124,
+        train_resize=123,  # int(1.1 x 112), as the released int(1.1 x 224) = 246
         audio_seconds=1.0,
         n_fft=256,
         win_length=256,
@@ -215,6 +260,11 @@ PRESETS: dict[str, RunConfig] = {
         batch_size=64,
         lr=1e-3,
         weight_decay=0.01,
+        # fp32: autocast on a CPU is slower, and the run is small
+        amp="none",
+        # width 8 takes no ImageNet weights; the synthetic world needs none
+        pretrained_image="none",
+        augment="flip",
         # compiling costs a 2-core CPU minutes, more than a tiny run saves
         compile=False,
         num_workers=2,
@@ -245,7 +295,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="configuration preset")
     group = parser.add_argument_group("preset overrides")
     for option in dataclasses.fields(RunConfig):
-        parse = _parse_optional_str if option.default is None else _PARSERS[type(option.default)]
+        parse = option.metadata.get("parse") or (_parse_optional_str if option.default is None else _PARSERS[type(option.default)])
         flag = f"--{option.name.replace('_', '-')}"
         help_text = option.metadata.get("help")
         if parse is _parse_bool:
@@ -276,6 +326,12 @@ def saved_config(saved: Mapping[str, Any], source: str) -> RunConfig:
         saved = {key: value for key, value in saved.items() if key != "num_slots"} | {
             "off_targets": saved["num_slots"] - 1 if _positive_int(saved["num_slots"]) else saved["num_slots"]
         }
+    if "color_augment" in saved:  # written before --augment: colour on top of crop and flip, no audio masks
+        saved = {key: value for key, value in saved.items() if key != "color_augment"} | {
+            "augment": "released" if saved["color_augment"] is True else "flip"
+        }
+    if "pretrained_image" in saved and saved["pretrained_image"] is None:  # written before "none": random weights
+        saved = saved | {"pretrained_image": "none"}
     unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(RunConfig)})
     if unknown:
         raise DataError(f"{source} was written by another version of jsa-fast: it holds settings unknown here, {unknown}")

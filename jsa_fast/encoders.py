@@ -6,18 +6,28 @@ max over frequency -> B x t x d  (257 x 501 -> 16 tokens).
 
 The trunk is torchvision's ResNet-18 (same blocks and state-dict keys) with an optional
 narrower base width, so that the small presets train on a CPU and `pretrained=PATH` loads
-a local torchvision checkpoint into the default width.
+a local torchvision checkpoint into the default width. Every convolution, the 1x1
+projection included, is initialised kaiming-normal (fan_out, ReLU) as in the released
+JSA code (resnet.py); the projection's bias keeps PyTorch's default there too.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
-__all__ = ["ResNet18Trunk", "ImageEncoder", "AudioEncoder", "resnet_output_size"]
+__all__ = ["ResNet18Trunk", "ImageEncoder", "AudioEncoder", "resnet_output_size", "IMAGENET_WEIGHTS", "RANDOM_START"]
+
+# What the paper and the released code fine-tune the image encoder from: torchvision's
+# ResNet18_Weights.IMAGENET1K_V1 (nothing is downloaded here).
+IMAGENET_WEIGHTS = "resnet18-f37072fd.pth"
+IMAGENET_WEIGHTS_URL = f"https://download.pytorch.org/models/{IMAGENET_WEIGHTS}"
+RANDOM_START = {"weights": "random"}  # an encoder's `started_from` without pretrained weights
 
 
 def resnet_output_size(n: int) -> int:
@@ -62,15 +72,24 @@ class ResNet18Trunk(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
-    def load_torchvision_checkpoint(self, path: str | Path) -> None:
-        """Load a local torchvision ResNet-18 state dict (fc.* is dropped).
+    def load_torchvision_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """Load a local torchvision ResNet-18 state dict: each of its tensors under its own
+        name (this trunk uses torchvision's), BatchNorm statistics included, but fc.*,
+        ImageNet's classifier, which the trunk has no place for. A 1-channel trunk takes
+        the sum of conv1 over the RGB channels. ValueError naming the file for any other
+        tensor missing, left over or of another shape.
 
-        A 1-channel trunk takes the sum of conv1 over the RGB channels.
+        Returns what the trunk started from: {"weights": path, "sha256": the file's,
+        "tensors": the number loaded, "unused": the names left out (fc.weight, fc.bias)}.
         """
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        path = Path(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+        if not isinstance(state, dict):
+            raise ValueError(f"pretrained={path} holds a {type(state).__name__}, not a state dict")
+        unused = sorted(key for key in state if key.startswith("fc."))
+        state = {key: value for key, value in state.items() if key not in unused}
         conv1 = state.get("conv1.weight")
         if conv1 is not None and conv1.shape[1] != self.conv1.in_channels:
             if self.conv1.in_channels != 1:
@@ -80,15 +99,18 @@ class ResNet18Trunk(nn.Module):
             self.load_state_dict(state)
         except RuntimeError as error:
             raise ValueError(f"pretrained={path} is not a ResNet-18 checkpoint of width {self.out_channels // 8}: {error}") from None
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return {"weights": str(path), "sha256": digest, "tensors": len(state), "unused": unused}
 
 
 class _TokenEncoder(nn.Module):
     def __init__(self, in_channels: int, dim: int, base_width: int, pretrained: str | Path | None) -> None:
         super().__init__()
         self.trunk = ResNet18Trunk(in_channels, base_width)
-        if pretrained is not None:
-            self.trunk.load_torchvision_checkpoint(pretrained)
+        # what the trunk started from (`load_torchvision_checkpoint`), for the run's record
+        self.started_from = dict(RANDOM_START) if pretrained is None else self.trunk.load_torchvision_checkpoint(pretrained)
         self.proj = nn.Conv2d(self.trunk.out_channels, dim, kernel_size=1)
+        nn.init.kaiming_normal_(self.proj.weight, mode="fan_out", nonlinearity="relu")
 
     def feature_map(self, x: Tensor, expected_channels: int, name: str) -> Tensor:
         if x.dim() != 4 or x.shape[1] != expected_channels:

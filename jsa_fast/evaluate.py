@@ -138,7 +138,7 @@ def evaluation_loader(
 ) -> Iterable[dict[str, Any] | None]:
     """Batches of a test split in order: the PyTorch DataLoader ("torch") or DALI ("dali";
     "auto": see `resolve_loader`)."""
-    if resolve_loader(kind, device, dataset.image_cfg) == "dali":
+    if resolve_loader(kind, device) == "dali":
         return make_dali_loader(dataset, batch_size, shuffle=False, seed=0, device=device)
     return make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, seed=0, drop_last=False)
 
@@ -417,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--subset", default=None, metavar="FILE", help="evaluate only these ids or class names (one per line)")
     parser.add_argument("--on-missing", choices=("fail", "skip"), default="fail", help="test ids whose files are not on disk: stop naming them, or count and list them")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    parser.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none", help="autocast dtype (default: fp32, whatever the training used, as the released code)")
     parser.add_argument("--batch-size", type=bounded(int, low=1), default=32)
     parser.add_argument("--num-workers", type=bounded(int, low=0), default=2)
     parser.add_argument("--overlays", type=bounded(int, low=0), default=16, help="heatmap overlays to save")
@@ -469,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(dataset.missing)} test id(s) not on disk, listed in {missing_path}", file=sys.stderr)
     loader = evaluation_loader(args.loader, dataset, device, args.batch_size, args.num_workers)
     results, items = evaluate(
-        model, loader, cfg.image_size, device, protocol, cfg.amp, args.overlays, out, saliency, dataset.classes
+        model, loader, cfg.image_size, device, protocol, args.amp, args.overlays, out, saliency, dataset.classes
     )  # fmt: skip
     results.update(
         protocol=args.protocol if protocol == PROTOCOLS[args.protocol] else f"{args.protocol}, changed by flags",

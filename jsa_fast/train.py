@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from jsa_fast.checkpoint import is_disk_full, load_checkpoint, non_finite_tensors, remove_stale_temporaries, save_checkpoint
 from jsa_fast.cli import ArgumentParser, DataError, RunError, UsageError, command, one_line
-from jsa_fast.config import RunConfig, add_config_arguments, config_from_args, saved_config
+from jsa_fast.config import PRETRAINED_HINT, RunConfig, add_config_arguments, config_from_args, released_epochs, saved_config
 from jsa_fast.data.dali import make_dali_loader, resolve_loader
 from jsa_fast.data.datasets import AudioVisualDataset, collate_skip_none, epoch_order
 from jsa_fast.data.synth import ensure_synthetic_dataset
@@ -92,13 +92,13 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def autocast_context(device: torch.device, amp: str):
-    """bf16/fp16 autocast on CUDA as the config asks; CPU runs in fp32."""
+    """bf16/fp16 autocast on `device` (CUDA or CPU) as `amp` asks; "none" runs in fp32."""
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
     if amp not in dtypes:
         raise ValueError(f"amp must be one of {sorted(dtypes)}, got {amp!r}")
-    if device.type != "cuda" or dtypes[amp] is None:
+    if dtypes[amp] is None:
         return nullcontext()
-    return torch.autocast("cuda", dtype=dtypes[amp])
+    return torch.autocast(device.type, dtype=dtypes[amp])
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
@@ -361,6 +361,8 @@ def train(
     if cfg.batch_size % world.size:
         raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the {world.size} processes")
     check_out_folder(out, resume, overwrite)
+    if cfg.pretrained_image is None:
+        raise UsageError(PRETRAINED_HINT)
     checkpoint_path = out / "last.pt"
     state = load_checkpoint(checkpoint_path) if resume else None
     if state and not allow_changes:
@@ -388,18 +390,25 @@ def train(
         _refuse_changes(checkpoint_path, [f"the training items of {data_root} ({fingerprint['items']} now, {saved_items} then, other ids)"])
     if len(dataset) < cfg.batch_size:
         raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {len(dataset)} usable training items of {data_root}")
+    epochs = cfg.epochs or released_epochs(len(dataset))
     seeded = EpochSeededDataset(dataset, cfg.seed)
     dali = None
-    if resolve_loader(loader, device, dataset.image_cfg) == "dali":
+    if resolve_loader(loader, device) == "dali":
         dali = make_dali_loader(dataset, local_batch, shuffle=False, seed=cfg.seed, device=device, drop_last=True)
-    model_cfg = cfg.model_config()
+    model_cfg = cfg.model_config(start_weights=not state)  # a resumed model's weights come from last.pt
     model = JSAModel(model_cfg)
+    # What the encoders started from (pretrained file and its SHA-256, or random), kept in every checkpoint.
+    encoder_start = state.get("encoder_start", {}) if state else {
+        "image": model.image_encoder.started_from, "audio": model.audio_encoder.started_from,
+    }  # fmt: skip
     if world.size > 1:
         convert_batchnorm(model)
     layout = memory_format(device)
     model.to(device, memory_format=layout)
     optimizer = build_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
+    # fp16 steps whose loss or gradients are not finite are skipped by the scaler (and counted)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    skipped_steps = 0
     epoch, batch_in_epoch, step = 0, 0, 0
     sums = new_epoch_sums()  # this epoch's trained batches and loss sums, for its summary line
     best_val = None  # the validation scores of best.pt
@@ -416,6 +425,7 @@ def train(
         scaler.load_state_dict(state["scaler"])
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
         sums = state["epoch_sums"]
+        skipped_steps = state.get("skipped_steps", 0)
         best_val = state.get("best_val")
         _set_rng_state(state["rng"])
     if world.is_main:
@@ -426,6 +436,8 @@ def train(
         remove_stale_temporaries(checkpoint_path)
         dropped = log.keep_until(step, epoch) if resume else 0
         print(f"training on {data_root} ({device}, {world.size} process(es)); writing {out}")
+        print(f"{epochs} epoch(s){'' if cfg.epochs else f' (by the {len(dataset)} training items, as released; --epochs N to choose)'}; "
+              f"{cfg.augment} augmentation; {'fp32' if cfg.amp == 'none' else cfg.amp}; image encoder from {_start_text(encoder_start.get('image'))}")  # fmt: skip
         if dropped:
             print(f"{log.path}: dropped {dropped} line(s) logged after {checkpoint_path.name}'s step {step}; they are trained again")
     saved_step = (step, epoch) if resume else None  # what last.pt holds
@@ -474,18 +486,24 @@ def train(
             "data": data,
             "data_fingerprint": fingerprint,
             "best_val": best_val,
+            "encoder_start": encoder_start,
+            "skipped_steps": skipped_steps,
         }
         save_checkpoint(saved, checkpoint_path)
         if best:
             save_checkpoint(saved, out / "best.pt")
         saved_step = (step, epoch)
 
+    def scaler_record() -> dict[str, float]:
+        """What a metrics line adds under fp16: the loss scale and the steps skipped so far."""
+        return {"grad_scale": scaler.get_scale(), "skipped_steps": skipped_steps} if scaler.is_enabled() else {}
+
     epoch_means: dict[str, float] = {}
-    if epoch >= cfg.epochs and world.is_main:
-        print(f"{checkpoint_path} has trained {epoch} epoch(s), --epochs is {cfg.epochs}: nothing to train")
+    if epoch >= epochs and world.is_main:
+        print(f"{checkpoint_path} has trained {epoch} epoch(s), --epochs is {epochs}: nothing to train")
     model.train()
     with DeferredInterrupt() as interrupt:
-        while epoch < cfg.epochs:
+        while epoch < epochs:
             seeded.epoch = epoch
             batches = epoch_batches(len(dataset), cfg.batch_size, cfg.seed, epoch, batch_in_epoch)
             rank_batches = [world.shard(indices, "--batch-size") for indices in batches]
@@ -506,7 +524,7 @@ def train(
             progress = tqdm(
                 batch_iterator,
                 total=len(batches),
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                desc=f"epoch {epoch + 1}/{epochs}",
                 dynamic_ncols=True,
                 disable=None if world.is_main else True,
             )
@@ -525,6 +543,7 @@ def train(
                     *(mask.to(device, non_blocking=True) for mask in masks),
                 )
                 step += 1
+                scale = scaler.get_scale()
                 try:
                     terms = train_step(loss_for(global_batch), optimizer, scaler, inputs, device, cfg.amp)
                 except ValueError as error:  # e.g. the k-reciprocal op refusing non-finite embeddings
@@ -532,29 +551,38 @@ def train(
                     raise stopped_at_step(batch["id"], one_line(error)) from error
                 means = world.mean(torch.stack([terms[name].detach().float() for name in LOSS_TERMS]))
                 values = dict(zip(LOSS_TERMS, means.tolist()))
-                if not all(math.isfinite(value) for value in values.values()):
+                # The scaler lowers its scale exactly when it skipped the step (inf/NaN gradients).
+                skipped = scaler.is_enabled() and scaler.get_scale() < scale
+                if skipped:
+                    skipped_steps += 1
+                    if scaler.get_scale() < 1:
+                        progress.close()
+                        raise stopped_at_step(batch["id"], f"fp16 steps keep overflowing ({skipped_steps} skipped, loss scale now {scaler.get_scale():g}); try --amp bf16")
+                elif not all(math.isfinite(value) for value in values.values()):
                     progress.close()
                     shown = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
                     raise stopped_at_step(batch["id"], f"the loss is not finite ({shown})")
-                sums["batches"] += 1
-                for name, value in values.items():
-                    sums[name] += value
+                else:
+                    sums["batches"] += 1
+                    for name, value in values.items():
+                        sums[name] += value
                 seen_items += global_batch
                 throughput = seen_items / (time.perf_counter() - started)
                 progress.set_postfix({name.removeprefix("loss_"): f"{v:.3g}" for name, v in values.items()} | {"samples/s": f"{throughput:.1f}"})
                 if step % cfg.log_every == 0 and world.is_main:
-                    log.write({"kind": "step", "step": step, "epoch": epoch, **values, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": throughput})
+                    log.write({"kind": "step", "step": step, "epoch": epoch, **values, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": throughput, **scaler_record()})
                 if world.any(interrupt.requested):  # every rank stops after the same step
                     progress.close()
                     checkpoint()
                     if world.is_main:
                         print(f"interrupted: state saved to {checkpoint_path}; continue with --resume", file=sys.stderr)
                     raise KeyboardInterrupt
-            if sums["batches"] == 0:
+            if sums["batches"] == 0 and not seen_items:
                 raise DataError(f"epoch {epoch + 1}: no batch could be loaded from {data_root} (every item was skipped)")
-            epoch_means = {name: sums[name] / sums["batches"] for name in LOSS_TERMS}
+            # NaN (null in metrics.jsonl) when the scaler skipped every step of the epoch
+            epoch_means = {name: sums[name] / sums["batches"] if sums["batches"] else math.nan for name in LOSS_TERMS}
             if world.is_main:
-                log.write({"kind": "epoch", "step": step, "epoch": epoch, **epoch_means, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": seen_items / (time.perf_counter() - started)})
+                log.write({"kind": "epoch", "step": step, "epoch": epoch, **epoch_means, "lr": optimizer.param_groups[0]["lr"], "samples_per_s": seen_items / (time.perf_counter() - started), **scaler_record()})
             improved = False
             if validation is not None and world.is_main:
                 scores = validation.score(model, device)
@@ -569,6 +597,14 @@ def train(
         except (ValueError, FileNotFoundError) as error:
             print(f"loss curves not drawn: {one_line(error)}")
     return epoch_means
+
+
+def _start_text(start: dict[str, Any] | None) -> str:
+    """An encoder's `started_from` record in words."""
+    if not start or start.get("weights") == "random":
+        return "random weights" if start else "an unrecorded start"
+    unused = f"; unused: {', '.join(start['unused'])} (ImageNet's classifier: the encoder has none)" if start["unused"] else ""
+    return f"{start['weights']} ({start['tensors']} tensors, sha256 {start['sha256'][:12]}{unused})"
 
 
 def build_parser() -> argparse.ArgumentParser:

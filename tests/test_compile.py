@@ -50,7 +50,7 @@ def test_compile_flag_and_preset_defaults():
     assert config_from_args(parser.parse_args(["--preset", "tiny", "--compile"]), "paper").compile
     assert not config_from_args(parser.parse_args(["--no-compile"]), "paper").compile
     assert not config_from_args(parser.parse_args(["--compile", "false"]), "paper").compile
-    assert config_from_args(parser.parse_args(["--color-augment"]), "paper").color_augment
+    assert config_from_args(parser.parse_args(["--augment", "flip"]), "paper").augment == "flip"
     with pytest.raises(SystemExit):
         parser.parse_args(["--compile", "maybe"])
 

@@ -6,6 +6,8 @@ gpu. Without nvidia.dali the DALI tests skip with the reason; `shard_batches` ru
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
 import sys
 import warnings
@@ -17,10 +19,19 @@ import pytest
 import soundfile
 import torch
 
-from jsa_fast.data import AudioConfig, AudioVisualDataset, BadFilesError, ImageConfig, eval_transform, load_image
+from jsa_fast.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AudioConfig,
+    AudioVisualDataset,
+    BadFilesError,
+    ImageConfig,
+    eval_transform,
+    load_image,
+)
 from jsa_fast.data.dali import dali_available, make_dali_loader, shard_batches
 from jsa_fast.data.synth import generate_synthetic_dataset
-from jsa_fast.train import epoch_batches
+from jsa_fast.train import EpochSeededDataset, epoch_batches
 
 needs_dali = pytest.mark.skipif(
     not dali_available("cpu"), reason="nvidia.dali is not installed (pip install -r requirements-dali.txt)"
@@ -30,8 +41,13 @@ DEVICES = [
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]),
 ]
 
-IMAGE = ImageConfig(size=48, train_resize=56)
-AUDIO = AudioConfig(seconds=0.5, n_fft=256, win_length=256, hop_length=160)  # 1 x 129 x 51
+# Crop and flip only, no spectrogram masks: the training items the tests compare item by
+# item (the released augmentation is compared in distribution, below).
+IMAGE = ImageConfig(size=48, train_resize=56, augment="flip")
+AUDIO = AudioConfig(seconds=0.5, n_fft=256, win_length=256, hop_length=160, spec_augment=False)  # 1 x 129 x 51
+RELEASED_IMAGE = dataclasses.replace(IMAGE, augment="released")
+RELEASED_AUDIO = dataclasses.replace(AUDIO, spec_augment=True)  # mask widths below (5, 10)
+DRAWS = 256  # augmentations of one item compared in distribution
 # PIL's and DALI's antialiased bicubic resizes agree within 4 grey levels (ENV.md): 4 / 255
 # in [0, 1], divided by the smallest ImageNet std.
 IMAGE_ATOL = 4 / 255 / min(0.229, 0.224, 0.225)
@@ -264,9 +280,9 @@ def test_a_corrupt_jpeg_is_named_or_skipped(root_copy: Path) -> None:
 
 
 @needs_dali
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("augment", [None, "flip", "released"], ids=["eval", "train-flip", "train-released"])
 @pytest.mark.parametrize("videos", [False, True], ids=["images", "videos"])
-def test_the_gpu_pipeline_is_a_valid_dali_graph(root_copy: Path, videos: bool, train: bool) -> None:
+def test_the_gpu_pipeline_is_a_valid_dali_graph(root_copy: Path, videos: bool, augment: str | None) -> None:
     # Without a GPU, DALI can neither build nor run a device_id=0 pipeline, but defining one
     # checks every operator's arguments and where each input lives (CPU, GPU, mixed).
     from jsa_fast.data.dali import _build_pipeline, _Source
@@ -275,7 +291,8 @@ def test_the_gpu_pipeline_is_a_valid_dali_graph(root_copy: Path, videos: bool, t
         _test_items_as_videos(root_copy, "cuda")
     source = _Source(AudioVisualDataset(root_copy, "test", IMAGE, AUDIO))
     assert source.videos == videos
-    pipeline = _build_pipeline(source, train, IMAGE, AUDIO, batch_size=2, device_id=0, seed=1, num_threads=1)
+    image_cfg, audio_cfg = (RELEASED_IMAGE, RELEASED_AUDIO) if augment == "released" else (IMAGE, AUDIO)
+    pipeline = _build_pipeline(source, augment is not None, image_cfg, audio_cfg, batch_size=2, device_id=0, seed=1, num_threads=1)
     assert pipeline.device_id == 0
 
 
@@ -312,11 +329,69 @@ def test_unreadable_files_are_named_at_construction(root_copy: Path) -> None:
 
 @needs_dali
 def test_bad_arguments_are_named(synth_root: Path) -> None:
-    with pytest.raises(ValueError, match="color_augment"):
-        make_dali_loader(AudioVisualDataset(synth_root, "train", ImageConfig(48, 56, True), AUDIO), 2, True, 0, device="cpu")
     with pytest.raises(ValueError, match="shard_id"):
         make_dali_loader(AudioVisualDataset(synth_root, "train", IMAGE, AUDIO), 2, True, 0, 3, 2, "cpu")
     with pytest.raises(ValueError, match="device"):
         make_dali_loader(AudioVisualDataset(synth_root, "train", IMAGE, AUDIO), 2, True, 0, device="meta")
     assert not dali_available("cuda:64")
 
+
+
+@pytest.fixture(scope="module")
+def one_item_many_times(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A training set of DRAWS copies (links) of one frame and its sound: each item is one
+    draw of the augmentation."""
+    root = tmp_path_factory.mktemp("copies")
+    ids = [f"copy_{i:04d}" for i in range(DRAWS)]
+    for folder, suffix in (("frames", ".jpg"), ("audio", ".wav")):
+        (root / folder).mkdir()
+        for name in ids:
+            os.symlink(synth_root / folder / f"train_000001{suffix}", root / folder / f"{name}{suffix}")
+    (root / "train.txt").write_text("".join(f"{name}\n" for name in ids))
+    return root
+
+
+def _augmentation_statistics(image: torch.Tensor, spec: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per draw (N x 3 x H x W normalised images, N x 1 x F x T spectrograms): the image's
+    mean and spread of its values in [0, 1], its sharpness (mean |horizontal step|),
+    whether it is grey (R = G = B everywhere), and the widths of the spectrogram's zeroed
+    frequency and time bands."""
+    pixels = image.cpu() * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    zeros = spec.cpu()[:, 0] == 0
+    return {
+        "mean": pixels.mean(dim=(1, 2, 3)),
+        "spread": pixels.std(dim=(1, 2, 3)),
+        "sharpness": (pixels[..., 1:] - pixels[..., :-1]).abs().mean(dim=(1, 2, 3)),
+        "grey": ((pixels.amax(dim=1) - pixels.amin(dim=1)).amax(dim=(1, 2)) < 1e-4).float(),
+        "freq_width": zeros.all(dim=2).sum(dim=1).float(),
+        "time_width": zeros.all(dim=1).sum(dim=1).float(),
+    }
+
+
+@needs_dali
+@pytest.mark.parametrize("device", DEVICES)
+def test_released_augmentation_matches_the_torch_path_in_distribution(one_item_many_times: Path, device: str) -> None:
+    # DALI draws from its own generator, and its resize, blur and hue are not PIL's: the
+    # two paths agree in distribution, over DRAWS augmentations of one item each.
+    dataset = AudioVisualDataset(one_item_many_times, "train", RELEASED_IMAGE, RELEASED_AUDIO)
+    seeded = EpochSeededDataset(dataset, seed=0)  # as the training loop draws them
+    items = [seeded[index] for index in range(DRAWS)]
+    torch_stats = _augmentation_statistics(torch.stack([i["image"] for i in items]), torch.stack([i["spec"] for i in items]))
+    batches = list(make_dali_loader(dataset, 64, False, 0, device=device))
+    dali_stats = _augmentation_statistics(_cat(batches, "image"), _cat(batches, "spec"))
+    summary = {name: (float(torch_stats[name].mean()), float(dali_stats[name].mean())) for name in torch_stats}
+    print(f"{device}: torch vs DALI means over {DRAWS} draws: {summary}")
+    for name, torch_values in torch_stats.items():
+        dali_values = dali_stats[name]
+        # 4.5 standard errors of the difference of the two means
+        bound = 4.5 * float((torch_values.var() / DRAWS + dali_values.var() / DRAWS).sqrt())
+        assert abs(float(torch_values.mean() - dali_values.mean())) < bound, (name, summary[name], bound)
+        if name in ("mean", "spread", "sharpness"):  # how much the draws vary: colour jitter, blur
+            assert float(dali_values.std()) == pytest.approx(float(torch_values.std()), rel=0.25), name
+    freq_bound, time_bound = RELEASED_AUDIO.mask_widths
+    for stats in (torch_stats, dali_stats):
+        assert stats["freq_width"].max() == freq_bound - 1 and stats["time_width"].max() == time_bound - 1
+        assert 0.1 < float(stats["grey"].mean()) < 0.3  # RandomGrayscale(p=0.2)
+    # Each start over its own axis: zeroed bins beyond the 51 frames' count in both paths.
+    for spec in (torch.stack([i["spec"] for i in items]), _cat(batches, "spec")):
+        assert (spec[:, 0, 51:] == 0).all(dim=2).any()

@@ -207,9 +207,10 @@ def _train_output(seed: int, cfg: ImageConfig, image: Image.Image) -> torch.Tens
 def test_train_transform_is_a_crop_of_the_resized_image_and_reproducible() -> None:
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8))
-    cfg = ImageConfig(size=6, train_resize=8)
-    resized = eval_transform(ImageConfig(size=8, train_resize=8))(image)
-    crops = [resized[:, top : top + 6, left : left + 6] for top in range(3) for left in range(3)]
+    cfg = ImageConfig(size=6, train_resize=8, augment="flip")
+    # the short side (10) resized to 8, the aspect kept: 8 x 9
+    resized = torch.from_numpy(_normalised(np.asarray(image.resize((9, 8), Image.BICUBIC)))).float()
+    crops = [resized[:, top : top + 6, left : left + 6] for top in range(3) for left in range(4)]
     windows = crops + [crop.flip(-1) for crop in crops]
     outputs = [_train_output(seed, cfg, image) for seed in range(8)]
     for out in outputs:
@@ -219,11 +220,11 @@ def test_train_transform_is_a_crop_of_the_resized_image_and_reproducible() -> No
     torch.testing.assert_close(_train_output(3, cfg, image), outputs[3], rtol=0, atol=0)
 
 
-def test_color_augmented_train_transform_is_reproducible() -> None:
+def test_released_train_transform_is_reproducible() -> None:
     image = Image.fromarray(
         np.random.default_rng(1).integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
     )
-    cfg = ImageConfig(size=32, train_resize=36, color_augment=True)
+    cfg = ImageConfig(size=32, train_resize=36, augment="released")
     first, second = _train_output(5, cfg, image), _train_output(5, cfg, image)
     assert first.shape == (3, 32, 32)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
@@ -485,7 +486,7 @@ def test_frames_may_come_from_videos(root_copy: Path) -> None:
     (root_copy / "frames" / "train_000000.jpg").unlink()
     (root_copy / "videos").mkdir()
     _write_grey_video(root_copy / "videos" / "train_000000.mp4", [0, 0, 200, 0])
-    dataset = AudioVisualDataset(root_copy, "train", ImageConfig(32, 32), SMALL_AUDIO)
+    dataset = AudioVisualDataset(root_copy, "train", ImageConfig(32, 32, "flip"), SMALL_AUDIO)
     torch.manual_seed(0)
     image = dataset[0]["image"]
     grey = (200 / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)

@@ -1,5 +1,7 @@
 """Encoders, decoders and the full model: shapes, parameter counts, checkpoints, localize."""
 
+import hashlib
+
 import pytest
 import torch
 from torchvision.models import resnet18
@@ -43,17 +45,53 @@ def test_audio_tokens_are_max_over_frequency():
         torch.testing.assert_close(encoder(spec), feature_map.amax(dim=2).transpose(1, 2))
 
 
-def test_pretrained_loads_a_local_torchvision_checkpoint(tmp_path):
+def test_a_torchvision_resnet18_state_dict_loads_into_the_image_encoder_whole(tmp_path):
+    # The layout of torchvision's IMAGENET1K_V1 file (resnet18-f37072fd.pth), random weights.
+    torch.manual_seed(0)
+    state = resnet18(weights=None).state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(state, path)
+    model = JSAModel(ModelConfig(pretrained_image=str(path)))
+    loaded = model.state_dict()
+    used = [name for name in state if f"image_encoder.trunk.{name}" in loaded]
+    # Every tensor under its own name, BatchNorm statistics and counters included; only
+    # ImageNet's classifier has no place in the encoder, and is reported as unused.
+    assert sorted(set(state) - set(used)) == ["fc.bias", "fc.weight"]
+    for name in used:
+        assert torch.equal(loaded[f"image_encoder.trunk.{name}"], state[name]), name
+    assert len(used) == len([name for name in loaded if name.startswith("image_encoder.trunk.")]) == 120
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert model.image_encoder.started_from == {"weights": str(path), "sha256": digest, "tensors": 120, "unused": ["fc.bias", "fc.weight"]}
+    assert model.audio_encoder.started_from == {"weights": "random"}
+
+
+def test_pretrained_files_that_do_not_fit_are_named(tmp_path):
     torch.manual_seed(0)
     state = resnet18().state_dict()
     path = tmp_path / "resnet18.pth"
     torch.save(state, path)
-    image_encoder = ImageEncoder(pretrained=path)
-    torch.testing.assert_close(image_encoder.trunk.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
-    audio_encoder = AudioEncoder(pretrained=path)
+    audio_encoder = AudioEncoder(pretrained=path)  # 1 channel: conv1 summed over RGB
     torch.testing.assert_close(audio_encoder.trunk.conv1.weight, state["conv1.weight"].sum(dim=1, keepdim=True))
     with pytest.raises(ValueError, match="pretrained"):
         ImageEncoder(base_width=8, pretrained=path)
+    torch.save({**state, "layer5.0.conv1.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match="layer5.0.conv1.weight"):  # a tensor left over is not skipped
+        ImageEncoder(pretrained=tmp_path / "extra.pth")
+    torch.save({k: v for k, v in state.items() if k != "bn1.running_var"}, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match="bn1.running_var"):
+        ImageEncoder(pretrained=tmp_path / "short.pth")
+
+
+def test_projection_is_initialised_kaiming_normal_fan_out():
+    # The released resnet.py: kaiming_normal_(mode="fan_out", nonlinearity="relu") on every
+    # Conv2d, the 1x1 projection included: std sqrt(2 / fan_out) = sqrt(2 / 512).
+    torch.manual_seed(0)
+    for encoder in (ImageEncoder(), AudioEncoder()):
+        weight = encoder.proj.weight.detach()
+        assert weight.shape == (512, 512, 1, 1)
+        assert float(weight.std()) == pytest.approx((2 / 512) ** 0.5, rel=0.01)
+        assert abs(float(weight.mean())) < 1e-3
+        assert float(weight.abs().max()) > 3.5 * (2 / 512) ** 0.5  # normal, not uniform: tails beyond the std's few multiples
 
 
 def test_encoder_bad_input():

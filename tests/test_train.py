@@ -157,16 +157,19 @@ def test_preset_overrides_from_the_command_line():
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    args = parser.parse_args(["--preset", "tiny", "--lr", "0.5", "--color-augment", "true", "--pretrained-image", "w.pth"])
+    args = parser.parse_args(["--preset", "tiny", "--lr", "0.5", "--augment", "released", "--pretrained-image", "w.pth"])
     cfg = config_from_args(args, default_preset="paper")
-    assert cfg == dataclasses.replace(PRESETS["tiny"], lr=0.5, color_augment=True, pretrained_image="w.pth")
+    assert cfg == dataclasses.replace(PRESETS["tiny"], lr=0.5, augment="released", pretrained_image="w.pth")
     assert config_from_args(parser.parse_args([]), default_preset="paper") == PRESETS["paper"]
     assert config_from_args(parser.parse_args(["--pretrained", "r18.pth"]), "paper").pretrained_image == "r18.pth"
+    assert config_from_args(parser.parse_args(["--pretrained", "none"]), "paper").pretrained_image == "none"
 
 
 def test_paper_preset_is_the_paper():
     paper = PRESETS["paper"]
-    assert (paper.batch_size, paper.lr, paper.weight_decay, paper.epochs, paper.amp) == (256, 5e-5, 0.01, 100, "bf16")
+    # epochs None: 100 on the 10k subsets, 50 on 144k (released_epochs), as train_script.sh
+    assert (paper.batch_size, paper.lr, paper.weight_decay, paper.epochs, paper.amp) == (256, 5e-5, 0.01, None, "fp16")
+    assert (paper.augment, paper.image_config().augment, paper.audio_config().spec_augment) == ("released", "released", True)
     model = paper.model_config()
     assert (model.dim, model.num_slots, model.iters, model.spec_bins, model.spec_frames) == (512, 2, 5, 257, 501)
     assert model.image_grid == (7, 7) and model.audio_tokens == 16

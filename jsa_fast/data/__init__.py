@@ -8,6 +8,7 @@ from jsa_fast.data.audio import (
     AudioConfig,
     load_audio,
     log_spectrogram,
+    mask_spectrogram,
     middle_clip,
     wav_to_spectrogram,
 )
@@ -21,6 +22,7 @@ from jsa_fast.data.datasets import (
 )
 from jsa_fast.data.groundtruth import flickr_gt_map, load_mask, read_flickr_boxes, vggss_gt_map
 from jsa_fast.data.image import (
+    AUGMENTS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageConfig,
@@ -32,6 +34,7 @@ from jsa_fast.data.image import (
 )
 
 __all__ = [
+    "AUGMENTS",
     "AudioConfig",
     "AudioVisualDataset",
     "BadFilesError",
@@ -46,6 +49,7 @@ __all__ = [
     "load_mask",
     "log_spectrogram",
     "make_loader",
+    "mask_spectrogram",
     "middle_clip",
     "read_flickr_boxes",
     "read_id_list",

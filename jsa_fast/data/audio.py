@@ -15,13 +15,15 @@ from jsa_fast.cli import DataError
 
 @dataclass(frozen=True)
 class AudioConfig:
-    """How a clip becomes a spectrogram; the defaults are the paper's (5 s -> 1 x 257 x 501)."""
+    """How a clip becomes a spectrogram; the defaults are the paper's (5 s -> 1 x 257 x 501).
+    spec_augment: in training, one frequency and one time mask (`mask_spectrogram`)."""
 
     sample_rate: int = 16000
     seconds: float = 5.0
     n_fft: int = 512
     win_length: int = 512
     hop_length: int = 160
+    spec_augment: bool = True
 
     def __post_init__(self) -> None:
         for name in ("sample_rate", "n_fft", "win_length", "hop_length"):
@@ -49,6 +51,15 @@ class AudioConfig:
     def spectrogram_shape(self) -> tuple[int, int, int]:
         """1 x F x T of `log_spectrogram` on a clip of `num_samples` (centred frames)."""
         return (1, self.n_fft // 2 + 1, self.num_samples // self.hop_length + 1)
+
+    @property
+    def mask_widths(self) -> tuple[int, int]:
+        """(frequency, time): each mask's width is drawn from 0 .. bound - 1 bins. The
+        released masks are narrower than 10 bins at 16 kHz, n_fft 512, hop 160, i.e. less
+        than 312.5 Hz and 100 ms; other settings keep those spans (n_fft 256: 5 and 10)."""
+        released_hz, released_s = 10 * 16000 / 512, 10 * 160 / 16000
+        bin_hz, frame_s = self.sample_rate / self.n_fft, self.hop_length / self.sample_rate
+        return max(1, round(released_hz / bin_hz)), max(1, round(released_s / frame_s))
 
 
 def load_audio(path: str | Path, sample_rate: int) -> Tensor:
@@ -125,3 +136,26 @@ def wav_to_spectrogram(path: str | Path, cfg: AudioConfig) -> Tensor:
         peak = float(wave.abs().max())
         raise DataError(f"{path}: the spectrogram is not finite (samples up to {peak:.3g}, beyond float32's range once squared)")
     return spec
+
+
+def mask_spectrogram(spec: Tensor, cfg: AudioConfig) -> Tensor:
+    """The released training's audio augmentation (dataset.py, hard_aud: FrequencyMask,
+    then TimeMask, max_width 10, use_mean=False) on a 1 x F x T log spectrogram: a copy
+    with frequency bins [f, f + w_f) and frames [t, t + w_t) set to 0 (cut at the edge),
+    f drawn from 0 .. F - 1, t from 0 .. T - 1, w_f and w_t below `cfg.mask_widths`.
+
+    The released classes draw each mask's start over the other axis's length (the
+    frequency mask's over T, the time mask's over F): at 257 x 501 the frequency mask
+    falls outside the spectrogram about half of the time and the time mask never starts
+    after frame 256. Here each start is drawn over its own axis. Draws come from torch's
+    global RNG (start, then width; frequency, then time), like the image transform's.
+    """
+    if spec.dim() != 3:
+        raise ValueError(f"spec must be 1 x F x T, got shape {tuple(spec.shape)}")
+    freq_bound, time_bound = cfg.mask_widths
+    masked = spec.clone()
+    for axis, bound in ((1, freq_bound), (2, time_bound)):
+        start = int(torch.randint(spec.shape[axis], ()))
+        width = int(torch.randint(bound, ()))
+        masked.narrow(axis, start, min(width, spec.shape[axis] - start)).zero_()
+    return masked

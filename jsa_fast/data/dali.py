@@ -9,19 +9,23 @@ Per item of a data set in API.md's layout (the same items, probes and bad-file p
   the n frames the container lists (read on the host without decoding), is decoded by
   DALI's video decoder (`fn.decoders.video`: NVDEC on the GPU; on the CPU it has only
   VP8, VP9 and MJPEG). A stray .mp4 among image files is decoded with PyAV on the host and
-  handed over losslessly as a PPM. Evaluation: bicubic resize to size x size;
-  training: resize to train_resize, a uniformly drawn size x size crop and a flip with
-  probability 1/2. Then (x / 255 - mean) / std with ImageNet's mean and std.
+  handed over losslessly as a PPM. Evaluation (and training with augment "none"):
+  bicubic resize to size x size; training otherwise as `train_transform` does (see
+  `_augmented_image`). Then (x / 255 - mean) / std with ImageNet's mean and std.
 - audio: ROOT/audio/<id>.wav decoded, averaged over channels and resampled to
   sample_rate (`fn.decoders.audio`), the middle num_samples (tiled from the start when
   shorter), |STFT|^2 with a periodic Hann window, centred reflect-padded frames, then
-  log(x + 1e-7) / 12.
+  log(x + 1e-7) / 12; in training with spec_augment, `mask_spectrogram`'s two masks.
+
+The random draws are DALI's (its generator, seeded per loader), so that augmented batches
+equal the PyTorch path's in distribution, not bit for bit.
 
 `nvidia.dali` is optional (requirements-dali.txt) and imported only when a loader is built.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -53,14 +57,13 @@ def dali_available(device: str | torch.device = "cpu") -> bool:
     return device.type == "cuda" and backend.GetCUDADeviceCount() > (device.index or 0)
 
 
-def resolve_loader(kind: str, device: torch.device, image_cfg: ImageConfig) -> Literal["torch", "dali"]:
+def resolve_loader(kind: str, device: torch.device) -> Literal["torch", "dali"]:
     """The loader that --loader KIND means: "auto" is DALI on a CUDA device when DALI is
-    installed (and no colour augmentation is asked for, which only the PyTorch path has)."""
+    installed."""
     if kind not in ("torch", "dali", "auto"):
         raise ValueError(f"--loader must be torch, dali or auto, got {kind!r}")
     if kind == "auto":
-        usable = device.type == "cuda" and dali_available(device) and not image_cfg.color_augment
-        return "dali" if usable else "torch"
+        return "dali" if device.type == "cuda" and dali_available(device) else "torch"
     return kind  # type: ignore[return-value]
 
 
@@ -146,6 +149,84 @@ class _Source:
         return [_frame_bytes(entry.image_path) for entry in entries], waves, index
 
 
+# ColorJitter applies its four adjustments in an order drawn uniformly from these.
+JITTER_ORDERS = list(itertools.permutations(range(4)))
+
+
+def _augmented_image(image: Any, cfg: ImageConfig) -> tuple[Any, Any]:
+    """DALI's `train_transform` (cfg.augment "released" or "flip"): a decoded H x W x 3
+    uint8 frame -> (size x size x 3, float in [0, 255] for "released", and the flip to
+    apply with the normalisation). The operations and parameters are torchvision's:
+
+    - Resize(train_resize) of the short side (the long side int(train_resize x long /
+      short), as torchvision computes it), bicubic, antialiased;
+    - RandomCrop(size): offsets uniform over the integers 0 .. H - size and 0 .. W - size;
+    - released: GaussianBlur (`ImageConfig.blur`: kernel, sigma uniform in its range),
+      p 0.8; ColorJitter(0.8, 0.8, 0.8, 0.2), p 0.8: brightness x b, contrast c around
+      the mean grey level, saturation s towards each pixel's grey level (b, c, s uniform
+      in [0.2, 1.8]), hue shifted by h x 360 degrees (h uniform in [-0.2, 0.2]), in one of
+      the 24 orders, each clamped to [0, 255]; RandomGrayscale p 0.2 (ITU-R 601 luma, as
+      PIL's "L");
+    - the flip (p 0.5), returned, since it commutes with the rest.
+
+    What differs from PIL's: values are not rounded to integers between steps, and
+    DALI's hue (`fn.hsv`) rotates colours about the grey axis in RGB rather than
+    shifting the HSV hue (the same for greys, close for others).
+    """
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+
+    def uniform(low: float, high: float) -> Any:
+        return fn.random.uniform(range=[low, high])
+
+    def grey(pixels: Any) -> Any:
+        return pixels[:, :, 0] * 0.299 + pixels[:, :, 1] * 0.587 + pixels[:, :, 2] * 0.114
+
+    # Each branch of a conditional must give the same layout; stacks and arithmetic drop it.
+    def grey_rgb(pixels: Any) -> Any:
+        level = grey(pixels)
+        return fn.reshape(fn.stack(level, level, level, axis=2), layout="HWC")
+
+    def clamped(pixels: Any) -> Any:
+        return fn.reshape(dmath.clamp(pixels, 0.0, 255.0), layout="HWC")
+
+    shape = image.shape(dtype=types.INT32)
+    height, width = shape[0], shape[1]
+    short = dmath.min(height, width)
+    resized = fn.stack((height * cfg.train_resize) // short, (width * cfg.train_resize) // short)
+    image = fn.resize(image, size=fn.cast(resized, dtype=types.FLOAT), interp_type=types.INTERP_CUBIC, antialias=True)
+    offsets = [
+        fn.cast(dmath.floor(uniform(0.0, 1.0) * fn.cast(side - cfg.size + 1, dtype=types.FLOAT)), dtype=types.INT32)
+        for side in (resized[0], resized[1])
+    ]
+    image = fn.slice(image, fn.stack(*offsets), [cfg.size, cfg.size], axes=[0, 1])
+    mirror = fn.random.coin_flip(probability=0.5)
+    if cfg.augment != "released":
+        return image, mirror
+    image = fn.cast(image, dtype=types.FLOAT)
+    kernel, (sigma_low, sigma_high) = cfg.blur
+    if fn.random.coin_flip(probability=0.8):
+        image = fn.gaussian_blur(image, window_size=kernel, sigma=uniform(sigma_low, sigma_high))
+    if fn.random.coin_flip(probability=0.8):
+        factors = [uniform(0.2, 1.8) for _ in range(3)]
+        hue_degrees = uniform(-0.2, 0.2) * 360.0
+        order = fn.random.uniform(values=list(range(len(JITTER_ORDERS))), dtype=types.INT32)
+        for position in range(4):
+            which = fn.lookup_table(order, keys=list(range(len(JITTER_ORDERS))), values=[o[position] for o in JITTER_ORDERS], dtype=types.INT32)
+            if which == 0:
+                image = clamped(image * factors[0])
+            elif which == 1:
+                image = clamped(image * factors[1] + (1.0 - factors[1]) * fn.reductions.mean(grey(image)))
+            elif which == 2:
+                image = clamped(image * factors[2] + (1.0 - factors[2]) * grey_rgb(image))
+            else:
+                image = clamped(fn.hsv(image, hue=hue_degrees, dtype=types.FLOAT))
+    if fn.random.coin_flip(probability=0.2):
+        image = grey_rgb(image)
+    return image, mirror
+
+
 def _build_pipeline(
     source: _Source,
     train: bool,
@@ -169,7 +250,11 @@ def _build_pipeline(
     # PyTorch path uses (ENV.md).
     window = torch.hann_window(audio_cfg.win_length, dtype=torch.float64).tolist()
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
+    augment = train and image_cfg.augment != "none"
+    mask_audio = train and audio_cfg.spec_augment
+
+    # Conditionals: the released augmentation applies its steps with probabilities.
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, enable_conditionals=True)
     def pipeline() -> tuple[Any, Any, Any]:
         decoder_device = "mixed" if on_gpu else "cpu"
         if source.videos:
@@ -183,26 +268,18 @@ def _build_pipeline(
                 source=source, num_outputs=3, batch=True, dtype=[types.UINT8, types.UINT8, types.INT64]
             )
             image = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
-        side = image_cfg.train_resize if train else image_cfg.size
-        image = fn.resize(image, size=[side, side], interp_type=types.INTERP_CUBIC, antialias=True)
-        crop: dict[str, Any] = {}
-        if train:
-            # torchvision's RandomCrop draws an integer offset uniformly from 0..side - size.
-            room = side - image_cfg.size
-            positions = [k / room for k in range(room + 1)] if room else [0.0]
-            crop = dict(
-                crop=[image_cfg.size, image_cfg.size],
-                crop_pos_x=fn.random.uniform(values=positions),
-                crop_pos_y=fn.random.uniform(values=positions),
-                mirror=fn.random.coin_flip(probability=0.5),
-            )
+        if augment:
+            image, mirror = _augmented_image(image, image_cfg)
+        else:
+            image = fn.resize(image, size=[image_cfg.size, image_cfg.size], interp_type=types.INTERP_CUBIC, antialias=True)
+            mirror = False
         image = fn.crop_mirror_normalize(
             image,
             dtype=types.FLOAT,
             output_layout="CHW",
             mean=[255 * m for m in IMAGENET_MEAN],
             std=[255 * s for s in IMAGENET_STD],
-            **crop,
+            mirror=mirror,
         )
 
         wave, _ = fn.decoders.audio(
@@ -228,8 +305,12 @@ def _build_pipeline(
             power=2,
             layout="ft",
         )
-        spec = fn.expand_dims(dmath.log(power + LOG_FLOOR) / 12.0, axes=[0])
-        return image, spec, index
+        spec = dmath.log(power + LOG_FLOOR) / 12.0
+        if mask_audio:  # `mask_spectrogram`: a frequency mask, then a time mask
+            for axis, length, bound in zip((0, 1), audio_cfg.spectrogram_shape[1:], audio_cfg.mask_widths):
+                start, width = (fn.random.uniform(values=[float(k) for k in range(n)]) for n in (length, bound))
+                spec = fn.erase(spec, anchor=start, shape=width, axes=[axis], fill_value=0.0)
+        return image, fn.expand_dims(spec, axes=[0]), index
 
     return pipeline()
 
@@ -263,11 +344,6 @@ class DALILoader:
         drop_last: bool,
         num_threads: int,
     ) -> None:
-        if dataset.image_cfg.color_augment:
-            raise ValueError(
-                "image_cfg.color_augment=True: the DALI path has no colour augmentation; "
-                "use the torch loader"
-            )
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {device}")
         if not dali_available(device):

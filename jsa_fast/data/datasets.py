@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from jsa_fast.cli import DataError
-from jsa_fast.data.audio import AudioConfig, wav_to_spectrogram
+from jsa_fast.data.audio import AudioConfig, mask_spectrogram, wav_to_spectrogram
 from jsa_fast.data.groundtruth import (
     flickr_box_problem,
     flickr_gt_map,
@@ -175,7 +175,8 @@ class AudioVisualDataset(Dataset):
     """Image-audio pairs of one split of a data set in API.md's layout.
 
     An item is a dict: image 3 x H x W float32 (H = W = image_cfg.size), spec 1 x F x T
-    float32, id str, label int (index into `classes`; -1 when unknown: train split, Flickr),
+    float32 (the train split augmented as image_cfg.augment and audio_cfg.spec_augment
+    say, drawing from torch's global RNG), id str, label int (index into `classes`; -1 when unknown: train split, Flickr),
     and for the test split gt H x W float32 (VGG-SS union map in {0, 1} or Flickr consensus
     map in {0, 0.5, 1}) plus mask H x W float32 in {0, 1} when ROOT/masks/ has them.
 
@@ -357,13 +358,11 @@ class AudioVisualDataset(Dataset):
             return None
 
     def _load(self, entry: _Entry) -> dict[str, Any]:
-        return {
-            "image": self._image_transform(_decode(entry.image_path, load_image)),
-            "spec": _decode(
-                entry.audio_path, lambda path: wav_to_spectrogram(path, self.audio_cfg)
-            ),
-            **self.annotations(entry),
-        }
+        image = self._image_transform(_decode(entry.image_path, load_image))
+        spec = _decode(entry.audio_path, lambda path: wav_to_spectrogram(path, self.audio_cfg))
+        if self.split == "train" and self.audio_cfg.spec_augment:
+            spec = mask_spectrogram(spec, self.audio_cfg)
+        return {"image": image, "spec": spec, **self.annotations(entry)}
 
     @property
     def entries(self) -> tuple[_Entry, ...]:

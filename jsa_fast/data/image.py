@@ -18,16 +18,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ImageTransform = Callable[[Image.Image], Tensor]
 
+# --augment: what training does to a frame (and, in AudioConfig, to a spectrogram).
+# released: the released JSA scripts' --hard_img/--hard_aud; flip: their default
+# (crop and flip); none: the evaluation transform, nothing drawn.
+AUGMENTS = ("released", "flip", "none")
+RELEASED_SIZE = 224  # the image size the released transform's pixel sizes are stated for
+
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """Image sizes: evaluation resizes to size x size; training resizes to train_resize x
-    train_resize and crops size x size at random. color_augment adds the released JSA code's
-    blur, colour jitter and grayscale."""
+    """Image sizes and training augmentation. Evaluation resizes to size x size (bicubic).
+    Training (`train_transform`) by `augment`: "released" and "flip" resize the short side
+    to train_resize (aspect kept) and crop size x size at random, "none" is the evaluation
+    transform."""
 
     size: int = 224
     train_resize: int = 246
-    color_augment: bool = False
+    augment: str = "released"
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 1:
@@ -37,43 +44,52 @@ class ImageConfig:
                 f"ImageConfig.train_resize must be an int >= size ({self.size}), "
                 f"got {self.train_resize!r}"
             )
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"ImageConfig.augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+
+    @property
+    def blur(self) -> tuple[int, tuple[float, float]]:
+        """The released Gaussian blur at this size: (kernel size, sigma range). At 224 it is
+        torchvision's GaussianBlur(kernel_size=5) (sigma drawn from [0.1, 2.0]); at other
+        sizes the kernel's radius (2) and the sigmas scale with size / 224, the radius
+        rounded and at least 1 (112: kernel 3, sigma in [0.05, 1.0])."""
+        scale = self.size / RELEASED_SIZE
+        return 2 * max(1, round(2 * scale)) + 1, (0.1 * scale, 2.0 * scale)
+
+
+def _to_normalised_tensor() -> list[Callable]:
+    return [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
 def eval_transform(cfg: ImageConfig) -> ImageTransform:
     """PIL RGB image -> 3 x size x size float32: bicubic resize, ImageNet normalisation."""
-    return T.Compose(
-        [
-            T.Resize((cfg.size, cfg.size), interpolation=T.InterpolationMode.BICUBIC),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    return T.Compose([T.Resize((cfg.size, cfg.size), interpolation=T.InterpolationMode.BICUBIC), *_to_normalised_tensor()])
 
 
 def train_transform(cfg: ImageConfig) -> ImageTransform:
-    """PIL RGB image -> 3 x size x size float32 with random crop and flip (+ colour augmentation).
+    """PIL RGB image -> 3 x size x size float32, augmented as cfg.augment says.
+
+    "released" is the released JSA code's training transform (dataset.py, hard_img):
+    Resize(train_resize) of the short side (bicubic, aspect kept) -> RandomCrop(size) ->
+    GaussianBlur (`ImageConfig.blur`) with p 0.8 -> horizontal flip (p 0.5) ->
+    ColorJitter(0.8, 0.8, 0.8, 0.2) with p 0.8 -> RandomGrayscale(p 0.2); "flip" the same
+    without blur and colour (its default); "none" is `eval_transform`.
 
     All randomness comes from torch's global RNG (torchvision's transforms draw from it), so
     torch.manual_seed, or a DataLoader's seeded generator, makes it reproducible.
     """
-    blur = [T.RandomApply([T.GaussianBlur(kernel_size=5)], p=0.8)] if cfg.color_augment else []
-    color = (
-        [T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), T.RandomGrayscale(p=0.2)]
-        if cfg.color_augment
-        else []
-    )
-    # The order (blur before the flip, colour after it) is the released JSA code's.
+    if cfg.augment == "none":
+        return eval_transform(cfg)
+    kernel, sigma = cfg.blur
+    released = cfg.augment == "released"
     return T.Compose(
         [
-            T.Resize(
-                (cfg.train_resize, cfg.train_resize), interpolation=T.InterpolationMode.BICUBIC
-            ),
+            T.Resize(cfg.train_resize, interpolation=T.InterpolationMode.BICUBIC),
             T.RandomCrop(cfg.size),
-            *blur,
+            *([T.RandomApply([T.GaussianBlur(kernel, sigma)], p=0.8)] if released else []),
             T.RandomHorizontalFlip(),
-            *color,
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            *([T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), T.RandomGrayscale(p=0.2)] if released else []),
+            *_to_normalised_tensor(),
         ]
     )
 
