@@ -124,13 +124,15 @@ def _is_number(value: object) -> bool:
 
 
 def plot_loss_curves(metrics_jsonl: Path | str, out_png: Path | str) -> Path:
-    """One panel per loss term (`loss`, `loss_*`) against step, from a metrics.jsonl.
+    """One panel per loss term (`loss`, `loss_*`) against step, from a metrics.jsonl, and
+    one per validation score (`val_*` of `"kind": "val"` lines, a validation split's).
 
     Step lines (`"kind": "step"`, or no kind) are drawn as lines; per-epoch summaries
     (`"kind": "epoch"`) as markers at their step when they carry one, so that a run too
-    short to log a step line still gets its panels. A panel is log-y when all its values
-    are positive. Values that are null (non-finite when logged) are left out. ValueError
-    when no line holds a loss value. Returns out_png.
+    short to log a step line still gets its panels; validation scores as markers joined
+    by a line. A panel is log-y when all its values are positive (validation scores: never).
+    Values that are null (non-finite when logged) are left out. ValueError when no line
+    holds a loss value. Returns out_png.
     """
     metrics_jsonl, out_png = Path(metrics_jsonl), Path(out_png)
     records = _read_records(metrics_jsonl)
@@ -141,12 +143,15 @@ def plot_loss_curves(metrics_jsonl: Path | str, out_png: Path | str) -> Path:
                    key=lambda k: (k != "loss", k))
     if not terms:
         raise ValueError(f"{metrics_jsonl} holds no loss values to draw")
+    validations = [r for r in records if r.get("kind") == "val" and "step" in r]
+    scores = sorted({k for r in validations for k, v in r.items() if k.startswith("val_") and _is_number(v)})
 
-    ncols = min(PLOT_COLUMNS, len(terms))
-    nrows = -(-len(terms) // ncols)
+    panels = len(terms) + len(scores)
+    ncols = min(PLOT_COLUMNS, panels)
+    nrows = -(-panels // ncols)
     fig = Figure(figsize=(4 * ncols, 3.2 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
-    for ax in axes[len(terms):]:
+    for ax in axes[panels:]:
         ax.set_visible(False)
     for ax, term in zip(axes, terms):
         step_points = [(r["step"], r[term]) for r in steps if _is_number(r.get(term))]
@@ -159,6 +164,12 @@ def plot_loss_curves(metrics_jsonl: Path | str, out_png: Path | str) -> Path:
         if all(v > 0 for _, v in step_points + epoch_points):
             ax.set_yscale("log")
         ax.set_title(term)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax, score in zip(axes[len(terms) :], scores):
+        ax.plot(*zip(*[(r["step"], r[score]) for r in validations if _is_number(r.get(score))]), "s-", markersize=4)
+        ax.set_title(f"{score} (validation)")
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

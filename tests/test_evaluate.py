@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torchvision.models import resnet18
 
@@ -27,6 +28,7 @@ from jsa_fast.losses import LossConfig, jsa_loss
 from jsa_fast.metrics import AUC_THRESHOLDS, LocalizationEvaluator
 from jsa_fast.model import JSAModel, ModelConfig, ObjectSaliency
 from jsa_fast.train import train
+from jsa_fast.viz import plot_loss_curves
 
 MICRO = dataclasses.replace(
     PRESETS["tiny"], dim=16, mlp_hidden=32, encoder_width=4, image_size=64, train_resize=72, audio_seconds=0.5,
@@ -182,7 +184,10 @@ def test_released_protocol_matches_a_transcription_of_the_released_code():
 
 def _micro_model(targets=1, backend="torch", seed=0):
     torch.manual_seed(seed)
-    cfg = ModelConfig(dim=16, targets=targets, off_targets=1, mlp_hidden=24, image_size=64, spec_bins=33, spec_frames=64, encoder_width=4, backend=backend)
+    cfg = ModelConfig(
+        dim=16, targets=targets, off_targets=1, iters=2, mlp_hidden=24, image_size=64, spec_bins=33, spec_frames=64, encoder_width=4,
+        backend=backend,
+    )  # fmt: skip
     return JSAModel(cfg).eval()
 
 
@@ -243,10 +248,12 @@ def test_two_targets_one_off_target_reference_and_fused_agree_in_training():
         losses[name]["loss"].backward()
     for term in losses["reference"]:
         torch.testing.assert_close(losses["fused"][term], losses["reference"][term], rtol=1e-4, atol=1e-6)
+    # Gradients compared as whole tensors: those of the query and slot-norm biases are 0
+    # up to rounding (a bias shared by the slots leaves the softmax over them unchanged).
     for (name, p), q in zip(reference.named_parameters(), fused.parameters()):
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-6, msg=name)
+            assert (q.grad - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-6, name
 
 
 def test_two_targets_one_off_target_train_and_best_pt_is_chosen_on_validation(trained, world, tmp_path):
@@ -272,6 +279,15 @@ def test_two_targets_one_off_target_train_and_best_pt_is_chosen_on_validation(tr
     tests = json.loads((world / "test.json").read_text())
     (relabelled / "test.json").write_text(json.dumps([{**r, "class": "other", "bbox": [[0.0, 0.0, 0.5, 0.5]]} for r in tests]))
     assert Validation(cfg, relabelled).score(model, torch.device("cpu")) == best["best_val"]
+
+
+def test_loss_curves_draw_the_validation_scores(trained, tmp_path):
+    # 5 loss panels and 3 validation panels: three rows of three (3.2 inches each, at
+    # 100 dpi); without the validation lines two rows.
+    assert Image.open(trained / "loss_curves.png").height == 960
+    lines = [line for line in (trained / "metrics.jsonl").read_text().splitlines() if '"val"' not in line]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert Image.open(plot_loss_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")).height == 640
 
 
 def test_validation_split_leaves_the_test_split_out(world, tmp_path):
