@@ -10,7 +10,8 @@ start-up (with --workers > 1, the worker pool's fork server importing the packag
 localize: frames/s of `jsa_fast.localize` on that clip for each --localize-fps (decode,
 audio windows, model, overlays, H.264 encoding, all included; after an untimed warm-up
 run), with a model of --preset (random weights: the speed does not depend on them) or
---checkpoint.
+--checkpoint. Rows give items per wall second and per CPU second (one process), and the record the
+machine's load average, as the CPUs may be shared.
 Small smoke test: `--clips 2 --seconds 1 --size 64 --workers 1 --localize-fps 4`.
 """
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -36,6 +39,13 @@ from jsa_fast.data.synth import render_moving_clip, write_moving_clip  # noqa: E
 from jsa_fast.localize import Localizer, load_model, localize_video  # noqa: E402
 from jsa_fast.model import JSAModel  # noqa: E402
 from jsa_fast.prepare import PrepareSettings, prepare  # noqa: E402
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (the workers of a pool, forked by its fork server, are not
+    counted: per CPU second is given for one worker only)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
 
 
 def random_checkpoint(preset: str, path: Path) -> Path:
@@ -73,23 +83,25 @@ def main(argv: list[str] | None = None) -> int:
             began = time.perf_counter()
             prepare([videos / "clip_0000.mp4"], work / f"start-up-{workers}", PrepareSettings(), workers=workers)
             start_up = time.perf_counter() - began
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), cpu_seconds()
             summary = prepare([videos], work / f"prepared-{workers}", PrepareSettings(), workers=workers)
-            seconds = time.perf_counter() - began
+            seconds, cpu = time.perf_counter() - began, cpu_seconds() - cpu
             assert summary.statuses == {"ok": args.clips}, summary.statuses
             rows.append({"tool": "prepare", "workers": workers, "items": args.clips, "seconds": seconds,
-                         "per_s": args.clips / seconds, "start_up_s": start_up})  # fmt: skip
+                         "per_s": args.clips / seconds, "per_cpu_s": args.clips / cpu if workers == 1 else None, "start_up_s": start_up})  # fmt: skip
         checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(args.preset, work / "model.pt")
         localizer = Localizer(*load_model(checkpoint, device), device)
         localize_video(localizer, videos / "clip_0000.mp4", work / "warm-up", 1.0, args.batch_size)  # first calls' set-up
         for fps in args.localize_fps:
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), cpu_seconds()
             paths = localize_video(localizer, videos / "clip_0000.mp4", work / f"localized-{fps:g}", fps, args.batch_size)
-            seconds = time.perf_counter() - began
+            seconds, cpu = time.perf_counter() - began, cpu_seconds() - cpu
             frames = np.load(paths["maps"], mmap_mode="r").shape[0]
-            rows.append({"tool": "localize", "fps": fps, "items": frames, "seconds": seconds, "per_s": frames / seconds})
-    print_table(rows, ["tool", "workers", "fps", "items", "seconds", "per_s", "start_up_s"])
-    config = {k: v for k, v in vars(args).items() if k != "json"} | {"threads": torch.get_num_threads()}
+            rows.append({"tool": "localize", "fps": fps, "items": frames, "seconds": seconds, "per_s": frames / seconds,
+                         "per_cpu_s": frames / cpu})  # fmt: skip
+    print_table(rows, ["tool", "workers", "fps", "items", "seconds", "per_s", "per_cpu_s", "start_up_s"])
+    # The machine's load: these CPUs are shared, and a loaded machine's wall times are long.
+    config = {k: v for k, v in vars(args).items() if k != "json"} | {"threads": torch.get_num_threads(), "load_average": os.getloadavg()}
     print(f"wrote {write_results('video_tools', device, config, rows, args.json)}")
     return 0
 
