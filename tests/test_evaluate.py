@@ -27,12 +27,12 @@ from jsa_fast.localize import main as localize_main
 from jsa_fast.losses import LossConfig, jsa_loss
 from jsa_fast.metrics import AUC_THRESHOLDS, LocalizationEvaluator
 from jsa_fast.model import JSAModel, ModelConfig, ObjectSaliency
-from jsa_fast.train import train
+from jsa_fast.train import main as train_main, train
 from jsa_fast.viz import plot_loss_curves
 
 MICRO = dataclasses.replace(
     PRESETS["tiny"], dim=16, mlp_hidden=32, encoder_width=4, image_size=64, train_resize=72, audio_seconds=0.5,
-    n_fft=64, win_length=64, k=2, epochs=3, batch_size=4, num_workers=0, log_every=1, targets=2, off_targets=1,
+    n_fft=64, win_length=64, k=2, epochs=2, batch_size=4, num_workers=0, log_every=1, targets=2, off_targets=1,
 )  # fmt: skip
 
 
@@ -262,7 +262,7 @@ def test_two_targets_one_off_target_train_and_best_pt_is_chosen_on_validation(tr
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
     scores = [r for r in records if r["kind"] == "val"]
-    assert [r["epoch"] for r in scores] == [0, 1, 2]
+    assert [r["epoch"] for r in scores] == [0, 1]
     # best.pt: the first epoch of the highest (AP50, AUC) on val.json
     keyed = [(r["val_ap50"], r["val_auc"]) for r in scores]
     chosen = scores[keyed.index(max(keyed))]
@@ -410,3 +410,25 @@ def test_localize_makes_the_maps_evaluation_scores(trained, world, resnet18_weig
         assert localize_main([str(a) for a in [*args, "--out", tmp_path, *flags]]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and culprit in err
+
+
+@pytest.mark.parametrize(
+    "flags,culprit",
+    [
+        (["--targets", "0"], "--targets"),
+        (["--off-targets", "x"], "--off-targets"),
+        (["--val-fraction", "1"], "--val-fraction"),
+        (["--val", "v.json", "--val-fraction", "0.1"], "give one"),
+    ],
+)
+def test_bad_training_flags_are_one_line(flags, culprit, tmp_path, capsys):
+    status = train_main(["--out", str(tmp_path / "run"), "--device", "cpu", *flags])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1 and culprit in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_validation_file_that_is_not_there_is_one_line(world, tmp_path, capsys):
+    status = train_main(["--data", str(world), "--out", str(tmp_path / "run"), "--device", "cpu", "--preset", "tiny", "--val", str(tmp_path / "none.json")])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "none.json" in err
