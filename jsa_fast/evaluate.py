@@ -247,7 +247,7 @@ def evaluate(
     return Evaluation(results, items)
 
 
-def test_ids(root: Path) -> set[str]:
+def listed_test_ids(root: Path) -> set[str]:
     """The ids of ROOT's test list (test.json, else test.txt; none without either)."""
     if (root / "test.json").exists():
         return {name for name, _, _ in read_vggss_json(root / "test.json")}
@@ -274,7 +274,7 @@ class Validation:
             raise ValueError("a validation split needs cfg.val or cfg.val_fraction > 0")
         self.cfg = cfg
         listed = read_id_list(root / "train.txt")
-        tests = test_ids(root)
+        tests = listed_test_ids(root)
         if cfg.val is not None:
             self.dataset = AudioVisualDataset(
                 root, "test", cfg.image_config(), cfg.audio_config(), on_bad_file, ground_truth=cfg.val
