@@ -150,11 +150,13 @@ void general_path(
   const at::Tensor ordered_rows = rows.index_select(0, order).to(at::kDouble);
   const at::Tensor state = at::zeros({count, k}, rows.options().dtype(at::kLong));
   const at::Tensor floors = at::zeros({count}, rows.options().dtype(at::kLong));
-  // Per block entry: its similarity and its transpose (float64), and a merge's survivor
-  // index (4 bytes); per block row, a merge's next state (8 k).
+  // Per block entry: its product and (on devices that copy it) its transpose, float64;
+  // per block row: a merge's survivors (8 kMergeChunk) and next state (8 k).
   const int64_t scratch = scratch_bytes(kernels);
   const int64_t side = std::clamp<int64_t>(
-      std::min(scratch / (20 * batch + 8 * k), std::max(kMinBlockSide, (count + kBlocksPerSide - 1) / kBlocksPerSide)),
+      std::min(
+          scratch / (16 * batch + 8 * kMergeChunk + 8 * k),
+          std::max(kMinBlockSide, (count + kBlocksPerSide - 1) / kBlocksPerSide)),
       1, count);
   for (int64_t start = 0; start < count; start += side) {
     const int64_t length = std::min(side, count - start);
@@ -166,7 +168,7 @@ void general_path(
     const int64_t later = count - start - length;
     if (later > 0) {
       kernels.merge(
-          products.narrow(1, length, later).t().contiguous(), order32.narrow(0, start, length),
+          products.narrow(1, length, later).t(), order32.narrow(0, start, length),
           state.narrow(0, start + length, later), floors.narrow(0, start + length, later));
     }
   }

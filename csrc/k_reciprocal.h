@@ -69,6 +69,10 @@ constexpr int64_t kSkipDenominator = 4;
 // symmetry skips most blocks below the diagonal.
 constexpr int64_t kMinBlockSide = 512;
 constexpr int64_t kBlocksPerSide = 8;
+// A row's running top-k meets new keys this many at a time (merge_largest): small enough
+// that filling an empty state takes few radix passes, large enough to amortise a chunk's
+// barriers on CUDA.
+constexpr int64_t kMergeChunk = 256;
 
 // A key that orders neighbours: larger is nearer (a larger similarity, or an equal one
 // and a lower index). Distinct rows never share a key; kEmptyKey is below every key.
@@ -103,8 +107,8 @@ struct Kernels {
   void (*refine)(
       const at::Tensor& tile, const FilterBound& bound, const at::Tensor& rows, int64_t tile_start, int64_t k,
       int64_t limit, const at::Tensor& neighbours, const at::Tensor& general);
-  // Step 4's running top-k: for each row r of products (R x C float64 sums, whose
-  // float32 roundings are the similarities s), state[r] (R x k int64 holding uint64
+  // Step 4's running top-k: for each row r of products (R x C float64 sums, any strides,
+  // whose float32 roundings are the similarities s), state[r] (R x k int64 holding uint64
   // keys, kEmptyKey for empty slots) becomes the k largest of itself and the keys of
   // (s[r, c], column_ids[c]) (C int32); floors[r] (R int64) is the smallest key of a full
   // state[r], else kEmptyKey.

@@ -90,9 +90,13 @@ void refine_cpu(
   });
 }
 
+// Reads the products through their strides: a transposed block's rows are its columns,
+// and rows taken in order share cache lines.
 void merge_cpu(
     const at::Tensor& products, const at::Tensor& column_ids, const at::Tensor& state, const at::Tensor& floors) {
   const int64_t columns = products.size(1);
+  const int64_t row_stride = products.stride(0);
+  const int64_t column_stride = products.stride(1);
   const int64_t k = state.size(1);
   const double* sums = products.const_data_ptr<double>();
   const int32_t* ids = column_ids.const_data_ptr<int32_t>();
@@ -101,14 +105,14 @@ void merge_cpu(
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / columns);
   at::parallel_for(0, products.size(0), grain, [&](int64_t begin, int64_t end) {
     RowScratch scratch;
-    std::vector<int32_t> survivors(columns);
+    std::vector<uint64_t> survivors(kMergeChunk);
     std::vector<uint64_t> next(k);
     for (int64_t r = begin; r < end; ++r) {
-      const double* row_sums = sums + r * columns;
+      const double* row_sums = sums + r * row_stride;
       merge_largest(
           SerialGroup{}, scratch, keys + r * k, floor_keys + r, k, columns,
-          [&](int64_t c) { return neighbour_key(static_cast<float>(row_sums[c]), ids[c]); }, survivors.data(),
-          next.data());
+          [&](int64_t c) { return neighbour_key(static_cast<float>(row_sums[c * column_stride]), ids[c]); },
+          survivors.data(), next.data());
     }
   });
 }

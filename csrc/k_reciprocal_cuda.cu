@@ -91,11 +91,11 @@ __global__ void refine_kernel(
   }
 }
 
-// One block per row r of products (merge_largest); survivors[r] (columns) and next[r]
-// (k) are the row's global scratch.
+// One block per row r of products (merge_largest); survivors[r] (kMergeChunk) and
+// next[r] (k) are the row's global scratch.
 __global__ void merge_kernel(
     const double* __restrict__ products, const int32_t* __restrict__ column_ids, int64_t columns, int64_t k,
-    uint64_t* __restrict__ state, uint64_t* __restrict__ floors, int32_t* __restrict__ survivors,
+    uint64_t* __restrict__ state, uint64_t* __restrict__ floors, uint64_t* __restrict__ survivors,
     uint64_t* __restrict__ next) {
   __shared__ RowScratch scratch;
   const int64_t r = blockIdx.x;
@@ -103,7 +103,7 @@ __global__ void merge_kernel(
   merge_largest(
       BlockGroup{}, scratch, state + r * k, floors + r, k, columns,
       [&](int64_t c) { return neighbour_key(static_cast<float>(row_sums[c]), column_ids[c]); },
-      survivors + r * columns, next + r * k);
+      survivors + r * kMergeChunk, next + r * k);
 }
 
 // One thread per row i writes R[i, :] (assemble_row).
@@ -177,18 +177,20 @@ void refine_cuda(
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// A transposed block is copied first, so that a block's threads read consecutive sums.
 void merge_cuda(
     const at::Tensor& products, const at::Tensor& column_ids, const at::Tensor& state, const at::Tensor& floors) {
-  const int64_t block_rows = products.size(0);
-  const int64_t columns = products.size(1);
+  const at::Tensor sums = products.contiguous();
+  const int64_t block_rows = sums.size(0);
   const int64_t k = state.size(1);
-  const at::Tensor survivors = at::empty({block_rows, columns}, state.options().dtype(at::kInt));
+  const at::Tensor survivors = at::empty({block_rows, kMergeChunk}, state.options());
   const at::Tensor next = at::empty({block_rows, k}, state.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
   merge_kernel<<<static_cast<unsigned>(block_rows), kThreads, 0, stream>>>(
-      products.const_data_ptr<double>(), column_ids.const_data_ptr<int32_t>(), columns, k,
+      sums.const_data_ptr<double>(), column_ids.const_data_ptr<int32_t>(), sums.size(1), k,
       reinterpret_cast<uint64_t*>(state.mutable_data_ptr<int64_t>()),
-      reinterpret_cast<uint64_t*>(floors.mutable_data_ptr<int64_t>()), survivors.mutable_data_ptr<int32_t>(),
+      reinterpret_cast<uint64_t*>(floors.mutable_data_ptr<int64_t>()),
+      reinterpret_cast<uint64_t*>(survivors.mutable_data_ptr<int64_t>()),
       reinterpret_cast<uint64_t*>(next.mutable_data_ptr<int64_t>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -33,7 +33,13 @@ struct RowScratch {
   uint32_t digit;
   uint32_t rank;
   uint32_t count;
+  uint64_t kth;
 };
+
+// Up to this many keys, emit_largest ranks each key by counting the larger ones (n^2
+// compares, spread over the group) instead of radix passes, each of which clears and
+// scans a 256-bin histogram.
+constexpr int64_t kRankSelectMax = 64;
 
 // A group of one CPU thread.
 struct SerialGroup {
@@ -92,11 +98,39 @@ JSA_FAST_HOST_DEVICE Key kth_largest(const Group& group, RowScratch& scratch, in
 
 // emit(slot, key) for the keys key_at(i), i in [0, n), that are among the k largest and
 // not kEmptyKey (keys other than kEmptyKey distinct), with slots 0, 1, ... in any order;
-// returns the k-th largest key. Afterwards scratch.count holds the number emitted.
+// returns the k-th largest key (kEmptyKey when fewer than k keys are not). Afterwards
+// scratch.count holds the number emitted.
 JSA_FAST_GROUP_FUNCTION
 template <class Group, class KeyAt, class Emit>
 JSA_FAST_HOST_DEVICE uint64_t emit_largest(
     const Group& group, RowScratch& scratch, int64_t n, int64_t k, const KeyAt& key_at, const Emit& emit) {
+  if (n <= kRankSelectMax) {
+    if (group.leader()) {
+      scratch.count = 0;
+      scratch.kth = kEmptyKey;
+    }
+    group.sync();
+    group.for_each(n, [&](int64_t i) {
+      const uint64_t key = key_at(i);
+      if (key == kEmptyKey) {
+        return;
+      }
+      int64_t rank = 0;  // among the keys other than kEmptyKey, which are distinct
+      for (int64_t j = 0; j < n; ++j) {
+        rank += key_at(j) > key;
+      }
+      if (rank < k) {
+        emit(group.fetch_add(&scratch.count, 1), key);
+      }
+      if (rank == k - 1) {
+        scratch.kth = key;
+      }
+    });
+    group.sync();
+    const uint64_t kth = scratch.kth;
+    group.sync();  // everyone has read kth before it is reused
+    return kth;
+  }
   const auto kth = kth_largest<uint64_t>(group, scratch, n, k, key_at);
   if (group.leader()) {
     scratch.count = 0;
@@ -166,39 +200,44 @@ JSA_FAST_HOST_DEVICE bool refine_row(
 
 // Step 4's running top-k for one row: state[0, k) (kEmptyKey in empty slots) becomes the
 // k largest of itself and new_key(i), i in [0, n); *floor is the smallest key of a full
-// state, else kEmptyKey. Only new keys above the floor are considered (for rows in no
-// particular order, few of them once the state is full). survivors (n) and next (k) are
-// the group's scratch.
+// state, else kEmptyKey. The new keys come in chunks of kMergeChunk, and of each only
+// those above the floor (survivors) are selected among: once the first chunks have
+// filled the state, a chunk of rows in no particular order has few. survivors
+// (kMergeChunk keys) and next (k) are the group's scratch.
 JSA_FAST_GROUP_FUNCTION
 template <class Group, class NewKey>
 JSA_FAST_HOST_DEVICE void merge_largest(
     const Group& group, RowScratch& scratch, uint64_t* state, uint64_t* floor, int64_t k, int64_t n,
-    const NewKey& new_key, int32_t* survivors, uint64_t* next) {
-  const uint64_t current_floor = *floor;
-  if (group.leader()) {
-    scratch.count = 0;
-  }
-  group.sync();
-  group.for_each(n, [&](int64_t i) {
-    if (new_key(i) > current_floor) {
-      survivors[group.fetch_add(&scratch.count, 1)] = static_cast<int32_t>(i);
+    const NewKey& new_key, uint64_t* survivors, uint64_t* next) {
+  for (int64_t chunk = 0; chunk < n; chunk += kMergeChunk) {
+    const int64_t length = n - chunk < kMergeChunk ? n - chunk : kMergeChunk;
+    const uint64_t current_floor = *floor;
+    if (group.leader()) {
+      scratch.count = 0;
     }
-  });
-  group.sync();
-  const uint32_t added = scratch.count;
-  group.sync();  // everyone has read count before it is reused
-  if (added == 0) {
-    return;
+    group.sync();
+    group.for_each(length, [&](int64_t i) {
+      const uint64_t key = new_key(chunk + i);
+      if (key > current_floor) {
+        survivors[group.fetch_add(&scratch.count, 1)] = key;
+      }
+    });
+    group.sync();
+    const uint32_t added = scratch.count;
+    group.sync();  // everyone has read count before it is reused
+    if (added == 0) {
+      continue;
+    }
+    const uint64_t kth = emit_largest(
+        group, scratch, k + added, k, [&](int64_t i) { return i < k ? state[i] : survivors[i - k]; },
+        [&](uint32_t slot, uint64_t key) { next[slot] = key; });
+    const uint32_t kept = scratch.count;  // k, or fewer real keys than k so far
+    group.for_each(k, [&](int64_t slot) { state[slot] = slot < kept ? next[slot] : kEmptyKey; });
+    if (group.leader()) {
+      *floor = kept == k ? kth : kEmptyKey;
+    }
+    group.sync();  // the state and floor are written before the next chunk reads them
   }
-  const auto key_at = [&](int64_t i) { return i < k ? state[i] : new_key(survivors[i - k]); };
-  const uint64_t kth = emit_largest(
-      group, scratch, k + added, k, key_at, [&](uint32_t slot, uint64_t key) { next[slot] = key; });
-  const uint32_t kept = scratch.count;  // k, or fewer real keys than k so far
-  group.for_each(k, [&](int64_t slot) { state[slot] = slot < kept ? next[slot] : kEmptyKey; });
-  if (group.leader()) {
-    *floor = kept == k ? kth : kEmptyKey;
-  }
-  group.sync();
 }
 
 }  // namespace k_reciprocal
