@@ -5,11 +5,11 @@
 - compiled fused: JSA backend "auto" (fused kernels on CUDA) and `jsa_fast.ops`'s
   k-reciprocal mask (the extension's kernel for the device), under torch.compile.
 
-Each on the preset's architecture with bf16 autocast, fused AdamW and channels-last on
-CUDA, exactly as `jsa_fast.train` runs a step. Reports the median step time, samples/s and
-peak memory, and JSA's share of the step: the variant's JSA module alone (compiled when
-the variant is), forward and backward on the step's token shapes, dtype and masks,
-timed the same way, over the step time. Writes JSON through bench/common.py.
+Each on the preset's architecture with its autocast (--amp: fp16 with a GradScaler for the
+paper preset), and fused AdamW and channels-last on CUDA, exactly as `jsa_fast.train` runs
+a step. Reports the median step time, samples/s and peak memory, and JSA's share of the
+step: the variant's JSA module alone (compiled when the variant is), forward and backward
+on the step's token shapes, dtype and masks, timed the same way, over the step time. Writes JSON through bench/common.py.
 
     python bench/train_step.py [--preset paper] [--batch-size 256] [--steps 20] [--device cuda]
     python bench/train_step.py --device cpu --preset tiny --batch-size 8 --steps 2   # smoke test
@@ -48,7 +48,7 @@ def bench_variant(cfg: RunConfig, device: torch.device, steps: int, warmup: int,
     layout = memory_format(device)
     model = JSAModel(cfg.model_config()).to(device, memory_format=layout).train()
     optimizer = build_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     loss_options = {} if options["false_negative_mask"] is None else {"false_negative_mask": options["false_negative_mask"]}
     loss_fn = loss_function(model, cfg, **loss_options)
     model_cfg = cfg.model_config()
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table([row], COLUMNS)
     print()
     print_table(rows, COLUMNS)
-    amp = cfg.amp if device.type == "cuda" else "none"  # autocast is CUDA-only (autocast_context)
-    config = {"preset": args.preset, "batch_size": cfg.batch_size, "steps": args.steps, "warmup": warmup, "amp": amp}
+    config = {"preset": args.preset, "batch_size": cfg.batch_size, "steps": args.steps, "warmup": warmup, "amp": cfg.amp}
     config |= {"image_size": cfg.image_size, "dim": cfg.dim, "spec": list(cfg.audio_config().spectrogram_shape)}
     print(f"wrote {write_results('train_step', device, config, rows, args.json)}")
     return 0
