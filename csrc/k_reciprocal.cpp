@@ -102,7 +102,7 @@ FilterBound filter_bound(const at::Tensor& rows, const at::Tensor& filter_rows, 
 
 // The most candidates a row may have on the filter's path.
 int64_t candidate_limit(int64_t batch) {
-  return std::max<int64_t>(1, batch / kCandidateShare);
+  return std::max(batch / kCandidateShare, kMinCandidateLimit);
 }
 
 // Steps 2-3 for every row; rows that need the general path get general[i] = 1.

@@ -16,7 +16,8 @@
 //      s >= lo(t_i), so every true neighbour has s >= lo(t_i), and no row with
 //      hi(v[i, j]) < lo(t_i) is one. The candidates are the others: v[i, j] >=
 //      candidate_floor(t_i). One pass per row (select_candidates) finds t_i and writes the
-//      candidates to global memory, at most `limit` = B / kCandidateShare of them.
+//      candidates to global memory, at most `limit` = max(B / kCandidateShare,
+//      kMinCandidateLimit) of them.
 //   3. Refine: s[i, j] for the candidates, exactly as documented below, and the k
 //      largest keys (neighbour_key: s, then the lower index) are N(i).
 //   4. General path, for rows with more than `limit` candidates (crowded similarities:
@@ -54,10 +55,12 @@
 namespace jsa_fast {
 namespace k_reciprocal {
 
-// A row whose filter admits more than B / kCandidateShare candidates takes the general
-// path: there half a row of GEMM similarities (symmetry) costs less than refining them
-// one gathered dot product at a time.
+// A row whose filter admits more than max(B / kCandidateShare, kMinCandidateLimit)
+// candidates takes the general path: there half a row of GEMM similarities (symmetry)
+// costs less than refining them one gathered dot product at a time. The floor keeps
+// small batches on the filter: there the general path's fixed costs dominate.
 constexpr int64_t kCandidateShare = 8;
+constexpr int64_t kMinCandidateLimit = 128;
 // The first filter tile holds B / kProbeShare rows; when at least kSkipNumerator /
 // kSkipDenominator of them take the general path, the batch's similarities crowd
 // together and the other rows skip the filter.

@@ -242,8 +242,9 @@ def test_kernel_matches_reference_on_random_rows(batch, dtype, width, device):
 def test_kernel_on_tight_clusters(device, clusters):
     # Rows within ~3e-2 of a few centres: a cluster's similarities (1 - 2e-3 .. 1) differ by
     # less than the bfloat16 filter's error, so whole clusters become candidates. 40
-    # clusters of 15 rows stay within the filter's B / 8 = 75 candidates, so the float64
-    # refinement alone orders them; 4 clusters of 150 exceed it and take the general path.
+    # clusters of 15 rows stay within the filter's 128 candidates (max(B / 8, 128)), so the
+    # float64 refinement alone orders them; 4 clusters of 150 exceed it and take the
+    # general path.
     # Within a cluster, similarities come within float32 rounding of each other, which the
     # reference's float32 sums may order differently: the oracle is the exact one.
     gen = torch.Generator().manual_seed(3)
@@ -291,8 +292,8 @@ def test_filter_margin_keeps_neighbours_that_the_filter_misorders(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernel_general_path_for_rows_with_many_candidates(device):
     # 2,100 copies of one direction (scaled) tie with each other: each has 2,100 candidates,
-    # more than the filter's B / 8 = 270, and takes the general path; the 60 random rows
-    # keep the filter. Ties still go to the lower index.
+    # more than the filter's max(B / 8, 128) = 270, and takes the general path; the 60
+    # random rows keep the filter. Ties still go to the lower index.
     gen = torch.Generator().manual_seed(4)
     scales = torch.rand(2100, 1, generator=gen) + 0.5
     copies = torch.zeros(2100, 16).index_fill_(1, torch.tensor([0]), 1.0) * scales
@@ -311,7 +312,7 @@ def test_kernel_with_many_tiles_and_chunks(device, monkeypatch):
     z_img, z_aud = tied_rows(540, 3, torch.float32), torch.randn(540, 32, generator=gen)
     for k in (1, 20, 300):
         assert_matches_reference(z_img, z_aud, k, device)
-    z_copies = torch.zeros(600, 8).index_fill_(1, torch.tensor([2]), 1.0)  # every row overflows
+    z_copies = torch.zeros(600, 8).index_fill_(1, torch.tensor([2]), 1.0)  # 600 candidates: the general path
     assert_matches_reference(z_copies, torch.randn(600, 8, generator=gen), 4, device)
 
 
@@ -322,9 +323,10 @@ def test_bad_scratch_bound_is_named(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("k", [37, 38, 256, 299])
+@pytest.mark.parametrize("k", [128, 129, 256, 299])
 def test_kernel_large_k_takes_the_general_path(device, k):
-    # At B = 300 the filter serves k <= B / 8 = 37; above it every row takes the general path.
+    # At B = 300 the filter serves k <= max(B / 8, 128) = 128; above it every row takes the
+    # general path.
     z_img, z_aud = tied_rows(300, 5, torch.float32), tied_rows(300, 6, torch.float32)
     assert_matches_reference(z_img, z_aud, k, device)
     gen = torch.Generator().manual_seed(k)
@@ -358,12 +360,12 @@ def collapsed_rows(batch: int, spread: float, seed: int, width: int = 256) -> to
 
 
 def crowded(z: torch.Tensor, k: int) -> torch.Tensor:
-    """B bool: whether the row has more than B / 8 rows at or above its k-th similarity.
-    The filter admits all of those (csrc/k_reciprocal.h, step 2), so these rows take the
-    general path."""
+    """B bool: whether the row has more rows at or above its k-th similarity than the
+    filter's limit, max(B / 8, 128). The filter admits all of those (csrc/k_reciprocal.h,
+    step 2), so these rows take the general path."""
     sim = similarities(z)
     kth = sim.topk(k, dim=1).values[:, -1:]
-    return (sim >= kth).sum(dim=1) > z.shape[0] // 8
+    return (sim >= kth).sum(dim=1) > max(z.shape[0] // 8, 128)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -410,7 +412,7 @@ def test_kernel_on_a_batch_dominated_by_one_class(device, monkeypatch):
 def test_kernel_skips_the_filter_after_a_crowded_first_tile(device):
     # The first tile's B / 16 = 63 rows are collapsed: the rest of the batch goes to the
     # general path without the filter, spread rows included, and the mask stays exact.
-    z = torch.cat([collapsed_exact_rows(150, 1, 9), tied_rows(850, 10, torch.float32, width=256)])
+    z = torch.cat([collapsed_exact_rows(200, 1, 9), tied_rows(800, 10, torch.float32, width=256)])
     for k in (5, 20):
         assert crowded(z, k)[:63].all()
         assert_matches_reference(z, z.roll(1, 0), k, device)
