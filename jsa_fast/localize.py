@@ -15,7 +15,7 @@ An image and --audio WAV: the map of the image with the WAV's middle clip (as ev
 reads a data set's audio): DIR/<stem>_heatmap.png at the image's size and
 DIR/<stem>_map.npy (H x W).
 
-The map is ca^{a,v} (SPEC.md "Inference"), or the IQR map with --map iqr; with --ogl (a
+The map is ca^{a,v} (docs/model.md "Inference"), or the IQR map with --map iqr; with --ogl (a
 local ImageNet ResNet-18 state dict) the OGL map (the default then) or the object map
 alone (--map obj). --protocol chooses the upsampling to the model's image size, IQR's
 alpha and the inference temperature as jsa_fast.evaluate does (field: bilinear, 0.6, 1;
@@ -97,13 +97,14 @@ class Localizer:
         which: str = "ca",
         protocol: Protocol = PROTOCOLS["field"],
         saliency: ObjectSaliency | None = None,
+        amp: str = "none",
     ) -> None:
         if which not in MAPS:
             raise UsageError(f"--map must be one of {', '.join(MAPS)}, got {which!r}")
         if (which in ("ogl", "obj")) != (saliency is not None):
             raise UsageError(f"--map {which} {'needs' if saliency is None else 'does not use'} --ogl R18.pth (the object map's ResNet-18)")
         self.protocol, self.saliency = protocol, saliency
-        self.model, self.cfg, self.device, self.which = model, cfg, device, which
+        self.model, self.cfg, self.device, self.which, self.amp = model, cfg, device, which, amp
         self.audio_cfg: AudioConfig = cfg.audio_config()
         self.image_transform = eval_transform(cfg.image_config())
 
@@ -113,7 +114,7 @@ class Localizer:
         float32 maps in [0, 1], S the model's image size."""
         image = torch.stack([self.image_transform(picture) for picture in images]).to(self.device)
         spec = torch.stack([log_spectrogram(clip, self.audio_cfg) for clip in clips]).to(self.device)
-        with autocast_context(self.device, self.cfg.amp):
+        with autocast_context(self.device, self.amp):
             inference = self.model.infer(image, spec, self.protocol.temperature)
             obj = self.saliency(image) if self.saliency is not None else None
         maps = scored_maps(inference.ca, inference.ia, obj, tuple(image.shape[-2:]), self.protocol)
@@ -205,6 +206,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--ogl", default=None, metavar="R18.pth", help="a local torchvision ResNet-18 state dict: the OGL and object maps")
     parser.add_argument("--batch-size", type=bounded(int, low=1), default=16)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    parser.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none", help="autocast dtype (default: fp32, as evaluate)")
     return parser
 
 
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     which = args.map or ("ogl" if args.ogl is not None else "ca")
     saliency = load_object_saliency(args.ogl, device) if args.ogl is not None else None
-    localizer = Localizer(*load_model(args.checkpoint, device), device, which, protocol_from_args(args), saliency)
+    localizer = Localizer(*load_model(args.checkpoint, device), device, which, protocol_from_args(args), saliency, args.amp)
     if is_image:
         written = localize_image(localizer, source, Path(args.audio), out)
     else:
