@@ -344,7 +344,7 @@ def test_6_bad_training_flags_are_named_before_any_work(world, tmp_path, capsys,
         (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
         (["--alpha", "2"], "argument --alpha: must be a finite number in [0, 1], got '2'"),
         (["--overlays", "-1"], "argument --overlays: must be an integer >= 0, got '-1'"),
-        (["--threshold", "high"], "--threshold must be 'median' or a number in [0, 1]"),
+        (["--threshold", "high"], "argument --threshold: must be 'median' or a number in [0, 1], got 'high'"),
     ],
 )
 def test_6_bad_evaluation_flags_are_named_when_parsed(good_run, capsys, flags, named):
