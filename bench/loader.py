@@ -40,7 +40,7 @@ DISTINCT_ITEMS = 256
 
 
 def synthetic_set(cache: Path, n: int) -> Path:
-    """n train clips in API.md's layout: DISTINCT_ITEMS generated ones, hard-linked cyclically."""
+    """n train clips in docs/api.md's layout: DISTINCT_ITEMS generated ones, hard-linked cyclically."""
     root = cache / f"loader-bench-n{n}"
     if (root / "train.txt").exists():
         return root

@@ -1,6 +1,6 @@
 """jsa-fast: Joint Slot Attention (CVPR 2025) for sound source localisation, made fast.
 
-Public entry points (API.md): the fused and reference JSA modules and the k-reciprocal
+Public entry points (docs/api.md): the fused and reference JSA modules and the k-reciprocal
 false-negative mask.
 """
 

@@ -27,7 +27,7 @@ __all__ = ["RunConfig", "PRESETS", "add_config_arguments", "config_from_args", "
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a training run needs, flat so that every field is a command-line
-    option; defaults are the `paper` preset (SPEC.md), taken from the model, loss and
+    option; defaults are the `paper` preset (docs/model.md), taken from the model, loss and
     preprocessing configs that own them."""
 
     # model

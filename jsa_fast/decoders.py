@@ -4,7 +4,7 @@ Each slot is broadcast over the token grid, a learned 2-D position embedding is 
 (column and row embeddings of d/2 each, concatenated), an MLP [d -> d, ReLU] x 3 -> d + 1
 decodes a feature and a mask logit per slot and position; the masks are softmaxed over
 slots and the reconstruction is the mask-weighted sum of the slot features.
-For d = 512 this is 1.05 M parameters (SPEC.md).
+For d = 512 this is 1.05 M parameters (docs/model.md).
 """
 
 from __future__ import annotations

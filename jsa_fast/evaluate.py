@@ -66,7 +66,7 @@ RECALL_KS = (1, 5, 10)
 
 @dataclass(frozen=True)
 class Protocol:
-    """How the maps are made and scored (SPEC.md "Inference", README "Evaluation protocols").
+    """How the maps are made and scored (docs/model.md "Inference", README "Evaluation protocols").
 
     upsample: "bilinear" (align_corners=True) or "bicubic" (align_corners=False), from
     the token grid to the image; threshold: "median" or a fixed cut on the min-max

@@ -62,7 +62,7 @@ def stacked(first: Tensor, second: Tensor) -> Tensor:
 
 
 class FusedJointSlotAttention(JointSlotAttention):
-    """Joint slot attention with a selectable backend (API.md).
+    """Joint slot attention with a selectable backend (docs/api.md).
 
     backend: "auto" (the Triton kernels for CUDA tensors, the PyTorch reference path
     otherwise), "triton" (the kernels, also on CPU when TRITON_INTERPRET=1 was set before

@@ -5,7 +5,7 @@ weights them and computes the false-negative mask with the fastest available op.
 data parallelism the contrastive term and the mask take the whole global batch (see
 `jsa_fast.distributed`).
 
-With T target and O off-target slots (SPEC.md "Inference"; the paper gives no formula,
+With T target and O off-target slots (docs/model.md "Inference"; the paper gives no formula,
 this is ours) the contrastive term, the false-negative mask and retrieval take the target
 representation (the mean of the T L2-normalised target slots), L_match averages over the
 T target slots' maps, and L_div over the T x O (target, off-target) pairs. T = O = 1 is
@@ -29,7 +29,7 @@ __all__ = ["LossConfig", "jsa_loss", "target_divergence"]
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Loss hyper-parameters; defaults are the paper's (SPEC.md).
+    """Loss hyper-parameters; defaults are the paper's (docs/model.md).
 
     directions: "sum" adds the two InfoNCE directions (eq. 7, the released code),
     "mean" averages them. k: 0 disables false-negative mitigation.

@@ -6,7 +6,7 @@ infer(image, spec, temperature) -> the inference maps on the token grid and the 
 representations; localize(image, spec, alpha, ...) -> the ca^{a,v} map and the IQR map at
 image resolution. ObjectSaliency is OGL's object map (an ImageNet ResNet-18).
 
-Target and off-target slots (SPEC.md "Inference"): the first T of the S = T + O slots are
+Target and off-target slots (docs/model.md "Inference"): the first T of the S = T + O slots are
 targets. Their representation is the mean of the T L2-normalised slots
 (`target_embedding`); the localisation maps sum the T target slots' maps.
 """
@@ -43,7 +43,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture; defaults are the paper's (SPEC.md "Shapes").
+    """Architecture; defaults are the paper's (docs/model.md "Shapes").
 
     targets, off_targets: T target and O off-target slots (S = T + O; the paper's 1 and
     1); image_size: square input side; spec_bins x spec_frames: the log-spectrogram size;
@@ -135,7 +135,7 @@ def slot_maps(
 
 
 def target_embedding(slots: Tensor, targets: int) -> Tensor:
-    """The target representation (SPEC.md): slots B x S x d -> B x d, the mean of the
+    """The target representation (docs/model.md): slots B x S x d -> B x d, the mean of the
     first `targets` L2-normalised slots (the normalised target slot when T = 1)."""
     if not 1 <= targets < slots.shape[1]:
         raise ValueError(f"targets must be in [1, S - 1] = [1, {slots.shape[1] - 1}], got {targets!r}")

@@ -56,7 +56,7 @@ def extension_available(device: torch.device | str) -> bool:
 
 
 def k_reciprocal_mask(z_img: Tensor, z_aud: Tensor, k: int = 20, *, packed: bool = False) -> Tensor:
-    """Predicted false negatives R (paper eq. 12-13), as in SPEC.md.
+    """Predicted false negatives R (paper eq. 12-13), as in docs/model.md.
 
     z_img, z_aud: B x D float (fp32, fp64, bf16, fp16; rows are L2-normalised inside)
     -> B x B bool, diagonal False. R[i, j] says that j is among the k rows nearest to i

@@ -1,7 +1,7 @@
 """The oracle: Joint Slot Attention, its losses and k-reciprocal masks in plain PyTorch.
 
 Everything here mirrors the equations of the paper ("Improving Sound Source Localization
-with Joint Slot Attention on Image and Audio", CVPR 2025) as restated in SPEC.md, with no
+with Joint Slot Attention on Image and Audio", CVPR 2025) as restated in docs/model.md, with no
 fusion tricks. Every kernel and op of the project is tested against this file.
 
 Symbols: B batch, L tokens (Lv image, La audio), d width, S slots (2: target, off-target),

@@ -112,7 +112,7 @@ def _seed(*parts: int) -> int:
 
 
 def token_masks(cfg: ModelConfig, batch: int, seed: int, step: int) -> tuple[Tensor, Tensor]:
-    """JSA's training masks for the global batch of optimiser step `step` (SPEC.md: each
+    """JSA's training masks for the global batch of optimiser step `step` (docs/model.md: each
     token replaced with probability mask_prob): B x Lv and B x La bool, on the CPU.
 
     A function of (seed, step) alone, like the data: the same for any process count (each
@@ -609,7 +609,7 @@ def _start_text(start: dict[str, Any] | None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m jsa_fast.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=None, help="data set root (API.md layout); default: the synthetic world, or on --resume the run's own")
+    parser.add_argument("--data", default=None, help="data set root (docs/api.md layout); default: the synthetic world, or on --resume the run's own")
     parser.add_argument("--out", default="runs/default", help="output folder (last.pt, metrics.jsonl, loss_curves.png)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt, with its configuration (flags given override it)")

@@ -48,10 +48,10 @@ AUDIO = AudioConfig(seconds=0.5, n_fft=256, win_length=256, hop_length=160, spec
 RELEASED_IMAGE = dataclasses.replace(IMAGE, augment="released")
 RELEASED_AUDIO = dataclasses.replace(AUDIO, spec_augment=True)  # mask widths below (5, 10)
 DRAWS = 256  # augmentations of one item compared in distribution
-# PIL's and DALI's antialiased bicubic resizes agree within 4 grey levels (ENV.md): 4 / 255
+# PIL's and DALI's antialiased bicubic resizes agree within 4 grey levels (docs/build.md): 4 / 255
 # in [0, 1], divided by the smallest ImageNet std.
 IMAGE_ATOL = 4 / 255 / min(0.229, 0.224, 0.225)
-SPEC_ATOL = 1e-3  # log spectrogram; ENV.md measured 8e-5 at 257 x 501
+SPEC_ATOL = 1e-3  # log spectrogram; docs/build.md measured 8e-5 at 257 x 501
 # DALI's resampler is not torchaudio's (other filter): within 1e-4 on the wave, more in
 # near-silent bins after the log.
 RESAMPLED_SPEC_ATOL = 0.05
@@ -167,7 +167,7 @@ def test_resampled_stereo_short_clips_and_video_frames_match(root_copy: Path, de
 def _test_items_as_videos(root: Path, device: str) -> None:
     """Every test item becomes ROOT/videos/<id>.mp4 whose middle frame (index 2 of 5) is the
     item's image and whose other frames are its negative, so a wrong frame shows. DALI's
-    CPU video decoder has no H.264 (ENV.md): VP9 there, H.264 (NVDEC) on the GPU."""
+    CPU video decoder has no H.264 (docs/build.md): VP9 there, H.264 (NVDEC) on the GPU."""
     codec = "libx264" if device == "cuda" else "libvpx-vp9"
     (root / "videos").mkdir()
     for frame_path in sorted((root / "frames").glob("test_*.jpg")):

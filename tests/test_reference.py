@@ -1,4 +1,4 @@
-"""The reference JointSlotAttention against hand-checkable cases and the API.md contract."""
+"""The reference JointSlotAttention against hand-checkable cases and the docs/api.md contract."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Audio preprocessing (SPEC.md "Preprocessing"): mono 16 kHz, middle clip, log spectrogram."""
+"""Audio preprocessing (docs/model.md "Preprocessing"): mono 16 kHz, middle clip, log spectrogram."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def log_spectrogram(wave: Tensor, cfg: AudioConfig) -> Tensor:
 
 
 def wav_to_spectrogram(path: str | Path, cfg: AudioConfig) -> Tensor:
-    """SPEC.md's whole audio path: file -> mono at cfg.sample_rate -> middle clip -> 1 x F x T.
+    """docs/model.md's whole audio path: file -> mono at cfg.sample_rate -> middle clip -> 1 x F x T.
 
     DataError naming the file when the spectrogram is not finite (samples so large that
     their power overflows float32)."""

@@ -1,7 +1,7 @@
-"""The DALI data path: the PyTorch path's preprocessing (SPEC.md "Preprocessing") as a DALI
+"""The DALI data path: the PyTorch path's preprocessing (docs/model.md "Preprocessing") as a DALI
 pipeline, decoding frames and spectrograms on the GPU.
 
-Per item of a data set in API.md's layout (the same items, probes and bad-file policy as
+Per item of a data set in docs/api.md's layout (the same items, probes and bad-file policy as
 `AudioVisualDataset`, which this path builds and reads its entries from):
 
 - frame: ROOT/frames/<id>.jpg decoded by nvJPEG (`fn.decoders.image`, "mixed"). In a data
@@ -247,7 +247,7 @@ def _build_pipeline(
     on_gpu = device_id is not None
     n = audio_cfg.num_samples
     # fn.spectrogram's default window is a shifted Hann; torch's periodic one is what the
-    # PyTorch path uses (ENV.md).
+    # PyTorch path uses (docs/build.md).
     window = torch.hann_window(audio_cfg.win_length, dtype=torch.float64).tolist()
 
     augment = train and image_cfg.augment != "none"

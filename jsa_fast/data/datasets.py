@@ -1,4 +1,4 @@
-"""The audio-visual data set of API.md's layout, its bad-file policy and a reproducible loader.
+"""The audio-visual data set of docs/api.md's layout, its bad-file policy and a reproducible loader.
 
 ROOT/frames/<id>.jpg (or ROOT/videos/<id>.mp4), ROOT/audio/<id>.wav, ROOT/train.txt, and for
 the test split ROOT/test.json (VGG-SS) or ROOT/test.txt + ROOT/Annotations/<id>.xml
@@ -172,7 +172,7 @@ def _decode(path: Path, read: Callable[[Path], Any]) -> Any:
 
 
 class AudioVisualDataset(Dataset):
-    """Image-audio pairs of one split of a data set in API.md's layout.
+    """Image-audio pairs of one split of a data set in docs/api.md's layout.
 
     An item is a dict: image 3 x H x W float32 (H = W = image_cfg.size), spec 1 x F x T
     float32 (the train split augmented as image_cfg.augment and audio_cfg.spec_augment

@@ -1,4 +1,4 @@
-"""Ground-truth maps (SPEC.md "Metrics"), rasterised on integer pixels like the field's
+"""Ground-truth maps (docs/model.md "Metrics"), rasterised on integer pixels like the field's
 evaluator (EZ-VSL): a box [x0, y0, x1, y1] covers gt[y0:y1, x0:x1]."""
 
 from __future__ import annotations

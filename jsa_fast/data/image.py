@@ -1,4 +1,4 @@
-"""Image preprocessing (SPEC.md "Preprocessing") and frame reading (a JPEG or a video frame)."""
+"""Image preprocessing (docs/model.md "Preprocessing") and frame reading (a JPEG or a video frame)."""
 
 from __future__ import annotations
 

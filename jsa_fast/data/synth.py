@@ -1,8 +1,8 @@
-"""A deterministic synthetic audio-visual world in API.md's data set layout.
+"""A deterministic synthetic audio-visual world in docs/api.md's data set layout.
 
 Each class has its own visual object (distinct colour and shape) and its own sound
 (distinct fundamental and amplitude-modulation rate). An image shows the sounding object
-large (its box covers 30-45 % of the image, so that SPEC.md's median-threshold cIoU can
+large (its box covers 30-45 % of the image, so that docs/model.md's median-threshold cIoU can
 reach 0.5) and off the image centre (so that a centre prior cannot score by itself) among 1-2 smaller silent distractors of other classes, which never overlap it;
 the audio is the sounding class's sound, sometimes mixed with a quieter distractor sound,
 plus noise. The test split carries every ground-truth format: test.json (VGG-SS),

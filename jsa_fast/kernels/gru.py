@@ -1,7 +1,7 @@
 """The GRU update of joint slot attention fused with LN_ff, forward and backward, after the
 one GEMM that produces all gate pre-activations.
 
-Symbols (torch.nn.GRUCell, gate order r, z, n; SPEC.md): input U = W_v C + b_v, hidden
+Symbols (torch.nn.GRUCell, gate order r, z, n; docs/model.md): input U = W_v C + b_v, hidden
 h = S_{n-1}. The GRU's input weights are folded with W_v (jsa_fast/fused.py), so a single
 product of [C | h] (R x 2d) with a block weight gives, per row, Z = [Z_r | Z_z | Z_in | Z_hn]
 (R x 4d), biases included:

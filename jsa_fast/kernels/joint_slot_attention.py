@@ -1,7 +1,7 @@
 """Joint slot attention's N iterations for both modalities as one operator, forward and
 backward, built for a GPU that is bound by kernel launches at the paper's shapes.
 
-What it computes is SPEC.md's JSA from the token masks, LN_in and the shared S_0 to S_N,
+What it computes is docs/model.md's JSA from the token masks, LN_in and the shared S_0 to S_N,
 the last queries and the four attention maps. Its parameters come stacked over the two
 modalities (2 x ..., image first, PARAMETERS' order). Once per call they are folded
 (`fold`, shapes for width d and MLP width H):

@@ -1,6 +1,6 @@
 """Row-wise LayerNorm kernels of joint slot attention, forward and backward.
 
-Three LayerNorms act on whole d-wide rows (SPEC.md):
+Three LayerNorms act on whole d-wide rows (docs/model.md):
 - LN_in on the tokens, after the training mask swaps masked tokens for the modality's
   mask token: x̂ = γ_in (x - μ) / σ + β_in, one pass over both modalities' tokens;
 - LN_slots on the slots S_{n-1}, fused with the residual that produces them,

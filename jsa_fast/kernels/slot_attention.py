@@ -2,7 +2,7 @@
 softmax over slots, + eps, key normalisation and the update read-out, forward and
 backward, one program per (modality, batch element), each holding all its keys.
 
-Symbols (SPEC.md): x̂ = LN_in(tokens) (L x d), s̃ = LN_slots(S_{n-1}) without its affine
+Symbols (docs/model.md): x̂ = LN_in(tokens) (L x d), s̃ = LN_slots(S_{n-1}) without its affine
 (S x d). Neither K nor Q is formed: the logits' slot-dependent part is
 
     K Q^T / sqrt(d) ≡ (x̂ W_k^T + b_k) W_q' s̃^T / sqrt(d) = [x̂ | 1] G^T / sqrt(d),
