@@ -33,17 +33,9 @@ from jsa_fast.config import RunConfig, saved_config
 from jsa_fast.data.dali import make_dali_loader, resolve_loader
 from jsa_fast.data.datasets import AudioVisualDataset, BadFilesError, make_loader, read_id_list, read_vggss_json
 from jsa_fast.losses import jsa_loss
-from jsa_fast.metrics import (
-    UPSAMPLE_MODES,
-    LocalizationEvaluator,
-    SegmentationEvaluator,
-    blend_maps,
-    centre_prior_map,
-    first_match_ranks,
-    normalised_map,
-    recall_at,
-)
-from jsa_fast.model import JSAModel, ObjectSaliency, localization_maps
+from jsa_fast.maps import UPSAMPLE_MODES, blend_maps, centre_prior_map, localization_maps, normalised_map
+from jsa_fast.metrics import LocalizationEvaluator, SegmentationEvaluator, first_match_ranks, recall_at
+from jsa_fast.model import JSAModel, ObjectSaliency
 from jsa_fast.train import EpochSeededDataset, autocast_context, resolve_data_root, resolve_device
 from jsa_fast.viz import overlay_heatmap, save_overlays
 

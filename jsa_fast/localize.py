@@ -42,7 +42,7 @@ from jsa_fast.data.audio import AudioConfig, load_audio, log_spectrogram, middle
 from jsa_fast.data.image import eval_transform, load_image
 from jsa_fast.data.video import decode_audio, iter_frames, mono_resampled, probe_video, write_video
 from jsa_fast.evaluate import PROTOCOLS, Protocol, load_object_saliency, protocol_from_args, scored_maps, temperature_value
-from jsa_fast.metrics import upsample_map
+from jsa_fast.maps import upsample_map
 from jsa_fast.model import JSAModel, ObjectSaliency
 from jsa_fast.train import autocast_context, resolve_device
 from jsa_fast.viz import overlay_heatmap

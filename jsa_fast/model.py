@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from jsa_fast.decoders import SlotDecoder
 from jsa_fast.encoders import AudioEncoder, ImageEncoder, ResNet18Trunk, resnet_output_size
 from jsa_fast.fused import FusedJointSlotAttention
-from jsa_fast.metrics import blend_maps, normalised_map
+from jsa_fast.maps import localization_maps
 from jsa_fast.reference import JSAOutput, ModalitySlotAttention, slot_attention
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "ObjectSaliency",
     "slot_maps",
     "target_embedding",
-    "localization_maps",
     "count_parameters",
 ]
 
@@ -214,24 +213,6 @@ class JSAModel(nn.Module):
         """
         maps = self.infer(image, spec, temperature)
         return localization_maps(maps.ca, maps.ia, tuple(image.shape[-2:]), alpha, upsample)
-
-
-def localization_maps(
-    ca: Tensor, ia: Tensor, size: tuple[int, int], alpha: float = 0.6, upsample: str = "bilinear"
-) -> tuple[Tensor, Tensor]:
-    """The ca^{a,v} map and the IQR map (eq. 14) at `size` from B x h x w token-grid maps.
-
-    Each map is upsampled (`upsample`: "bilinear", align_corners=True, the field's;
-    "bicubic", align_corners=False, the released code's) and min-max normalised. IQR blends
-    the normalised maps as the released evaluation does:
-    norm(alpha norm(ca^{a,v}) + (1 - alpha) norm(ia^{v,v})). Returns two B x H x W maps.
-    """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    if ca.dim() != 3 or ca.shape != ia.shape:
-        raise ValueError(f"ca and ia must be B x h x w maps of one shape, got {tuple(ca.shape)} and {tuple(ia.shape)}")
-    ca_map = normalised_map(ca, size, upsample)
-    return ca_map, blend_maps(ca_map, normalised_map(ia, size, upsample), alpha)
 
 
 class ObjectSaliency(nn.Module):

@@ -6,15 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from jsa_fast.metrics import (
-    LocalizationEvaluator,
-    SegmentationEvaluator,
-    centre_prior_map,
-    cross_modal_retrieval,
-    minmax_normalize,
-    retrieval_recall,
-    upsample_map,
-)
+from jsa_fast.metrics import LocalizationEvaluator, SegmentationEvaluator, cross_modal_retrieval, retrieval_recall
 
 # 4 x 4 map holding 0..15 row by row, shifted and scaled so that the evaluator's min-max
 # normalisation has work to do: normalised it is v / 15 for v = 0..15.
@@ -172,44 +164,3 @@ def test_segmentation_rejects_bad_input():
         ev.update(torch.zeros(2, 2), torch.full((2, 2), 0.5))
     with pytest.raises(ValueError, match="same shape|B x H x W"):
         ev.update(torch.zeros(2, 2), torch.zeros(1, 2, 2))
-
-
-def test_upsample_map_keeps_corners_and_interpolates_linearly():
-    small = torch.tensor([[0.0, 3.0], [6.0, 9.0]])
-    # align_corners=True: output pixel i samples input position i * (2 - 1) / (4 - 1),
-    # so out[i, j] = 6 * i / 3 + 3 * j / 3 = 2 i + j. (align_corners=False samples
-    # (i + 0.5) / 2 - 0.5 and would give rows 0, 0.75, 2.25, 3 apart.)
-    expected = 2 * torch.arange(4.0)[:, None] + torch.arange(4.0)[None, :]
-    torch.testing.assert_close(upsample_map(small, 4), expected)
-    batch = torch.rand(2, 7, 7)
-    big = upsample_map(batch, (224, 160))
-    assert big.shape == (2, 224, 160)
-    for (r, c), (R, C) in zip([(0, 0), (0, -1), (-1, 0), (-1, -1)], [(0, 0), (0, -1), (-1, 0), (-1, -1)]):
-        torch.testing.assert_close(big[:, R, C], batch[:, r, c])
-    with pytest.raises(ValueError, match="map_2d"):
-        upsample_map(torch.zeros(1, 1, 7, 7), 224)
-    with pytest.raises(ValueError, match="size"):
-        upsample_map(small, (0, 4))
-
-
-def test_minmax_normalize_per_map_and_constant():
-    maps = torch.tensor([[[2.0, 4.0], [6.0, 10.0]], [[5.0, 5.0], [5.0, 5.0]]])
-    out = minmax_normalize(maps)
-    assert torch.equal(out[0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
-    assert torch.equal(out[1], maps[1])  # constant: unchanged, no NaN
-
-
-def test_centre_prior_map():
-    # 5 x 5, sigma = 0.2 * 5 = 1 pixel: 1 at the centre, exp(-d^2 / 2) elsewhere.
-    prior = centre_prior_map(5, 5, sigma_frac=0.2)
-    assert prior.shape == (5, 5)
-    assert prior[2, 2] == 1.0
-    assert prior[2, 3].item() == pytest.approx(math.exp(-0.5))
-    assert prior[0, 0].item() == pytest.approx(math.exp(-4.0))
-    assert torch.equal(prior, prior.T) and torch.equal(prior, prior.flip(0))
-    # Scored like any map. 8 x 8: offsets from the centre are 0.5, 1.5, 2.5, 3.5; the
-    # median cut keeps the 32 pixels with d^2 <= 8.5 (4 + 8 + 4 + 8 + 8 of them), of
-    # which the centred 4 x 4 gt (d^2 <= 4.5) holds 16 -> 16 / (16 + 16).
-    gt = torch.zeros(8, 8)
-    gt[2:6, 2:6] = 1
-    assert LocalizationEvaluator().update(centre_prior_map(8, 8), gt) == pytest.approx(0.5)
