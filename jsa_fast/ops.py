@@ -61,8 +61,9 @@ def k_reciprocal_mask(z_img: Tensor, z_aud: Tensor, k: int = 20, *, packed: bool
     z_img, z_aud: B x D float (fp32, fp64, bf16, fp16; rows are L2-normalised inside)
     -> B x B bool, diagonal False. R[i, j] says that j is among the k rows nearest to i
     and i among the k nearest to j, by cosine similarity of both the image and the audio
-    rows (self included, ties to the lower index). Raises ValueError for k < 1, k > B,
-    mismatched shapes, non-float or non-finite input.
+    rows (self included, ties to the lower index). Raises ValueError, naming the argument
+    and what was seen, for k < 1, k > B, mismatched shapes or devices, non-float or
+    non-finite input.
 
     packed=True returns B x ceil(B / 32) int32 words instead (`pack_mask`'s layout, bit b
     of word w of row i is R[i, 32 w + b]; `unpack_mask` expands it): the form for large
@@ -71,13 +72,14 @@ def k_reciprocal_mask(z_img: Tensor, z_aud: Tensor, k: int = 20, *, packed: bool
     O(B D) copies of the rows (csrc/k_reciprocal.h). Rows whose similarities crowd
     together (collapsed embeddings) take a general path of about the cost of spread ones.
     """
-    if not torch.compiler.is_compiling():
-        # The finiteness check reads the data, which a compiled graph cannot branch on;
-        # the C++ kernel repeats every check, so compiled callers get the ValueError too.
-        reference.check_k_reciprocal_inputs(z_img, z_aud, k)
+    # The one validation of the arguments: metadata only, so no device sync, and compiled
+    # graphs run it too. Finiteness needs the values: the C++ op checks it where it casts
+    # the rows to float32 (and repeats the metadata checks for direct torch.ops callers),
+    # the reference in `mutual_neighbour_mask`.
+    reference.check_k_reciprocal_inputs(z_img, z_aud, k)
     if not isinstance(packed, bool):
         raise ValueError(f"packed must be a bool, got {packed!r}")
     if extension_available(z_img.device):
         return torch.ops.jsa_fast.k_reciprocal_mask(z_img, z_aud, k, packed)
-    mask = reference.k_reciprocal_mask(z_img, z_aud, k)
+    mask = reference.mutual_neighbour_mask(z_img, z_aud, k)
     return pack_mask(mask) if packed else mask

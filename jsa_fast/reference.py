@@ -25,6 +25,7 @@ __all__ = [
     "slot_attention",
     "k_reciprocal_mask",
     "check_k_reciprocal_inputs",
+    "mutual_neighbour_mask",
     "pack_mask",
     "unpack_mask",
     "info_nce_loss",
@@ -239,7 +240,14 @@ class JointSlotAttention(nn.Module):
 
 
 def check_k_reciprocal_inputs(z_img: Tensor, z_aud: Tensor, k: int) -> None:
-    """Raise ValueError, naming the argument, for inputs k_reciprocal_mask cannot take."""
+    """Raise ValueError, naming the argument and what was seen, for inputs k_reciprocal_mask
+    cannot take: anything but two non-empty B x D float tensors of one shape on one device,
+    or a k outside [1, B].
+
+    Reads metadata only, so it costs no device sync and torch.compile traces it. Whether the
+    values are finite needs the data: `mutual_neighbour_mask` and the C++ op check that
+    where they read the rows.
+    """
     for name, z in (("z_img", z_img), ("z_aud", z_aud)):
         if not isinstance(z, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
@@ -249,9 +257,6 @@ def check_k_reciprocal_inputs(z_img: Tensor, z_aud: Tensor, k: int) -> None:
             raise ValueError(f"{name} must be a floating-point tensor, got {_describe(z)}")
         if z.shape[0] < 1 or z.shape[1] < 1:
             raise ValueError(f"{name} must be non-empty, got {_describe(z)}")
-        # Similarities are computed in float32, where a large float64 becomes inf.
-        if not bool(torch.isfinite(z.float()).all()):
-            raise ValueError(f"{name} holds values that are not finite in float32 ({_describe(z)})")
     if z_img.shape != z_aud.shape:
         raise ValueError(f"z_img and z_aud must have one shape, got {_describe(z_img)} and {_describe(z_aud)}")
     if z_img.device != z_aud.device:
@@ -273,6 +278,26 @@ def _k_nearest(z: Tensor, k: int) -> Tensor:
     return neighbours.scatter_(1, order, True)
 
 
+def mutual_neighbour_mask(z_img: Tensor, z_aud: Tensor, k: int) -> Tensor:
+    """`k_reciprocal_mask` for inputs that `check_k_reciprocal_inputs` accepted (callers
+    that validated them already, as jsa_fast.ops does, call this to validate once).
+
+    Raises ValueError, naming the argument, when a row is not finite in float32 (where the
+    similarities are computed: a large float64 becomes inf there); both arguments' flags
+    come back to the host in one read.
+    """
+    with torch.no_grad():
+        rows = (z_img.float(), z_aud.float())
+        finite = torch.stack([torch.isfinite(r).all() for r in rows]).tolist()
+        for name, z, ok in zip(("z_img", "z_aud"), (z_img, z_aud), finite, strict=True):
+            if not ok:
+                raise ValueError(f"{name} holds values that are not finite in float32 ({_describe(z)})")
+        n_img, n_aud = _k_nearest(rows[0], k), _k_nearest(rows[1], k)
+        mask = n_img & n_img.T & n_aud & n_aud.T
+        mask.fill_diagonal_(False)
+    return mask
+
+
 def k_reciprocal_mask(z_img: Tensor, z_aud: Tensor, k: int = 20) -> Tensor:
     """Predicted false negatives R (paper eq. 12-13).
 
@@ -280,11 +305,7 @@ def k_reciprocal_mask(z_img: Tensor, z_aud: Tensor, k: int = 20) -> Tensor:
     R = (N^v AND N^v^T) AND (N^a AND N^a^T), N^m the k-nearest-neighbour relation.
     """
     check_k_reciprocal_inputs(z_img, z_aud, k)
-    with torch.no_grad():
-        n_img, n_aud = _k_nearest(z_img, k), _k_nearest(z_aud, k)
-        mask = n_img & n_img.T & n_aud & n_aud.T
-        mask.fill_diagonal_(False)
-    return mask
+    return mutual_neighbour_mask(z_img, z_aud, k)
 
 
 def pack_mask(mask: Tensor) -> Tensor:

@@ -4,6 +4,8 @@ for bit (on exact similarities with many ties, and on random rows, whose near-ti
 far apart), the packed form, the general path, and the op under torch.compile and
 opcheck."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,39 +126,97 @@ def test_single_row(implementation):
 # ---------------------------------------------------------------------------------------
 
 GOOD = torch.randn(4, 3)
+F32 = "dtype torch.float32"
+# case -> (z_img, z_aud, k, how the public op's message starts: the argument and what was
+# seen; the reference adds the shape and dtype of a non-finite argument, the C++ op not)
 BAD_INPUTS = {
-    "k zero": (GOOD, GOOD, 0, "k"),
-    "k above batch": (GOOD, GOOD, 5, "k"),
-    "batch mismatch": (GOOD, torch.randn(5, 3), 2, "z_img and z_aud"),
-    "width mismatch": (GOOD, torch.randn(4, 2), 2, "z_img and z_aud"),
-    "1-D image": (torch.randn(4), GOOD, 2, "z_img"),
-    "3-D audio": (GOOD, torch.randn(4, 3, 1), 2, "z_aud"),
-    "integer image": (torch.ones(4, 3, dtype=torch.int64), GOOD, 2, "z_img"),
-    "no columns": (GOOD[:, :0], GOOD[:, :0], 2, "z_img"),
-    "nan image": (torch.tensor([[float("nan")]] * 4).expand(4, 3), GOOD, 2, "z_img"),
-    "inf audio": (GOOD, GOOD.clone().index_fill_(0, torch.tensor([2]), float("inf")), 2, "z_aud"),
-}
+    "k zero": (GOOD, GOOD, 0, "k must be an integer in [1, B=4], got 0"),
+    "k above batch": (GOOD, GOOD, 5, "k must be an integer in [1, B=4], got 5"),
+    "batch mismatch": (
+        GOOD, torch.randn(5, 3), 2, f"z_img and z_aud must have one shape, got shape (4, 3), {F32} and shape (5, 3), {F32}"
+    ),
+    "width mismatch": (
+        GOOD, torch.randn(4, 2), 2, f"z_img and z_aud must have one shape, got shape (4, 3), {F32} and shape (4, 2), {F32}"
+    ),
+    "1-D image": (torch.randn(4), GOOD, 2, f"z_img must be B x D (2-D), got shape (4,), {F32}"),
+    "3-D audio": (GOOD, torch.randn(4, 3, 1), 2, f"z_aud must be B x D (2-D), got shape (4, 3, 1), {F32}"),
+    "integer image": (
+        torch.ones(4, 3, dtype=torch.int64), GOOD, 2, "z_img must be a floating-point tensor, got shape (4, 3), dtype torch.int64"
+    ),
+    "no columns": (GOOD[:, :0], GOOD[:, :0], 2, f"z_img must be non-empty, got shape (4, 0), {F32}"),
+    "nan image": (
+        torch.tensor([[float("nan")]] * 4).expand(4, 3), GOOD, 2,
+        "z_img holds values that are not finite in float32",
+    ),
+    "inf audio": (
+        GOOD, GOOD.clone().index_fill_(0, torch.tensor([2]), float("inf")), 2,
+        "z_aud holds values that are not finite in float32",
+    ),
+}  # fmt: skip
 PYTHON_ONLY_BAD_INPUTS = {
-    "k bool": (GOOD, GOOD, True, "k"),
-    "k float": (GOOD, GOOD, 2.0, "k"),
-    "k none": (GOOD, GOOD, None, "k"),
-    "image not a tensor": ([[1.0, 0.0]], GOOD, 1, "z_img"),
+    "k bool": (GOOD, GOOD, True, "k must be an integer in [1, B=4], got True"),
+    "k float": (GOOD, GOOD, 2.0, "k must be an integer in [1, B=4], got 2.0"),
+    "k none": (GOOD, GOOD, None, "k must be an integer in [1, B=4], got None"),
+    "image not a tensor": ([[1.0, 0.0]], GOOD, 1, "z_img must be a torch.Tensor, got list"),
+    # A meta tensor has no values: the devices are told apart from metadata alone.
+    "devices differ": (GOOD, GOOD.to("meta"), 2, "z_img and z_aud must be on one device, got cpu and meta"),
 }
+
+
+def named_argument(message: str) -> str:
+    """The argument a message names first ("z_img and z_aud" for a pair)."""
+    return re.match(r"z_img and z_aud|z_img|z_aud|k ", message).group(0).strip()
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS) + sorted(PYTHON_ONLY_BAD_INPUTS))
 def test_public_op_rejects_bad_input(case):
-    z_img, z_aud, k, name = {**BAD_INPUTS, **PYTHON_ONLY_BAD_INPUTS}[case]
-    with pytest.raises(ValueError, match=name):
+    z_img, z_aud, k, message = {**BAD_INPUTS, **PYTHON_ONLY_BAD_INPUTS}[case]
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
         ops.k_reciprocal_mask(z_img, z_aud, k)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_cpp_op_rejects_bad_input(case):
-    # The C++ kernel repeats the checks: compiled graphs skip the Python ones.
-    z_img, z_aud, k, name = BAD_INPUTS[case]
-    with pytest.raises(ValueError, match=name):
+    # Direct torch.ops callers get the C++ op's own checks, in its words.
+    z_img, z_aud, k, message = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=named_argument(message)):
         torch.ops.jsa_fast.k_reciprocal_mask(z_img, z_aud, k)
+
+
+def test_validation_reads_metadata_only():
+    # Meta tensors have shapes, dtypes and a device but no values: reading one (a .item(),
+    # a bool() of a reduction, any device sync) would raise.
+    z = torch.empty(64, 8, device="meta")
+    reference.check_k_reciprocal_inputs(z, z, 20)
+    with pytest.raises(ValueError, match=r"^k must be an integer in \[1, B=64\], got 65$"):
+        reference.check_k_reciprocal_inputs(z, z, 65)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_validation_does_not_sync_on_cuda():
+    z = torch.randn(256, 16, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        reference.check_k_reciprocal_inputs(z, z, 20)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["extension", "reference fallback"])
+def test_public_op_validates_once(monkeypatch, kernel):
+    calls = []
+    check = reference.check_k_reciprocal_inputs
+    monkeypatch.setattr(reference, "check_k_reciprocal_inputs", lambda *args: calls.append(args) or check(*args))
+    if not kernel:
+        monkeypatch.setattr(ops, "_KERNEL_DEVICE_TYPES", frozenset())
+    z_img, z_aud = tied_rows(16, 0, torch.float32), tied_rows(16, 1, torch.float32)
+    assert torch.equal(ops.k_reciprocal_mask(z_img, z_aud, 3), reference.mutual_neighbour_mask(z_img, z_aud, 3))
+    assert len(calls) == 1
+    nan_rows = z_aud.clone().index_fill_(0, torch.tensor([5]), float("nan"))
+    with pytest.raises(ValueError, match="z_aud holds values that are not finite"):
+        ops.k_reciprocal_mask(z_img, nan_rows, 3)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("op", [torch.ops.jsa_fast.k_reciprocal_mask, ops.k_reciprocal_mask, reference.k_reciprocal_mask])
