@@ -7,7 +7,7 @@ STAMP := $(VENV)/.jsa-fast-installed
 DALI_STAMP := $(VENV)/.jsa-fast-dali
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all test-gpu bench-gpu clean
+.PHONY: setup demo lint test test-all test-gpu bench-gpu clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,13 @@ demo: $(STAMP)
 	$(PY) -m jsa_fast.train --out runs/demo --overwrite
 	$(PY) -m jsa_fast.evaluate --checkpoint runs/demo/last.pt --out runs/demo/eval
 
-# The default suite (CI runs this); slow tests are deselected in pyproject.toml.
-test: $(STAMP) $(DALI_STAMP)
+# ruff's lint and format checks (settings in pyproject.toml); `make test` runs them first.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# The default suite after lint (CI runs this); slow tests are deselected in pyproject.toml.
+test: lint $(DALI_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-all: $(STAMP) $(DALI_STAMP)

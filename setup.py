@@ -73,7 +73,8 @@ def make_extension() -> Extension:
     if cuda_sources and toolkit is None and not force_cpu:
         warnings.warn(
             f"csrc/ holds CUDA sources but torch has CUDA {torch.version.cuda} and no CUDA toolkit was "
-            "found (set CUDA_HOME): building the CPU-only extension"
+            "found (set CUDA_HOME): building the CPU-only extension",
+            stacklevel=2,
         )
     cxx_flags = ["-O3", "-std=c++17", *openmp_flags()]
 

@@ -45,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import print_table, write_results  # noqa: E402
+
 from jsa_fast import FusedJointSlotAttention, JointSlotAttention  # noqa: E402
 from jsa_fast.kernels import registry  # noqa: E402
 

@@ -58,7 +58,7 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None
 def write_results(name: str, device: torch.device, config: dict[str, Any], rows: list[dict[str, Any]], path: str | None) -> Path:
     """Write {benchmark, device, versions, config, rows} as JSON; default path
     bench/results/<name>-<device>-<UTC time>.json."""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     target = Path(path) if path else RESULTS / f"{name}-{device.type}-{stamp}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     record = {

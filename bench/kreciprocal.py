@@ -33,8 +33,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_time_ms, peak_memory_mib, print_table, write_results  # noqa: E402
 
-from jsa_fast import k_reciprocal_mask  # noqa: E402
-from jsa_fast import reference  # noqa: E402
+from jsa_fast import k_reciprocal_mask, reference  # noqa: E402
 from jsa_fast.ops import extension_available, pack_mask  # noqa: E402
 
 INPUTS = ("random", "collapsed-0.1", "collapsed-0.01")

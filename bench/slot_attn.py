@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_time_ms, peak_memory_mib, print_table, write_results  # noqa: E402
+
 from jsa_fast import FusedJointSlotAttention, JointSlotAttention  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

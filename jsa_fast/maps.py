@@ -57,8 +57,7 @@ def minmax_normalize(maps: torch.Tensor) -> torch.Tensor:
     ``normalize_img`` does) rather than divided by zero.
     """
     if maps.dim() < 2 or not maps.is_floating_point():
-        raise ValueError(f"maps must be a float tensor of shape ... x H x W, got "
-                         f"{tuple(maps.shape)} {maps.dtype}")
+        raise ValueError(f"maps must be a float tensor of shape ... x H x W, got {tuple(maps.shape)} {maps.dtype}")
     low = maps.amin(dim=(-2, -1), keepdim=True)
     span = maps.amax(dim=(-2, -1), keepdim=True) - low
     constant = span == 0

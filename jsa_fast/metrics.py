@@ -86,8 +86,10 @@ class LocalizationEvaluator:
         if self.upsample is not None and pred_t.dim() == 2 == gt_t.dim() and pred_t.shape != gt_t.shape:
             pred_t = upsample_map(pred_t, tuple(gt_t.shape), self.upsample)
         if pred_t.dim() != 2 or pred_t.shape != gt_t.shape:
-            raise ValueError(f"pred and gt must be H x W maps of the same shape, got "
-                             f"pred {tuple(pred_t.shape)} and gt {tuple(gt_t.shape)}")
+            raise ValueError(
+                f"pred and gt must be H x W maps of the same shape, got "
+                f"pred {tuple(pred_t.shape)} and gt {tuple(gt_t.shape)}"
+            )
         if gt_t.min() < 0 or gt_t.max() > 1:
             raise ValueError(f"gt must lie in [0, 1], got [{gt_t.min().item()}, {gt_t.max().item()}]")
         if gt_t.sum() == 0:
@@ -125,8 +127,9 @@ def _label_array(labels: Sequence | ArrayLike, name: str) -> np.ndarray:
     return array
 
 
-def first_match_ranks(query: ArrayLike, gallery: ArrayLike, query_labels: Sequence | ArrayLike,
-                      gallery_labels: Sequence | ArrayLike) -> np.ndarray:
+def first_match_ranks(
+    query: ArrayLike, gallery: ArrayLike, query_labels: Sequence | ArrayLike, gallery_labels: Sequence | ArrayLike
+) -> np.ndarray:
     """For each query, the rank (1-based) of the first same-label item in the gallery,
     ranked by cosine similarity to the query (descending, ties to the lower index); 0
     when the gallery holds no item of its label.
@@ -135,13 +138,16 @@ def first_match_ranks(query: ArrayLike, gallery: ArrayLike, query_labels: Sequen
     """
     q, g = _as_float(query, "query").double(), _as_float(gallery, "gallery").double()
     if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1] or g.shape[0] == 0:
-        raise ValueError(f"query and gallery must be N x d and M x d (M >= 1), got "
-                         f"{tuple(q.shape)} and {tuple(g.shape)}")
+        raise ValueError(
+            f"query and gallery must be N x d and M x d (M >= 1), got {tuple(q.shape)} and {tuple(g.shape)}"
+        )
     q_labels = _label_array(query_labels, "query_labels")
     g_labels = _label_array(gallery_labels, "gallery_labels")
     if len(q_labels) != q.shape[0] or len(g_labels) != g.shape[0]:
-        raise ValueError(f"need one label per row: {len(q_labels)} query_labels for {q.shape[0]} "
-                         f"queries, {len(g_labels)} gallery_labels for {g.shape[0]} items")
+        raise ValueError(
+            f"need one label per row: {len(q_labels)} query_labels for {q.shape[0]} "
+            f"queries, {len(g_labels)} gallery_labels for {g.shape[0]} items"
+        )
     similarity = F.normalize(q, dim=1) @ F.normalize(g, dim=1).T
     ranking = torch.argsort(similarity, dim=1, descending=True, stable=True).numpy()
     same_label = g_labels[ranking] == q_labels[:, None]  # N x M, in ranked order
@@ -159,9 +165,13 @@ def recall_at(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[int, fl
     return {k: float(np.mean(found & (ranks <= k))) for k in ks}
 
 
-def retrieval_recall(query: ArrayLike, gallery: ArrayLike, query_labels: Sequence | ArrayLike,
-                     gallery_labels: Sequence | ArrayLike,
-                     ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+def retrieval_recall(
+    query: ArrayLike,
+    gallery: ArrayLike,
+    query_labels: Sequence | ArrayLike,
+    gallery_labels: Sequence | ArrayLike,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[int, float]:
     """Recall@K: the fraction of queries with a same-label item among their top K.
 
     query: N x d, gallery: M x d; the gallery is ranked by cosine similarity to each
@@ -171,8 +181,9 @@ def retrieval_recall(query: ArrayLike, gallery: ArrayLike, query_labels: Sequenc
     return recall_at(first_match_ranks(query, gallery, query_labels, gallery_labels), ks)
 
 
-def cross_modal_retrieval(p_img: ArrayLike, p_aud: ArrayLike, labels: Sequence | ArrayLike,
-                          ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def cross_modal_retrieval(
+    p_img: ArrayLike, p_aud: ArrayLike, labels: Sequence | ArrayLike, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
     """Recall@K both ways between paired image and audio target representations (N x d
     each). Returns {"r{k}_a2i": ..., "r{k}_i2a": ...}; a2i ranks images for audio queries.
     """
@@ -206,8 +217,9 @@ class SegmentationEvaluator:
         """pred: B x H x W or H x W maps in [0, 1]; gt: binary masks of the same shape."""
         p, g = _as_float(pred, "pred").double(), _as_float(gt, "gt")
         if p.dim() not in (2, 3) or p.shape != g.shape:
-            raise ValueError(f"pred and gt must both be H x W or B x H x W, got "
-                             f"pred {tuple(p.shape)} and gt {tuple(g.shape)}")
+            raise ValueError(
+                f"pred and gt must both be H x W or B x H x W, got pred {tuple(p.shape)} and gt {tuple(g.shape)}"
+            )
         if p.min() < 0 or p.max() > 1:
             raise ValueError(f"pred must lie in [0, 1], got [{p.min().item()}, {p.max().item()}]")
         if not ((g == 0) | (g == 1)).all():

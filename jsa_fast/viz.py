@@ -36,8 +36,10 @@ def _image_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
         return image
     shape = getattr(image, "shape", None)
-    raise ValueError(f"image must be a 3 x H x W tensor or an H x W x 3 uint8 array, got "
-                     f"{type(image).__name__} {shape} {getattr(image, 'dtype', '')}")
+    raise ValueError(
+        f"image must be a 3 x H x W tensor or an H x W x 3 uint8 array, got "
+        f"{type(image).__name__} {shape} {getattr(image, 'dtype', '')}"
+    )
 
 
 def _map_array(values: torch.Tensor | np.ndarray, name: str, hw: tuple[int, int]) -> np.ndarray:
@@ -51,14 +53,17 @@ def _region_outline(region: np.ndarray) -> np.ndarray:
     """Pixels of a boolean region that touch a pixel outside it (4-neighbourhood, image
     border counted as outside)."""
     padded = np.pad(region, 1, constant_values=False)
-    interior = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
     return region & ~interior
 
 
-def overlay_heatmap(image: torch.Tensor | np.ndarray, heatmap: torch.Tensor | np.ndarray,
-                    boxes: Sequence[Box] | None = None,
-                    gt_map: torch.Tensor | np.ndarray | None = None,
-                    alpha: float = 0.5) -> np.ndarray:
+def overlay_heatmap(
+    image: torch.Tensor | np.ndarray,
+    heatmap: torch.Tensor | np.ndarray,
+    boxes: Sequence[Box] | None = None,
+    gt_map: torch.Tensor | np.ndarray | None = None,
+    alpha: float = 0.5,
+) -> np.ndarray:
     """Blend a jet-coloured heatmap over an image and outline the ground truth.
 
     image: 3 x H x W ImageNet-normalised tensor or H x W x 3 uint8 array. heatmap:
@@ -86,8 +91,7 @@ def overlay_heatmap(image: torch.Tensor | np.ndarray, heatmap: torch.Tensor | np
     return blended
 
 
-def save_overlays(items: Iterable[tuple[str, np.ndarray]], out_dir: Path | str,
-                  prefix: str) -> list[Path]:
+def save_overlays(items: Iterable[tuple[str, np.ndarray]], out_dir: Path | str, prefix: str) -> list[Path]:
     """Write each (name, H x W x 3 uint8 picture) as out_dir/{prefix}_{name}.png.
 
     Returns the paths written, in order; out_dir is created when missing.
@@ -99,8 +103,7 @@ def save_overlays(items: Iterable[tuple[str, np.ndarray]], out_dir: Path | str,
         if not name or "/" in name or "\\" in name:
             raise ValueError(f"overlay name must be a non-empty file name without separators, got {name!r}")
         if picture.dtype != np.uint8 or picture.ndim != 3 or picture.shape[2] != 3:
-            raise ValueError(f"overlay {name!r} must be an H x W x 3 uint8 array, got "
-                             f"{picture.shape} {picture.dtype}")
+            raise ValueError(f"overlay {name!r} must be an H x W x 3 uint8 array, got {picture.shape} {picture.dtype}")
         path = out / f"{prefix}_{name}.png"
         Image.fromarray(picture).save(path)
         written.append(path)
@@ -138,9 +141,10 @@ def plot_loss_curves(metrics_jsonl: Path | str, out_png: Path | str) -> Path:
     records = _read_records(metrics_jsonl)
     steps = [r for r in records if r.get("kind", "step") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch" and "step" in r]
-    terms = sorted({k for r in steps + epochs for k, v in r.items()
-                    if (k == "loss" or k.startswith("loss_")) and _is_number(v)},
-                   key=lambda k: (k != "loss", k))
+    terms = sorted(
+        {k for r in steps + epochs for k, v in r.items() if (k == "loss" or k.startswith("loss_")) and _is_number(v)},
+        key=lambda k: (k != "loss", k),
+    )
     if not terms:
         raise ValueError(f"{metrics_jsonl} holds no loss values to draw")
     validations = [r for r in records if r.get("kind") == "val" and "step" in r]

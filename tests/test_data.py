@@ -16,6 +16,7 @@ import torch
 import torchaudio.functional as AF
 from PIL import Image
 
+from jsa_fast.cli import DataError
 from jsa_fast.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -38,7 +39,6 @@ from jsa_fast.data import (
     video_middle_frame,
     wav_to_spectrogram,
 )
-from jsa_fast.cli import DataError
 from jsa_fast.data.groundtruth import flickr_box_problem, vggss_box_problem
 from jsa_fast.data.synth import generate_synthetic_dataset
 

@@ -13,9 +13,9 @@ from torch import nn
 
 import jsa_fast.fused
 from jsa_fast import FusedJointSlotAttention, JointSlotAttention
-from jsa_fast.reference import JSAOutput
 from jsa_fast.kernels import joint_slot_attention
 from jsa_fast.kernels.joint_slot_attention import PARAMETERS
+from jsa_fast.reference import JSAOutput
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -59,12 +59,12 @@ def assert_fused_matches_reference(reference, fused, inputs, out_atol, grad_rtol
     ref_out, ref_grads = outputs_and_grads(reference, *fp32_inputs, weights)
     out, grads = outputs_and_grads(fused, *inputs, weights)
     for name, got, want in zip(JSAOutput._fields, out, ref_out):
-        torch.testing.assert_close(got, want, atol=out_atol, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got, want, atol=out_atol, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
     names = ["x_img", "x_aud", *(n for n, _ in reference.named_parameters())]
     for name, got, want in zip(names, grads, ref_grads):
         # Relative to the gradient's scale: parameters see sums over B*L*N terms.
         scale = want.abs().max().clamp_min(1e-3)
-        torch.testing.assert_close(got / scale, want / scale, atol=grad_rtol, rtol=0, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(got / scale, want / scale, atol=grad_rtol, rtol=0, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 # ----------------------------------------------------------------------------------

@@ -219,7 +219,9 @@ def test_public_op_validates_once(monkeypatch, kernel):
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("op", [torch.ops.jsa_fast.k_reciprocal_mask, ops.k_reciprocal_mask, reference.k_reciprocal_mask])
+@pytest.mark.parametrize(
+    "op", [torch.ops.jsa_fast.k_reciprocal_mask, ops.k_reciprocal_mask, reference.k_reciprocal_mask]
+)
 def test_float64_beyond_float32_range_is_rejected(op):
     # Finite in float64 but infinite once cast to float32, where the similarity is computed.
     z = torch.full((3, 2), 1e300, dtype=torch.float64)
@@ -338,8 +340,15 @@ def test_filter_margin_keeps_neighbours_that_the_filter_misorders(device):
     b = (theta + delta).cos() * q - (theta + delta).sin() * side
     triples = F.pad(F.normalize(torch.stack([q, a, b], dim=1), dim=2), (0, 5))  # 2000 x 3 x 8
     q, a, b = triples.unbind(1)
-    exact = {pair: (x.double() * y.double()).sum(dim=1) for pair, (x, y) in {"qa": (q, a), "qb": (q, b), "ab": (a, b)}.items()}
-    misordered = (exact["qa"] > exact["qb"] + 1e-5) & (exact["qa"] > exact["ab"] + 1e-5) & (filter_values(q, a) < filter_values(q, b))
+    exact = {
+        pair: (x.double() * y.double()).sum(dim=1)
+        for pair, (x, y) in {"qa": (q, a), "qb": (q, b), "ab": (a, b)}.items()
+    }
+    misordered = (
+        (exact["qa"] > exact["qb"] + 1e-5)
+        & (exact["qa"] > exact["ab"] + 1e-5)
+        & (filter_values(q, a) < filter_values(q, b))
+    )
     assert misordered.any()
     z = torch.zeros(64, 8)
     z[:3] = triples[misordered.nonzero()[0, 0]]

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from jsa_fast.maps import blend_maps, centre_prior_map, localization_maps, minmax_normalize, normalised_map, upsample_map
+from jsa_fast.maps import (
+    blend_maps,
+    centre_prior_map,
+    localization_maps,
+    minmax_normalize,
+    normalised_map,
+    upsample_map,
+)
 from jsa_fast.metrics import LocalizationEvaluator
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jsa_fast"

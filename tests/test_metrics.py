@@ -123,12 +123,8 @@ def test_retrieval_rejects_bad_input():
 def test_segmentation_hand_computed():
     # Thresholds 0, 0.5, 1 - 1e-10.
     ev = SegmentationEvaluator(num_thresholds=3)
-    pred = torch.tensor([[[0.9, 0.2], [0.5, 0.0]],
-                         [[1.0, 0.6], [0.2, 0.3]],
-                         [[0.7, 0.2], [0.1, 0.0]]])
-    gt = torch.tensor([[[1, 0], [1, 0]],
-                       [[1, 0], [0, 0]],
-                       [[0, 0], [0, 0]]])
+    pred = torch.tensor([[[0.9, 0.2], [0.5, 0.0]], [[1.0, 0.6], [0.2, 0.3]], [[0.7, 0.2], [0.1, 0.0]]])
+    gt = torch.tensor([[[1, 0], [1, 0]], [[1, 0], [0, 0]], [[0, 0], [0, 0]]])
     ev.update(pred, gt)
     # IoU (pred > 0.5): A {00} (0.5 is not > 0.5) vs {00, 10} = 1/2; B {00, 01} vs {00}
     # = 1/2; C has an empty mask: both-background pixels 3 of 4 = 3/4.

@@ -18,8 +18,7 @@ from PIL import Image
 
 from jsa_fast import prepare as prepare_module
 from jsa_fast.evaluate import main as evaluate_main
-from jsa_fast.prepare import main as prepare_main
-from jsa_fast.prepare import read_ids, shard_of
+from jsa_fast.prepare import main as prepare_main, read_ids, shard_of
 from jsa_fast.train import main as train_main
 
 SECONDS = 0.5  # audio written per clip: 8000 samples at 16 kHz
