@@ -34,7 +34,7 @@ from jsa_fast.data.dali import dali_available, make_dali_loader  # noqa: E402
 from jsa_fast.data.synth import generate_synthetic_dataset  # noqa: E402
 from jsa_fast.losses import jsa_loss  # noqa: E402
 from jsa_fast.model import JSAModel  # noqa: E402
-from jsa_fast.train import autocast_context  # noqa: E402
+from jsa_fast.runtime import autocast_context  # noqa: E402
 
 DISTINCT_ITEMS = 256
 
@@ -82,14 +82,14 @@ def loader_rate(loader: Iterable[dict], batches: int, device: torch.device) -> t
 def train_step_rate(batch: int, device: torch.device, repeats: int) -> float:
     """Samples/s of forward + backward of the paper-config model with jsa_loss."""
     cfg = RunConfig()
-    model = JSAModel(cfg.model_config()).to(device).train()
-    loss_cfg = dataclasses.replace(cfg.loss_config(), k=min(cfg.k, batch))
-    image = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
-    spec = torch.randn(batch, *cfg.audio_config().spectrogram_shape, device=device)
+    model = JSAModel(cfg.model).to(device).train()
+    loss_cfg = dataclasses.replace(cfg.loss, k=min(cfg.loss.k, batch))
+    image = torch.randn(batch, 3, cfg.data.image.size, cfg.data.image.size, device=device)
+    spec = torch.randn(batch, *cfg.data.audio.spectrogram_shape, device=device)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        with autocast_context(device, cfg.amp):
+        with autocast_context(device, cfg.optim.amp):
             loss = jsa_loss(model(image, spec), loss_cfg)["loss"]
         loss.backward()
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     root = args.data or synthetic_set(args.cache, args.n)
     cfg = RunConfig()
-    image_cfg, audio_cfg = cfg.image_config(), cfg.audio_config()
+    image_cfg, audio_cfg = cfg.data.image, cfg.data.audio
     if args.batches * args.batch > args.n and args.data is None:
         raise ValueError(f"--batches {args.batches} x --batch {args.batch} exceeds --n {args.n}: one epoch must cover the run")
 

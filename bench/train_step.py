@@ -18,7 +18,6 @@ on the step's token shapes, dtype and masks, timed the same way, over the step t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,8 @@ from common import median_time_ms, peak_memory_mib, print_table, write_results  
 from jsa_fast import reference  # noqa: E402
 from jsa_fast.config import PRESETS, RunConfig  # noqa: E402
 from jsa_fast.model import JSAModel  # noqa: E402
-from jsa_fast.train import autocast_context, build_optimizer, loss_function, memory_format, token_masks, train_step  # noqa: E402
+from jsa_fast.runtime import autocast_context, memory_format  # noqa: E402
+from jsa_fast.train import build_optimizer, loss_function, token_masks, train_step  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "eager reference": dict(backend="torch", compile=False, false_negative_mask=reference.k_reciprocal_mask),
@@ -43,24 +43,24 @@ COLUMNS = ["variant", "step_ms", "samples_per_s", "peak_mib", "jsa_ms", "jsa_sha
 
 
 def bench_variant(cfg: RunConfig, device: torch.device, steps: int, warmup: int, options: dict[str, Any]) -> dict[str, Any]:
-    cfg = dataclasses.replace(cfg, backend=options["backend"], compile=options["compile"])
-    torch.manual_seed(cfg.seed)
+    cfg = cfg.overridden(backend=options["backend"], compile=options["compile"])
+    torch.manual_seed(cfg.optim.seed)
     layout = memory_format(device)
-    model = JSAModel(cfg.model_config()).to(device, memory_format=layout).train()
+    model = JSAModel(cfg.model).to(device, memory_format=layout).train()
     optimizer = build_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.optim.amp == "fp16")
     loss_options = {} if options["false_negative_mask"] is None else {"false_negative_mask": options["false_negative_mask"]}
     loss_fn = loss_function(model, cfg, **loss_options)
-    model_cfg = cfg.model_config()
-    batch = cfg.batch_size
+    model_cfg = cfg.model
+    batch = cfg.optim.batch_size
     inputs = (
         torch.randn(batch, 3, model_cfg.image_size, model_cfg.image_size, device=device).to(memory_format=layout),
         torch.randn(batch, 1, model_cfg.spec_bins, model_cfg.spec_frames, device=device).to(memory_format=layout),
-        *(mask.to(device) for mask in token_masks(model_cfg, batch, cfg.seed, 0)),
+        *(mask.to(device) for mask in token_masks(model_cfg, batch, cfg.optim.seed, 0)),
     )
 
     def step() -> None:
-        train_step(loss_fn, optimizer, scaler, inputs, device, cfg.amp)
+        train_step(loss_fn, optimizer, scaler, inputs, device, cfg.optim.amp)
 
     ms = median_time_ms(step, device, warmup=warmup, repeats=steps)
     result = {"step_ms": ms, "samples_per_s": batch / (ms / 1e3), "peak_mib": peak_memory_mib(step, device)}
@@ -72,12 +72,12 @@ def time_jsa(model: JSAModel, cfg: RunConfig, device: torch.device, inputs: tupl
     """Median ms of the model's JSA module alone, forward and backward through every output,
     on the encoders' tokens for `inputs` (as the step feeds it: autocast, masks)."""
     image, spec, mask_img, mask_aud = inputs
-    with torch.no_grad(), autocast_context(device, cfg.amp):
+    with torch.no_grad(), autocast_context(device, cfg.optim.amp):
         tokens = [t.detach().requires_grad_() for t in model.encode(image, spec)]
     jsa = torch.compile(model.jsa, fullgraph=True) if compile else model.jsa
 
     def forward_backward() -> None:
-        with autocast_context(device, cfg.amp):
+        with autocast_context(device, cfg.optim.amp):
             out = jsa(*tokens, mask_img, mask_aud)
         sum(field.float().sum() for field in out).backward()
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     cfg = PRESETS[args.preset]
     if args.batch_size is not None:
-        cfg = dataclasses.replace(cfg, batch_size=args.batch_size, k=min(cfg.k, args.batch_size))
+        cfg = cfg.overridden(batch_size=args.batch_size, k=min(cfg.loss.k, args.batch_size))
     warmup = args.warmup if args.warmup is not None else (3 if args.steps >= 3 else 1)
     rows = []
     for name in args.variants:
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print_table([row], COLUMNS)
     print()
     print_table(rows, COLUMNS)
-    config = {"preset": args.preset, "batch_size": cfg.batch_size, "steps": args.steps, "warmup": warmup, "amp": cfg.amp}
-    config |= {"image_size": cfg.image_size, "dim": cfg.dim, "spec": list(cfg.audio_config().spectrogram_shape)}
+    config = {"preset": args.preset, "batch_size": cfg.optim.batch_size, "steps": args.steps, "warmup": warmup, "amp": cfg.optim.amp}
+    config |= {"image_size": cfg.data.image.size, "dim": cfg.model.dim, "spec": list(cfg.data.audio.spectrogram_shape)}
     print(f"wrote {write_results('train_step', device, config, rows, args.json)}")
     return 0
 

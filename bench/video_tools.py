@@ -18,7 +18,6 @@ Small smoke test: `--clips 2 --seconds 1 --size 64 --workers 1 --localize-fps 4`
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import resource
 import shutil
@@ -50,7 +49,7 @@ def cpu_seconds() -> float:
 
 def random_checkpoint(preset: str, path: Path) -> Path:
     cfg = PRESETS[preset]
-    save_checkpoint({"model": JSAModel(cfg.model_config()).state_dict(), "config": dataclasses.asdict(cfg)}, path)
+    save_checkpoint({"model": JSAModel(cfg.model).state_dict(), "config": cfg.to_dict()}, path)
     return path
 
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from jsa_fast.reference import DIM
+
 __all__ = ["SlotDecoder"]
 
 
 class SlotDecoder(nn.Module):
     """B x S x d slots -> B x (grid_h grid_w) x feat_dim reconstruction."""
 
-    def __init__(self, grid_h: int, grid_w: int, dim: int = 512, feat_dim: int | None = None, depth: int = 3) -> None:
+    def __init__(self, grid_h: int, grid_w: int, dim: int = DIM, feat_dim: int | None = None, depth: int = 3) -> None:
         super().__init__()
         if grid_h < 1 or grid_w < 1:
             raise ValueError(f"grid_h and grid_w must be >= 1, got {grid_h} x {grid_w}")

@@ -31,12 +31,12 @@ from jsa_fast.checkpoint import load_checkpoint, non_finite_tensors
 from jsa_fast.cli import ArgumentParser, DataError, UsageError, bounded, command
 from jsa_fast.config import RunConfig, saved_config
 from jsa_fast.data.dali import make_dali_loader, resolve_loader
-from jsa_fast.data.datasets import AudioVisualDataset, BadFilesError, make_loader, read_id_list, read_vggss_json
+from jsa_fast.data.datasets import AudioVisualDataset, BadFilesError, EpochSeededDataset, make_loader, read_id_list, read_vggss_json
 from jsa_fast.losses import jsa_loss
 from jsa_fast.maps import UPSAMPLE_MODES, blend_maps, centre_prior_map, localization_maps, normalised_map
 from jsa_fast.metrics import LocalizationEvaluator, SegmentationEvaluator, first_match_ranks, recall_at
 from jsa_fast.model import JSAModel, ObjectSaliency
-from jsa_fast.train import EpochSeededDataset, autocast_context, resolve_data_root, resolve_device
+from jsa_fast.runtime import autocast_context, resolve_data_root, resolve_device
 from jsa_fast.viz import overlay_heatmap, save_overlays
 
 __all__ = [
@@ -251,49 +251,49 @@ def listed_test_ids(root: Path) -> set[str]:
 class Validation:
     """Model selection on a validation split, never on the test split.
 
-    cfg.val: a VGG-SS style JSON (file, class, bbox) of ids of `root`; they must not be
+    cfg.optim.val: a VGG-SS style JSON (file, class, bbox) of ids of `root`; they must not be
     test ids, and those in train.txt are held out of training. A model scores its
     AP50 / AUC / mean cIoU there (the field's protocol, ca^{a,v}); higher AP50 is better,
-    ties go to the higher AUC. cfg.val_fraction: that fraction of train.txt's ids
-    (test ids excluded; drawn by cfg.seed) is held out. Those items carry no boxes, so a
-    model scores the training objective there (eval mode, batches of cfg.batch_size in
-    list order, the training transform drawn once by cfg.seed); lower is better.
+    ties go to the higher AUC. cfg.optim.val_fraction: that fraction of train.txt's ids
+    (test ids excluded; drawn by cfg.optim.seed) is held out. Those items carry no boxes, so a
+    model scores the training objective there (eval mode, batches of cfg.optim.batch_size in
+    list order, the training transform drawn once by cfg.optim.seed); lower is better.
     `train_ids` are the ids left to train on. Scores are computed in fp32, as evaluation's.
     """
 
     def __init__(self, cfg: RunConfig, root: Path, on_bad_file: str = "fail") -> None:
-        if cfg.val is None and not cfg.val_fraction > 0:
-            raise ValueError("a validation split needs cfg.val or cfg.val_fraction > 0")
+        if cfg.optim.val is None and not cfg.optim.val_fraction > 0:
+            raise ValueError("a validation split needs cfg.optim.val or cfg.optim.val_fraction > 0")
         self.cfg = cfg
         listed = read_id_list(root / "train.txt")
         tests = listed_test_ids(root)
-        if cfg.val is not None:
+        if cfg.optim.val is not None:
             self.dataset = AudioVisualDataset(
-                root, "test", cfg.image_config(), cfg.audio_config(), on_bad_file, ground_truth=cfg.val
+                root, "test", cfg.data.image, cfg.data.audio, on_bad_file, ground_truth=cfg.optim.val
             )  # fmt: skip
             overlap = sorted(tests.intersection(self.dataset.ids))
             if overlap:
-                raise UsageError(f"--val {cfg.val} holds {len(overlap)} test id(s) of {root}, e.g. {overlap[:5]}: a validation split must leave the test split out")
+                raise UsageError(f"--val {cfg.optim.val} holds {len(overlap)} test id(s) of {root}, e.g. {overlap[:5]}: a validation split must leave the test split out")
             held_out = set(self.dataset.ids)
         else:
             candidates = [name for name in listed if name not in tests]
-            count = max(1, round(cfg.val_fraction * len(candidates)))
+            count = max(1, round(cfg.optim.val_fraction * len(candidates)))
             if count >= len(candidates):
-                raise UsageError(f"--val-fraction {cfg.val_fraction} of the {len(candidates)} training ids of {root} leaves none to train on")
-            order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(cfg.seed))
+                raise UsageError(f"--val-fraction {cfg.optim.val_fraction} of the {len(candidates)} training ids of {root} leaves none to train on")
+            order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(cfg.optim.seed))
             held_out = {candidates[i] for i in order[:count].tolist()}
-            dataset = AudioVisualDataset(root, "train", cfg.image_config(), cfg.audio_config(), on_bad_file, subset=held_out)
-            self.dataset = EpochSeededDataset(dataset, cfg.seed)
+            dataset = AudioVisualDataset(root, "train", cfg.data.image, cfg.data.audio, on_bad_file, subset=held_out)
+            self.dataset = EpochSeededDataset(dataset, cfg.optim.seed)
         self.train_ids = [name for name in listed if name not in held_out]
-        self.loader = make_loader(self.dataset, cfg.batch_size, shuffle=False, num_workers=0, seed=cfg.seed, drop_last=False)
+        self.loader = make_loader(self.dataset, cfg.optim.batch_size, shuffle=False, num_workers=0, seed=cfg.optim.seed, drop_last=False)
 
     def score(self, model: JSAModel, device: torch.device) -> dict[str, float]:
-        """{"val_ap50", "val_auc", "val_mean_ciou"} (cfg.val) or {"val_loss"}; leaves the
+        """{"val_ap50", "val_auc", "val_mean_ciou"} (cfg.optim.val) or {"val_loss"}; leaves the
         model in the mode it found it in."""
         training = model.training
         try:
-            if self.cfg.val is not None:
-                summary = evaluate(model, self.loader, self.cfg.image_size, device, overlays=0, classes=self.dataset.classes).summary
+            if self.cfg.optim.val is not None:
+                summary = evaluate(model, self.loader, self.cfg.data.image.size, device, overlays=0, classes=self.dataset.classes).summary
                 return {f"val_{key}": summary[key] for key in SUMMARY_KEYS}
             return {"val_loss": self._loss(model, device)}
         finally:
@@ -307,7 +307,7 @@ class Validation:
             if batch is None:
                 continue
             size = batch["image"].shape[0]
-            loss_cfg = dataclasses.replace(self.cfg.loss_config(), k=min(self.cfg.k, size))
+            loss_cfg = dataclasses.replace(self.cfg.loss, k=min(self.cfg.loss.k, size))
             terms = jsa_loss(model(batch["image"].to(device), batch["spec"].to(device)), loss_cfg)
             total, count = total + terms["loss"].float().item() * size, count + size
         if count == 0:
@@ -439,16 +439,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     saliency = load_object_saliency(args.ogl, device) if args.ogl is not None else None
     subset = read_subset(args.subset) if args.subset is not None else None
-    model = JSAModel(cfg.model_config())
+    model = JSAModel(cfg.model)
     model.load_state_dict(state["model"])
     model.to(device)
-    data_root = resolve_data_root(args.data if args.data is not None else state.get("data"), cfg)
+    data_root = resolve_data_root(args.data if args.data is not None else state.get("data"), cfg.synth)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
     try:
         dataset = AudioVisualDataset(
-            data_root, "test", cfg.image_config(), cfg.audio_config(), args.on_bad_file, subset=subset, on_missing=args.on_missing
+            data_root, "test", cfg.data.image, cfg.data.audio, args.on_bad_file, subset=subset, on_missing=args.on_missing
         )
     except BadFilesError as error:
         if args.on_missing == "fail" and any(reason.startswith("missing") for _, reason in error.problems):
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(dataset.missing)} test id(s) not on disk, listed in {missing_path}", file=sys.stderr)
     loader = evaluation_loader(args.loader, dataset, device, args.batch_size, args.num_workers)
     results, items = evaluate(
-        model, loader, cfg.image_size, device, protocol, args.amp, args.overlays, out, saliency, dataset.classes
+        model, loader, cfg.data.image.size, device, protocol, args.amp, args.overlays, out, saliency, dataset.classes
     )  # fmt: skip
     results.update(
         protocol=args.protocol if protocol == PROTOCOLS[args.protocol] else f"{args.protocol}, changed by flags",

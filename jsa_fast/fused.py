@@ -20,11 +20,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jsa_fast.reference import JointSlotAttention, JSAOutput
+from jsa_fast.reference import DIM, EPS, ITERS, MASK_PROB, MLP_HIDDEN, NUM_SLOTS, JointSlotAttention, JSAOutput
 from jsa_fast.kernels import INTERPRET, joint_slot_attention
 from jsa_fast.kernels.joint_slot_attention import PARAMETERS
 
 BACKENDS = ("auto", "triton", "torch")
+BACKEND = "auto"  # the default, ModelConfig's too
 
 
 def _side_by_side(first: Tensor, second: Tensor) -> bool:
@@ -75,13 +76,13 @@ class FusedJointSlotAttention(JointSlotAttention):
 
     def __init__(
         self,
-        dim: int = 512,
-        num_slots: int = 2,
-        iters: int = 5,
-        mlp_hidden: int = 1024,
-        mask_prob: float = 0.1,
-        eps: float = 1e-8,
-        backend: str = "auto",
+        dim: int = DIM,
+        num_slots: int = NUM_SLOTS,
+        iters: int = ITERS,
+        mlp_hidden: int = MLP_HIDDEN,
+        mask_prob: float = MASK_PROB,
+        eps: float = EPS,
+        backend: str = BACKEND,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

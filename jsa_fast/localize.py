@@ -44,7 +44,7 @@ from jsa_fast.data.video import decode_audio, iter_frames, mono_resampled, probe
 from jsa_fast.evaluate import PROTOCOLS, Protocol, load_object_saliency, protocol_from_args, scored_maps, temperature_value
 from jsa_fast.maps import upsample_map
 from jsa_fast.model import JSAModel, ObjectSaliency
-from jsa_fast.train import autocast_context, resolve_device
+from jsa_fast.runtime import autocast_context, resolve_device
 from jsa_fast.viz import overlay_heatmap
 
 __all__ = ["load_model", "output_times", "centred_window", "Localizer", "localize_video", "localize_image", "main"]
@@ -62,7 +62,7 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[JSAModel, 
     broken = non_finite_tensors(state["model"])
     if broken:
         raise DataError(f"checkpoint {checkpoint} holds non-finite weights ({len(broken)} tensors, e.g. {broken[0]})")
-    model = JSAModel(cfg.model_config())
+    model = JSAModel(cfg.model)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg
 
@@ -105,8 +105,8 @@ class Localizer:
             raise UsageError(f"--map {which} {'needs' if saliency is None else 'does not use'} --ogl R18.pth (the object map's ResNet-18)")
         self.protocol, self.saliency = protocol, saliency
         self.model, self.cfg, self.device, self.which, self.amp = model, cfg, device, which, amp
-        self.audio_cfg: AudioConfig = cfg.audio_config()
-        self.image_transform = eval_transform(cfg.image_config())
+        self.audio_cfg: AudioConfig = cfg.data.audio
+        self.image_transform = eval_transform(cfg.data.image)
 
     @torch.no_grad()
     def maps(self, images: Sequence[Image.Image], clips: Sequence[Tensor]) -> np.ndarray:

@@ -24,7 +24,9 @@ from jsa_fast.model import ModelOutput, target_embedding
 from jsa_fast.ops import k_reciprocal_mask
 from jsa_fast.reference import info_nce_loss, match_loss, reconstruction_loss
 
-__all__ = ["LossConfig", "jsa_loss", "target_divergence"]
+__all__ = ["LossConfig", "DIRECTIONS", "jsa_loss", "target_divergence"]
+
+DIRECTIONS = ("sum", "mean")  # how the two InfoNCE directions combine
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,8 @@ class LossConfig:
             raise ValueError(f"tau must be > 0, got {self.tau!r}")
         if self.k < 0:
             raise ValueError(f"k must be >= 0 (0 disables false-negative mitigation), got {self.k!r}")
-        if self.directions not in ("sum", "mean"):
-            raise ValueError(f"directions must be 'sum' or 'mean', got {self.directions!r}")
+        if self.directions not in DIRECTIONS:
+            raise ValueError(f"directions must be one of {DIRECTIONS}, got {self.directions!r}")
 
 
 def target_divergence(slots: Tensor, targets: int) -> Tensor:

@@ -22,11 +22,13 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from jsa_fast.data.audio import AudioConfig
+from jsa_fast.data.image import ImageConfig
 from jsa_fast.decoders import SlotDecoder
 from jsa_fast.encoders import AudioEncoder, ImageEncoder, ResNet18Trunk, resnet_output_size
-from jsa_fast.fused import FusedJointSlotAttention
+from jsa_fast.fused import BACKEND, FusedJointSlotAttention
 from jsa_fast.maps import localization_maps
-from jsa_fast.reference import JSAOutput, ModalitySlotAttention, slot_attention
+from jsa_fast.reference import DIM, EPS, ITERS, MASK_PROB, MLP_HIDDEN, NUM_SLOTS, JSAOutput, ModalitySlotAttention, slot_attention
 
 __all__ = [
     "ModelConfig",
@@ -45,22 +47,24 @@ class ModelConfig:
     """Architecture; defaults are the paper's (docs/model.md "Shapes").
 
     targets, off_targets: T target and O off-target slots (S = T + O; the paper's 1 and
-    1); image_size: square input side; spec_bins x spec_frames: the log-spectrogram size;
-    encoder_width: ResNet-18 base width (64 = torchvision's network).
+    1); image_size: square input side; spec_bins x spec_frames: the log-spectrogram size
+    (defaults: the preprocessing's, `ImageConfig` and `AudioConfig`); encoder_width:
+    ResNet-18 base width (64 = torchvision's network). The slot attention's defaults are
+    jsa_fast.reference's (DIM, MLP_HIDDEN, ...).
     """
 
-    dim: int = 512
+    dim: int = DIM
     targets: int = 1
-    off_targets: int = 1
-    iters: int = 5
-    mlp_hidden: int = 1024
-    mask_prob: float = 0.1
-    eps: float = 1e-8
-    image_size: int = 224
-    spec_bins: int = 257
-    spec_frames: int = 501
+    off_targets: int = NUM_SLOTS - 1
+    iters: int = ITERS
+    mlp_hidden: int = MLP_HIDDEN
+    mask_prob: float = MASK_PROB
+    eps: float = EPS
+    image_size: int = ImageConfig.size
+    spec_bins: int = AudioConfig().spectrogram_shape[1]
+    spec_frames: int = AudioConfig().spectrogram_shape[2]
     encoder_width: int = 64
-    backend: str = "auto"
+    backend: str = BACKEND
     pretrained_image: str | None = None
     pretrained_audio: str | None = None
 

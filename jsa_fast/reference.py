@@ -168,6 +168,17 @@ def check_jsa_inputs(
             raise ValueError(f"{name} must be B x L = {tuple(x.shape[:2])}, got {_describe(mask)}")
 
 
+# The paper's module sizes (docs/model.md "Shapes"), written here only: JointSlotAttention,
+# FusedJointSlotAttention, SlotDecoder and ModelConfig (so the run's flags) take their
+# defaults from these.
+DIM = 512
+NUM_SLOTS = 2
+ITERS = 5
+MLP_HIDDEN = 1024
+MASK_PROB = 0.1
+EPS = 1e-8
+
+
 class JointSlotAttention(nn.Module):
     """Joint slot attention on image and audio tokens (paper Sec. 3.2), the reference.
 
@@ -181,12 +192,12 @@ class JointSlotAttention(nn.Module):
 
     def __init__(
         self,
-        dim: int = 512,
-        num_slots: int = 2,
-        iters: int = 5,
-        mlp_hidden: int = 1024,
-        mask_prob: float = 0.1,
-        eps: float = 1e-8,
+        dim: int = DIM,
+        num_slots: int = NUM_SLOTS,
+        iters: int = ITERS,
+        mlp_hidden: int = MLP_HIDDEN,
+        mask_prob: float = MASK_PROB,
+        eps: float = EPS,
     ) -> None:
         super().__init__()
         for name, value, low in (("dim", dim, 1), ("num_slots", num_slots, 1), ("iters", iters, 1), ("mlp_hidden", mlp_hidden, 1)):

@@ -8,7 +8,6 @@ start-up, which costs seconds)."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +25,9 @@ from jsa_fast.checkpoint import load_checkpoint, non_finite_tensors
 from jsa_fast.cli import DEBUG_ENV
 from jsa_fast.data.synth import generate_synthetic_dataset
 from jsa_fast.evaluate import main as evaluate_main
-from jsa_fast.train import MetricsLog, epoch_batches, main as train_main, train
+from jsa_fast.data.datasets import epoch_batches
+from jsa_fast.runtime import MetricsLog
+from jsa_fast.train import main as train_main, train
 from test_train import MICRO, MICRO_FLAGS
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def good_run(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished one-epoch MICRO run (step 2), to be copied before use."""
     out = tmp_path_factory.mktemp("good") / "run"
-    train(dataclasses.replace(MICRO, epochs=1), str(world), out, torch.device("cpu"))
+    train(MICRO.overridden(epochs=1), str(world), out, torch.device("cpu"))
     return out
 
 

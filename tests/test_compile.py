@@ -3,7 +3,6 @@
 
 import argparse
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from test_train import MICRO, world  # noqa: F401  (the micro synthetic world fi
 
 def _inputs(cfg):
     torch.manual_seed(1)
-    model_cfg = cfg.model_config()
+    model_cfg = cfg.model
     image = torch.randn(4, 3, model_cfg.image_size, model_cfg.image_size)
     spec = torch.randn(4, 1, model_cfg.spec_bins, model_cfg.spec_frames)
     return (image, spec, *token_masks(model_cfg, 4, seed=0, step=0))
@@ -25,9 +24,9 @@ def _inputs(cfg):
 def test_the_whole_objective_compiles_as_one_graph():
     """fullgraph=True fails on any graph break; aot_eager traces forward and backward as
     inductor would, without its (slow on CPU) code generation."""
-    cfg = dataclasses.replace(MICRO, mask_prob=0.5)
+    cfg = MICRO.overridden(mask_prob=0.5)
     torch.manual_seed(0)
-    eager_model = JSAModel(cfg.model_config())
+    eager_model = JSAModel(cfg.model)
     compiled_model = copy.deepcopy(eager_model)
     inputs = _inputs(cfg)
     torch._dynamo.reset()
@@ -46,7 +45,7 @@ def test_the_whole_objective_compiles_as_one_graph():
 def test_compile_flag_and_preset_defaults():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    assert PRESETS["paper"].compile and not PRESETS["tiny"].compile
+    assert PRESETS["paper"].optim.compile and not PRESETS["tiny"].optim.compile
     assert config_from_args(parser.parse_args(["--preset", "tiny", "--compile"]), "paper").compile
     assert not config_from_args(parser.parse_args(["--no-compile"]), "paper").compile
     assert not config_from_args(parser.parse_args(["--compile", "false"]), "paper").compile
@@ -59,6 +58,6 @@ def test_compile_flag_and_preset_defaults():
 def test_compiled_training_matches_eager(world, tmp_path):  # noqa: F811
     """Inductor on the CPU: minutes of compilation on a 2-core machine."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    means = train(dataclasses.replace(MICRO, epochs=1), str(world), eager, torch.device("cpu"))
-    compiled_means = train(dataclasses.replace(MICRO, epochs=1, compile=True), str(world), compiled, torch.device("cpu"))
+    means = train(MICRO.overridden(epochs=1), str(world), eager, torch.device("cpu"))
+    compiled_means = train(MICRO.overridden(epochs=1, compile=True), str(world), compiled, torch.device("cpu"))
     assert compiled_means == pytest.approx(means, rel=1e-4)

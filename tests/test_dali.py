@@ -1,7 +1,7 @@
 """The DALI data path against the PyTorch one (jsa_fast.data.datasets), sample by sample.
 
 Runs DALI's CPU operators here (device "cpu", device_id=None); the GPU variants are marked
-gpu. Without nvidia.dali the DALI tests skip with the reason; `shard_batches` runs anyway.
+gpu. Without nvidia.dali the DALI tests skip with the reason; `epoch_batches` runs anyway.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from jsa_fast.data import (
     eval_transform,
     load_image,
 )
-from jsa_fast.data.dali import dali_available, make_dali_loader, shard_batches
+from jsa_fast.data.dali import dali_available, make_dali_loader
+from jsa_fast.data.datasets import EpochSeededDataset, epoch_batches
 from jsa_fast.data.synth import generate_synthetic_dataset
-from jsa_fast.train import EpochSeededDataset, epoch_batches
 
 needs_dali = pytest.mark.skipif(
     not dali_available("cpu"), reason="nvidia.dali is not installed (pip install -r requirements-dali.txt)"
@@ -227,26 +227,32 @@ def test_train_batches_are_crops_of_the_resize_and_reproducible(synth_root: Path
 
 @pytest.mark.parametrize("num_items, num_shards, drop_last", [(8, 2, True), (8, 3, False), (8, 3, True), (5, 1, False)])
 def test_shards_partition_thelist(num_items: int, num_shards: int, drop_last: bool) -> None:
-    shards = [
-        [i for batch in shard_batches(num_items, 2, True, 3, 1, shard, num_shards, drop_last) for i in batch]
+    planned = [
+        epoch_batches(num_items, 2 * num_shards, 3, 1, drop_last=drop_last, shard=shard, num_shards=num_shards)
         for shard in range(num_shards)
     ]
+    shards = [[i for batch in batches for i in batch] for batches in planned]
     assert len({len(shard) for shard in shards}) == 1  # equal shares keep DDP ranks in step
     covered = [i for shard in shards for i in shard]
     if drop_last:
         assert len(set(covered)) == len(covered) == num_items // num_shards // 2 * 2 * num_shards
     else:  # wrapped around: every item, the first ones twice
         assert set(covered) == set(range(num_items)) and len(covered) == -(-num_items // num_shards) * num_shards
-    unshuffled = shard_batches(5, 2, False, 3, 0, 0, 1, False)
-    assert unshuffled == [[0, 1], [2, 3], [4]] and shard_batches(5, 2, False, 3, 0, 0, 1, True) == [[0, 1], [2, 3]]
-    assert shard_batches(8, 3, True, 9, 4, 0, 1, True) == epoch_batches(8, 3, 9, 4, 0)
+    # the shards of a global batch are its contiguous slices, in shard order (training's world.shard)
+    whole = epoch_batches(num_items, 2 * num_shards, 3, 1, drop_last=drop_last)
+    assert [sum(parts, []) for parts in zip(*planned)][: len(whole) - (not drop_last)] == whole[: len(whole) - (not drop_last)]
+    unshuffled = epoch_batches(5, 2, 3, 0, shuffle=False, drop_last=False)
+    assert unshuffled == [[0, 1], [2, 3], [4]] and epoch_batches(5, 2, 3, 0, shuffle=False) == [[0, 1], [2, 3]]
+    assert epoch_batches(8, 3, 9, 4, start=1) == epoch_batches(8, 3, 9, 4)[1:]
 
 
-def test_shard_batches_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="shard_id"):
-        shard_batches(8, 2, False, 0, 0, 2, 2, False)
+def test_epoch_batches_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="shard"):
+        epoch_batches(8, 2, 0, 0, shuffle=False, drop_last=False, shard=2, num_shards=2)
     with pytest.raises(ValueError, match="batch_size"):
-        shard_batches(8, 0, False, 0, 0, 0, 1, False)
+        epoch_batches(8, 0, 0, 0, shuffle=False, drop_last=False)
+    with pytest.raises(ValueError, match="split evenly"):
+        epoch_batches(8, 3, 0, 0, shard=0, num_shards=2)
 
 
 @needs_dali

@@ -2,7 +2,6 @@
 N processes at B / N pairs each must train exactly like one process at B pairs."""
 
 import copy
-import dataclasses
 import json
 import os
 import socket
@@ -64,8 +63,8 @@ def _check_model_gradients(rank: int) -> None:
     """The full model and loss under DDP on 2 x 2 pairs: the single process's loss terms
     and gradients on the 4 pairs (DDP averages the ranks' gradients)."""
     torch.manual_seed(0)
-    run_cfg = dataclasses.replace(MICRO, mask_prob=0.5)  # the micro model has few tokens to mask
-    cfg = run_cfg.model_config()
+    run_cfg = MICRO.overridden(mask_prob=0.5)  # the micro model has few tokens to mask
+    cfg = run_cfg.model
     single = JSAModel(cfg)
     parallel = convert_batchnorm(copy.deepcopy(single))
     image = torch.randn(4, 3, cfg.image_size, cfg.image_size)
@@ -148,7 +147,7 @@ def test_global_batchnorm_is_batchnorm_in_one_process_and_in_eval():
 
 
 def test_model_state_dict_keys_survive_the_conversion():
-    model = JSAModel(MICRO.model_config())
+    model = JSAModel(MICRO.model)
     keys = set(model.state_dict())
     assert keys == set(convert_batchnorm(model).state_dict())
     assert any(isinstance(m, GlobalBatchNorm2d) for m in model.modules())
@@ -190,7 +189,7 @@ def test_two_processes_train_like_one_and_resume_with_one(world, tmp_path):
     """torchrun, 2 gloo processes at 2 pairs each (token masks on, k-reciprocal mask on
     the gathered batch) for one epoch == one process at 4 pairs; the 2-process
     checkpoint then resumes in one process exactly like the single-process run."""
-    one_epoch = dataclasses.replace(MICRO, epochs=1)
+    one_epoch = MICRO.overridden(epochs=1)
     single = tmp_path / "single"
     train(one_epoch, str(world), single, torch.device("cpu"))
 
@@ -204,7 +203,7 @@ def test_two_processes_train_like_one_and_resume_with_one(world, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("last epoch:") == 1  # rank 0 alone reports
-    assert load_checkpoint(pair / "last.pt")["config"] == dataclasses.asdict(one_epoch)
+    assert load_checkpoint(pair / "last.pt")["config"] == one_epoch.to_dict()
     _assert_same_training(single, pair)
 
     for out in (single, pair):

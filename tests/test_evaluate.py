@@ -30,8 +30,8 @@ from jsa_fast.model import JSAModel, ModelConfig, ObjectSaliency
 from jsa_fast.train import main as train_main, train
 from jsa_fast.viz import plot_loss_curves
 
-MICRO = dataclasses.replace(
-    PRESETS["tiny"], dim=16, mlp_hidden=32, encoder_width=4, image_size=64, train_resize=72, audio_seconds=0.5,
+MICRO = PRESETS["tiny"].overridden(
+    dim=16, mlp_hidden=32, encoder_width=4, image_size=64, train_resize=72, audio_seconds=0.5,
     n_fft=64, win_length=64, k=2, epochs=2, batch_size=4, num_workers=0, log_every=1, targets=2, off_targets=1,
 )  # fmt: skip
 
@@ -61,7 +61,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The one training of this module: T = 2, O = 1, best.pt by AP50 on val.json."""
     out = tmp_path_factory.mktemp("run")
-    train(dataclasses.replace(MICRO, val=str(world / "val.json")), str(world), out, torch.device("cpu"), overwrite=True)
+    train(MICRO.overridden(val=str(world / "val.json")), str(world), out, torch.device("cpu"), overwrite=True)
     return out
 
 
@@ -258,7 +258,7 @@ def test_two_targets_one_off_target_reference_and_fused_agree_in_training():
 
 def test_two_targets_one_off_target_train_and_best_pt_is_chosen_on_validation(trained, world, tmp_path):
     last, best = load_checkpoint(trained / "last.pt"), load_checkpoint(trained / "best.pt")
-    assert last["model"]["jsa.slots_init"].shape == (1, 3, 16) and last["config"]["targets"] == 2
+    assert last["model"]["jsa.slots_init"].shape == (1, 3, 16) and last["config"]["model"]["targets"] == 2
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
     scores = [r for r in records if r["kind"] == "val"]
@@ -270,8 +270,8 @@ def test_two_targets_one_off_target_train_and_best_pt_is_chosen_on_validation(tr
     assert best["best_val"] == {key: chosen[key] for key in ("val_ap50", "val_auc", "val_mean_ciou")}
     # Its weights score exactly that on the validation split, and the test split, whatever
     # its labels say, does not enter: the same scores with other boxes and classes in test.json.
-    cfg = dataclasses.replace(MICRO, val=str(world / "val.json"))
-    model = JSAModel(cfg.model_config())
+    cfg = MICRO.overridden(val=str(world / "val.json"))
+    model = JSAModel(cfg.model)
     model.load_state_dict(best["model"])
     assert Validation(cfg, world).score(model, torch.device("cpu")) == best["best_val"]
     relabelled = tmp_path / "relabelled"
@@ -294,8 +294,8 @@ def test_validation_split_leaves_the_test_split_out(world, tmp_path):
     clash = tmp_path / "clash.json"
     clash.write_text((world / "test.json").read_text())
     with pytest.raises(ValueError, match="test id"):
-        Validation(dataclasses.replace(MICRO, val=str(clash)), world)
-    held = Validation(dataclasses.replace(MICRO, val_fraction=0.3), world)
+        Validation(MICRO.overridden(val=str(clash)), world)
+    held = Validation(MICRO.overridden(val_fraction=0.3), world)
     held_ids = set(held.dataset.dataset.ids)
     assert len(held_ids) == 3 and held_ids.isdisjoint(held.train_ids) and all(i.startswith("train_") for i in held_ids)
     assert sorted(held_ids | set(held.train_ids)) == [f"train_{n:06d}" for n in range(10)]
@@ -391,10 +391,10 @@ def test_bad_protocol_flags_are_one_line(flags, culprit, tmp_path, capsys):
 def test_localize_makes_the_maps_evaluation_scores(trained, world, resnet18_weights, tmp_path, capsys):
     state = load_checkpoint(trained / "last.pt")
     cfg = saved_config(state["config"], "last.pt")
-    model = JSAModel(cfg.model_config())
+    model = JSAModel(cfg.model)
     model.load_state_dict(state["model"])
     model.eval()
-    item = AudioVisualDataset(world, "test", cfg.image_config(), cfg.audio_config())[0]
+    item = AudioVisualDataset(world, "test", cfg.data.image, cfg.data.audio)[0]
     protocol = dataclasses.replace(PROTOCOLS["released"], temperature=0.5)
     with torch.no_grad():
         image = item["image"][None]

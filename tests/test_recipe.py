@@ -4,7 +4,6 @@ steps counted), fp32 evaluation unless asked, and the epochs by the data's size.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -22,7 +21,7 @@ from jsa_fast.config import PRESETS, released_epochs
 from jsa_fast.train import main as train_main, train
 from test_train import MICRO, MICRO_FLAGS, world  # noqa: F401  (the micro synthetic world fixture)
 
-FP16 = dataclasses.replace(MICRO, amp="fp16")
+FP16 = MICRO.overridden(amp="fp16")
 
 
 def records(out: Path, kind: str) -> list[dict]:
@@ -31,7 +30,7 @@ def records(out: Path, kind: str) -> list[dict]:
 
 
 def test_the_paper_preset_refuses_to_start_without_a_pretrained_choice(tmp_path, capsys):
-    assert PRESETS["paper"].pretrained_image is None and PRESETS["tiny"].pretrained_image == "none"
+    assert PRESETS["paper"].optim.pretrained_image is None and PRESETS["tiny"].optim.pretrained_image == "none"
     status = train_main(["--data", str(tmp_path), "--out", str(tmp_path / "run")])
     lines = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(lines) == 1
@@ -52,7 +51,7 @@ def test_the_paper_recipe_from_an_imagenet_file_is_recorded(world, tmp_path, cap
     printed = capsys.readouterr().out
     assert "released augmentation; fp16" in printed and "unused: fc.bias, fc.weight" in printed
     state = load_checkpoint(out / "last.pt")
-    assert state["config"]["amp"] == "fp16" and state["config"]["augment"] == "released"
+    assert state["config"]["optim"]["amp"] == "fp16" and state["config"]["data"]["image"]["augment"] == "released"
     sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert state["encoder_start"] == {
         "image": {"weights": str(weights), "sha256": sha256, "tensors": 120, "unused": ["fc.bias", "fc.weight"]},
@@ -70,7 +69,7 @@ def test_the_paper_recipe_from_an_imagenet_file_is_recorded(world, tmp_path, cap
 def test_fp16_skips_and_counts_steps_whose_loss_or_gradients_overflow(world, tmp_path, monkeypatch):  # noqa: F811
     # 15 steps: GradScaler's first scale (2^16) overflows this model's fp16 gradients, so it
     # halves the scale on the first steps, each skipped; step 12 is then made infinite.
-    cfg = dataclasses.replace(FP16, batch_size=2, k=2, epochs=3)
+    cfg = FP16.overridden(batch_size=2, k=2, epochs=3)
     real_loss, calls = train_module.jsa_loss, {"n": 0}
 
     def infinite_twelfth_loss(out, loss_cfg, **options):
@@ -95,7 +94,7 @@ def test_fp16_stops_when_every_step_overflows(world, tmp_path, monkeypatch):  # 
     real_loss = train_module.jsa_loss
     monkeypatch.setattr(train_module, "jsa_loss", lambda out, cfg, **o: (t := real_loss(out, cfg, **o)) | {"loss": t["loss"] * math.nan})
     with pytest.raises(RunError, match=r"fp16 steps keep overflowing \(17 skipped, loss scale now 0\.5\); try --amp bf16"):
-        train(dataclasses.replace(FP16, batch_size=2, k=2, epochs=4), str(world), tmp_path, torch.device("cpu"))
+        train(FP16.overridden(batch_size=2, k=2, epochs=4), str(world), tmp_path, torch.device("cpu"))
     state = load_checkpoint(tmp_path / "last.pt")  # the third epoch's end: its model never changed
     assert (state["step"], state["skipped_steps"]) == (15, 15)
     assert records(tmp_path, "epoch")[0]["loss"] is None  # no step of the epoch trained
@@ -104,7 +103,7 @@ def test_fp16_stops_when_every_step_overflows(world, tmp_path, monkeypatch):  # 
 def test_fp16_resume_is_exact(world, tmp_path):  # noqa: F811
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(FP16, str(world), straight, torch.device("cpu"))
-    train(dataclasses.replace(FP16, epochs=1), str(world), split, torch.device("cpu"))
+    train(FP16.overridden(epochs=1), str(world), split, torch.device("cpu"))
     train(FP16, str(world), split, torch.device("cpu"), resume=True)
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(split / "last.pt")
     assert a["scaler"] == b["scaler"]
@@ -113,7 +112,7 @@ def test_fp16_resume_is_exact(world, tmp_path):  # noqa: F811
 
 
 def test_evaluation_runs_in_fp32_unless_asked(world, tmp_path, monkeypatch):  # noqa: F811
-    train(dataclasses.replace(FP16, epochs=1), str(world), tmp_path / "run", torch.device("cpu"))
+    train(FP16.overridden(epochs=1), str(world), tmp_path / "run", torch.device("cpu"))
     used = []
     real = evaluate_module.autocast_context
     monkeypatch.setattr(evaluate_module, "autocast_context", lambda device, amp: used.append(amp) or real(device, amp))
@@ -126,6 +125,6 @@ def test_evaluation_runs_in_fp32_unless_asked(world, tmp_path, monkeypatch):  # 
 
 
 def test_epochs_follow_the_data_size_as_the_released_scripts():
-    assert PRESETS["paper"].epochs is None and PRESETS["tiny"].epochs == 10
+    assert PRESETS["paper"].optim.epochs is None and PRESETS["tiny"].optim.epochs == 10
     assert released_epochs(10_000) == 100 and released_epochs(144_000) == 50  # train_script.sh
     assert released_epochs(37_999) == 100 and released_epochs(38_000) == 50

@@ -1,7 +1,6 @@
 """Training and evaluation end to end on a micro synthetic world: outputs, exact resume,
 Ctrl-C, and the CLIs."""
 
-import dataclasses
 import json
 import os
 import signal
@@ -12,13 +11,13 @@ import torch
 
 from jsa_fast import train as train_module
 from jsa_fast.checkpoint import load_checkpoint, save_checkpoint
-from jsa_fast.config import PRESETS, RunConfig, add_config_arguments, config_from_args
+from jsa_fast.config import PRESETS, RunConfig, add_config_arguments, config_from_args, saved_config
 from jsa_fast.data.synth import generate_synthetic_dataset
 from jsa_fast.evaluate import main as evaluate_main
-from jsa_fast.train import epoch_batches, main as train_main, train
+from jsa_fast.data.datasets import epoch_batches
+from jsa_fast.train import main as train_main, train
 
-MICRO = dataclasses.replace(
-    PRESETS["tiny"],
+MICRO = PRESETS["tiny"].overridden(
     dim=16,
     mlp_hidden=32,
     encoder_width=4,
@@ -70,7 +69,7 @@ def test_training_writes_checkpoint_metrics_and_curves(world, tmp_path):
     assert set(means) == {"loss", "loss_ctr", "loss_match", "loss_div", "loss_recon"}
     state = final_state(tmp_path)
     assert state["epoch"] == 2 and state["step"] == 4 and state["batch_in_epoch"] == 0
-    assert RunConfig(**state["config"]) == MICRO
+    assert saved_config(state["config"], "last.pt") == MICRO
     assert {"model", "optimizer", "scaler", "rng"} <= set(state)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "step"]
@@ -87,16 +86,16 @@ def test_resume_continues_exactly(world, tmp_path):
     straight = tmp_path / "straight"
     run(MICRO, world, straight)
     split = tmp_path / "split"
-    run(dataclasses.replace(MICRO, epochs=1), world, split)
+    run(MICRO.overridden(epochs=1), world, split)
     run(MICRO, world, split, resume=True)
     assert_same_parameters(final_state(straight)["model"], final_state(split)["model"])
     assert metric_lines(straight) == metric_lines(split)
 
 
 def test_ctrl_c_saves_and_resume_is_exact_mid_epoch(world, tmp_path, monkeypatch):
-    cfg = dataclasses.replace(MICRO, batch_size=3)  # 3 batches per epoch
+    cfg = MICRO.overridden(batch_size=3)  # 3 batches per epoch
     straight = tmp_path / "straight"
-    run(dataclasses.replace(cfg, num_workers=1), world, straight)
+    run(cfg.overridden(num_workers=1), world, straight)
     interrupted = tmp_path / "interrupted"
     real_loss = train_module.jsa_loss
     calls = {"n": 0}
@@ -114,15 +113,15 @@ def test_ctrl_c_saves_and_resume_is_exact_mid_epoch(world, tmp_path, monkeypatch
     assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 2, 5)
     monkeypatch.setattr(train_module, "jsa_loss", real_loss)
     # Resume with a loader worker: augmentation depends on (seed, epoch, index) only.
-    run(dataclasses.replace(cfg, num_workers=1), world, interrupted, resume=True)
+    run(cfg.overridden(num_workers=1), world, interrupted, resume=True)
     assert_same_parameters(final_state(straight)["model"], final_state(interrupted)["model"])
     assert metric_lines(straight) == metric_lines(interrupted)
 
 
 def test_resume_refuses_a_different_configuration(world, tmp_path):
-    run(dataclasses.replace(MICRO, epochs=1), world, tmp_path)
+    run(MICRO.overridden(epochs=1), world, tmp_path)
     with pytest.raises(ValueError, match="lr"):
-        run(dataclasses.replace(MICRO, lr=0.5), world, tmp_path, resume=True)
+        run(MICRO.overridden(lr=0.5), world, tmp_path, resume=True)
 
 
 def test_epoch_batches_are_seeded_and_drop_the_last_partial_batch():
@@ -136,7 +135,7 @@ def test_epoch_batches_are_seeded_and_drop_the_last_partial_batch():
 
 def test_batch_larger_than_the_data_set_is_a_clear_error(world, tmp_path):
     with pytest.raises(ValueError, match="batch-size"):
-        run(dataclasses.replace(MICRO, batch_size=64), world, tmp_path)
+        run(MICRO.overridden(batch_size=64), world, tmp_path)
 
 
 def test_checkpoints_are_loaded_as_untrusted_input(tmp_path):
@@ -159,21 +158,22 @@ def test_preset_overrides_from_the_command_line():
     add_config_arguments(parser)
     args = parser.parse_args(["--preset", "tiny", "--lr", "0.5", "--augment", "released", "--pretrained-image", "w.pth"])
     cfg = config_from_args(args, default_preset="paper")
-    assert cfg == dataclasses.replace(PRESETS["tiny"], lr=0.5, augment="released", pretrained_image="w.pth")
+    assert cfg == PRESETS["tiny"].overridden(lr=0.5, augment="released", pretrained_image="w.pth")
     assert config_from_args(parser.parse_args([]), default_preset="paper") == PRESETS["paper"]
-    assert config_from_args(parser.parse_args(["--pretrained", "r18.pth"]), "paper").pretrained_image == "r18.pth"
-    assert config_from_args(parser.parse_args(["--pretrained", "none"]), "paper").pretrained_image == "none"
+    assert config_from_args(parser.parse_args(["--pretrained", "r18.pth"]), "paper").optim.pretrained_image == "r18.pth"
+    assert config_from_args(parser.parse_args(["--pretrained", "none"]), "paper").optim.pretrained_image == "none"
 
 
 def test_paper_preset_is_the_paper():
     paper = PRESETS["paper"]
     # epochs None: 100 on the 10k subsets, 50 on 144k (released_epochs), as train_script.sh
-    assert (paper.batch_size, paper.lr, paper.weight_decay, paper.epochs, paper.amp) == (256, 5e-5, 0.01, None, "fp16")
-    assert (paper.augment, paper.image_config().augment, paper.audio_config().spec_augment) == ("released", "released", True)
-    model = paper.model_config()
-    assert (model.dim, model.num_slots, model.iters, model.spec_bins, model.spec_frames) == (512, 2, 5, 257, 501)
+    optim = paper.optim
+    assert (optim.batch_size, optim.lr, optim.weight_decay, optim.epochs, optim.amp) == (256, 5e-5, 0.01, None, "fp16")
+    assert (paper.data.image.augment, paper.data.audio.spec_augment) == ("released", True)
+    model = paper.model
+    assert (model.dim, model.num_slots, model.iters, model.mlp_hidden, model.spec_bins, model.spec_frames) == (512, 2, 5, 1024, 257, 501)
     assert model.image_grid == (7, 7) and model.audio_tokens == 16
-    loss = paper.loss_config()
+    loss = paper.loss
     assert (loss.tau, loss.k, loss.weight_match, loss.weight_div, loss.weight_recon) == (0.03, 20, 100.0, 0.1, 0.1)
 
 
@@ -203,7 +203,7 @@ def test_evaluate_on_flickr_ground_truth(world, tmp_path):
     (flickr / "test.json").unlink()  # leaves test.txt + Annotations/ (Flickr-SoundNet layout)
     shutil.rmtree(flickr / "masks")
     out = tmp_path / "run"
-    run(dataclasses.replace(MICRO, epochs=1), world, out)
+    run(MICRO.overridden(epochs=1), world, out)
     assert evaluate_main(["--checkpoint", str(out / "last.pt"), "--data", str(flickr), "--out", str(tmp_path / "eval"), "--num-workers", "0"]) == 0
     results = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert results["n"] == 6 and 0.0 <= results["ap50"] <= 1.0
@@ -217,8 +217,8 @@ def test_a_broken_file_is_reported_or_skipped(world, tmp_path):
     shutil.copytree(world, broken)
     (broken / "audio" / "train_000004.wav").write_bytes(b"not a wav file")
     with pytest.raises(ValueError, match="train_000004.wav"):
-        run(dataclasses.replace(MICRO, epochs=1), broken, tmp_path / "fail")
-    train(dataclasses.replace(MICRO, epochs=1), str(broken), tmp_path / "skip", torch.device("cpu"), on_bad_file="skip")
+        run(MICRO.overridden(epochs=1), broken, tmp_path / "fail")
+    train(MICRO.overridden(epochs=1), str(broken), tmp_path / "skip", torch.device("cpu"), on_bad_file="skip")
     assert final_state(tmp_path / "skip")["step"] == 2  # 9 usable items: 2 full batches of 4
 
 
@@ -228,7 +228,7 @@ def test_evaluate_with_the_dali_loader_on_cpu_matches_the_torch_loader(world, tm
     if not dali_available("cpu"):
         pytest.skip("nvidia-dali-cuda130 is not installed (pip install -r requirements-dali.txt; `make test` does)")
     out = tmp_path / "run"
-    run(dataclasses.replace(MICRO, epochs=1), world, out)
+    run(MICRO.overridden(epochs=1), world, out)
     results = {}
     for loader in ("torch", "dali"):
         args = ["--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / loader), "--num-workers", "0", "--device", "cpu"]

@@ -37,8 +37,9 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from jsa_fast.data.audio import AudioConfig
-from jsa_fast.data.datasets import AudioVisualDataset, epoch_order
+from jsa_fast.data.datasets import AudioVisualDataset, epoch_batches
 from jsa_fast.data.image import IMAGENET_MEAN, IMAGENET_STD, ImageConfig, is_video, load_image, video_frame_count
+from jsa_fast.runtime import derived_seed
 
 INSTALL_HINT = "pip install -r requirements-dali.txt"
 LOG_FLOOR = 1e-7
@@ -65,40 +66,6 @@ def resolve_loader(kind: str, device: torch.device) -> Literal["torch", "dali"]:
     if kind == "auto":
         return "dali" if device.type == "cuda" and dali_available(device) else "torch"
     return kind  # type: ignore[return-value]
-
-
-def shard_batches(
-    num_items: int,
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
-    epoch: int,
-    shard_id: int,
-    num_shards: int,
-    drop_last: bool,
-) -> list[list[int]]:
-    """Item indices of one shard's batches for one epoch.
-
-    The epoch's order is `epoch_order(num_items, seed, epoch)` (the order
-    `jsa_fast.train.epoch_batches` uses), or 0..num_items-1 without shuffle. With several shards, the order is first cut (drop_last) or wrapped around from
-    its start (otherwise) to a multiple of num_shards, as DistributedSampler does, so that
-    every shard has as many items; shard s takes positions s, s + num_shards, ... The last
-    partial batch is dropped when drop_last, else kept, as a DataLoader does.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if num_shards < 1 or not 0 <= shard_id < num_shards:
-        raise ValueError(f"shard_id must be in [0, num_shards), got shard {shard_id} of {num_shards}")
-    order = epoch_order(num_items, seed, epoch) if shuffle else list(range(num_items))
-    if num_shards > 1:
-        if drop_last:
-            order = order[: num_items // num_shards * num_shards]
-        else:
-            total = -(-num_items // num_shards) * num_shards
-            order = (order * (total // max(num_items, 1) + 1))[:total]
-    mine = order[shard_id::num_shards]
-    count = len(mine) // batch_size if drop_last else -(-len(mine) // batch_size)
-    return [mine[i * batch_size : (i + 1) * batch_size] for i in range(count)]
 
 
 def _ppm(image: Any) -> np.ndarray:
@@ -321,7 +288,8 @@ class DALILoader:
     Each batch is a dict like the PyTorch loader's (`make_loader` over `AudioVisualDataset`):
     image B x 3 x H x W float32, spec B x 1 x F x T float32, id list of str, label B int64,
     and for the test split gt B x H x W float32 (plus mask B x H x W when the data set has
-    masks), all tensors on `device`. The order of batches is `shard_batches`; each pass
+    masks), all tensors on `device`. The batches are shard `shard_id`'s of `epoch_batches`
+    (global batches of batch_size x num_shards items); each pass
     advances the epoch (set it with `set_epoch`, e.g. on resume).
 
     A file that fails to decode (DALI stops with an error that does not name the sample) is
@@ -350,7 +318,9 @@ class DALILoader:
             raise ValueError(f"device {device}: DALI is not installed or sees no such GPU ({INSTALL_HINT})")
         if num_threads < 1:
             raise ValueError(f"num_threads must be positive, got {num_threads}")
-        shard_batches(len(dataset), batch_size, shuffle, seed, 0, shard_id, num_shards, drop_last)  # validates them
+        if num_shards < 1 or not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id must be in [0, num_shards), got shard {shard_id} of {num_shards}")
+        epoch_batches(len(dataset), batch_size * num_shards, seed, 0, shuffle=shuffle, shard=shard_id, num_shards=num_shards)  # validates them
         self.dataset = dataset
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.shard_id, self.num_shards = shard_id, num_shards
@@ -365,9 +335,9 @@ class DALILoader:
         self.epoch = epoch
 
     def _plan(self) -> list[list[int]]:
-        batches = shard_batches(
-            len(self.dataset), self.batch_size, self.shuffle, self.seed, self.epoch,
-            self.shard_id, self.num_shards, self.drop_last,
+        batches = epoch_batches(
+            len(self.dataset), self.batch_size * self.num_shards, self.seed, self.epoch, shuffle=self.shuffle,
+            drop_last=self.drop_last, shard=self.shard_id, num_shards=self.num_shards,
         )  # fmt: skip
         kept = ([index for index in batch if index not in self._bad] for batch in batches)
         return [batch for batch in kept if batch]
@@ -385,7 +355,7 @@ class DALILoader:
             self.dataset.audio_cfg,
             self.batch_size,
             (self.device.index or 0) if self.device.type == "cuda" else None,
-            hash((self.seed, self.shard_id)) & 0x7FFF_FFFF,
+            derived_seed(self.seed, self.shard_id, bits=31),
             self.num_threads,
         )
         return DALIGenericIterator(

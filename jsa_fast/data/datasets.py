@@ -7,6 +7,7 @@ the test split ROOT/test.json (VGG-SS) or ROOT/test.txt + ROOT/Annotations/<id>.
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from collections import Counter
@@ -32,6 +33,7 @@ from jsa_fast.data.groundtruth import (
     vggss_gt_map,
 )
 from jsa_fast.data.image import ImageConfig, eval_transform, load_image, train_transform
+from jsa_fast.runtime import derived_seed
 
 # What decoders raise on a broken file (PIL: OSError/SyntaxError, soundfile: RuntimeError,
 # PyAV: FFmpegError, ours: ValueError).
@@ -386,8 +388,74 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
     """The shuffled order of an epoch's items: a function of (seed, epoch) alone, shared by
     every loader (PyTorch, DALI) and process count so that runs are comparable and
     resumable."""
-    generator = torch.Generator().manual_seed(hash((seed, epoch)) & 0x7FFF_FFFF)
+    generator = torch.Generator().manual_seed(derived_seed(seed, epoch, bits=31))
     return torch.randperm(num_items, generator=generator).tolist()
+
+
+def epoch_batches(
+    num_items: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start: int = 0,
+    *,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    shard: int = 0,
+    num_shards: int = 1,
+) -> list[list[int]]:
+    """Item indices of an epoch's batches, from batch `start` on: the one batch plan of both
+    loaders (PyTorch, DALI) and of training.
+
+    The epoch's order (`epoch_order`, or 0 .. num_items - 1 without shuffle) is cut into
+    global batches of `batch_size`; the last partial one is dropped when drop_last, else
+    kept, and under several shards filled up to a multiple of num_shards from the order's
+    start (as DistributedSampler does). Shard `shard` of `num_shards` (a process's rank)
+    takes its contiguous batch_size / num_shards slice of each global batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(f"shard must be in [0, num_shards), got shard {shard} of {num_shards}")
+    if batch_size % num_shards:
+        raise ValueError(f"batch_size {batch_size} cannot be split evenly over {num_shards} shards")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    order = epoch_order(num_items, seed, epoch) if shuffle else list(range(num_items))
+    count = num_items // batch_size if drop_last else -(-num_items // batch_size)
+    batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(start, count)]
+    if num_shards == 1:
+        return batches
+    if batches and len(batches[-1]) % num_shards:
+        filler = itertools.islice(itertools.cycle(order), num_shards - len(batches[-1]) % num_shards)
+        batches[-1] = batches[-1] + list(filler)
+    return [batch[shard * len(batch) // num_shards : (shard + 1) * len(batch) // num_shards] for batch in batches]
+
+
+class EpochSeededDataset(Dataset):
+    """Makes each item a function of (seed, epoch, index) alone.
+
+    The item's random draws run on a forked RNG, so they neither depend on nor disturb
+    the process's RNG (saved in checkpoints). This is what lets --resume be exact from
+    any batch, with any number of loader workers.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        threads = torch.get_num_threads()
+        # One thread, as in a loader worker: the FFT's rounding depends on the thread count.
+        torch.set_num_threads(1)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derived_seed(self.seed, self.epoch, index))
+                return self.dataset[index]
+        finally:
+            torch.set_num_threads(threads)
 
 
 def collate_skip_none(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:

@@ -1,0 +1,175 @@
+"""What every command runs on, apart from what it computes: the device and its autocast and
+memory format, derived seeds and the process RNG state, Ctrl-C between steps, the metrics
+file, and where the synthetic world is cached."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from jsa_fast.checkpoint import is_disk_full
+from jsa_fast.cli import RunError
+
+if TYPE_CHECKING:
+    from jsa_fast.config import SynthConfig
+
+__all__ = [
+    "AMP_DTYPES",
+    "resolve_device",
+    "autocast_context",
+    "memory_format",
+    "derived_seed",
+    "rng_state",
+    "restore_rng_state",
+    "DeferredInterrupt",
+    "MetricsLog",
+    "default_cache_dir",
+    "resolve_data_root",
+]
+
+# --amp: the autocast dtype of each choice ("none": fp32, no autocast)
+AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device NAME as a torch.device; None: CUDA when torch sees a GPU, else the CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, amp: str) -> AbstractContextManager:
+    """bf16/fp16 autocast on `device` (CUDA or CPU) as `amp` asks; "none" runs in fp32."""
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+    dtype = AMP_DTYPES[amp]
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """Channels-last on CUDA, where cuDNN runs convolutions fastest in it (NHWC tensor-core
+    kernels, no layout transposes); NCHW on the CPU."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def derived_seed(*parts: int, bits: int = 63) -> int:
+    """A seed that is a function of the integers `parts` alone (e.g. run seed, epoch, item),
+    `bits` wide: 63 for torch.manual_seed, 31 where the consumer takes an int32 (DALI) or
+    where an existing order must stay as it was (`epoch_order`). Python hashes a tuple of
+    ints the same in every process and run (PYTHONHASHSEED salts only str and bytes)."""
+    if not 1 <= bits <= 63:
+        raise ValueError(f"bits must be in [1, 63], got {bits!r}")
+    return hash(parts) & ((1 << bits) - 1)
+
+
+def rng_state() -> dict[str, Any]:
+    """The process RNG state (torch, Python, and CUDA when present), as checkpoints keep it."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set the process RNG to a state `rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class DeferredInterrupt:
+    """Turns the first Ctrl-C into a request that the loop honours between steps, so a
+    checkpoint never holds a half-done step (BatchNorm statistics, optimiser state);
+    a second Ctrl-C stops at once."""
+
+    def __enter__(self) -> DeferredInterrupt:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving after this step (press again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+class MetricsLog:
+    """OUT/metrics.jsonl: one JSON object per line (strict JSON: a non-finite value is
+    written as null)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps({key: _json_value(value) for key, value in record.items()}, allow_nan=False)
+        try:
+            with self.path.open("a") as file:
+                file.write(line + "\n")
+        except OSError as error:
+            if is_disk_full(error):
+                raise RunError(f"no space left on the device of {self.path.parent} to append to {self.path.name}") from error
+            raise
+
+    def keep_until(self, step: int, epochs_done: int) -> int:
+        """Drop what a run logged after its checkpoint (step `step`, `epochs_done` whole
+        epochs): the lines a resume will log again, and a line torn by a kill. Returns
+        the number of lines dropped."""
+        if not self.path.exists():
+            return 0
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if _logged_by_checkpoint(line, step, epochs_done)]
+        if len(kept) < len(lines):
+            temporary = self.path.with_name(f".{self.path.name}.tmp")
+            temporary.write_text("".join(line + "\n" for line in kept))
+            os.replace(temporary, self.path)
+        return len(lines) - len(kept)
+
+
+def _json_value(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _logged_by_checkpoint(line: str, step: int, epochs_done: int) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    if record.get("kind") == "epoch":
+        return record.get("epoch", epochs_done) < epochs_done
+    return record.get("step", step + 1) <= step
+
+
+def default_cache_dir() -> Path:
+    """Where the synthetic world is built: $JSA_FAST_CACHE or ~/.cache/jsa-fast."""
+    return Path(os.environ.get("JSA_FAST_CACHE", Path.home() / ".cache" / "jsa-fast"))
+
+
+def resolve_data_root(data: str | None, synth: SynthConfig) -> Path:
+    """--data when given, else the synthetic world `synth` (built on first use)."""
+    # Imported here: the data path imports this module, and `python -m jsa_fast.data.synth`
+    # must find that module unimported.
+    from jsa_fast.data.synth import ensure_synthetic_dataset
+
+    if data is not None:
+        root = Path(data)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data {root} is not a folder")
+        return root
+    return ensure_synthetic_dataset(default_cache_dir() / "synth", **dataclasses.asdict(synth))
