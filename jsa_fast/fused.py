@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jsa_fast.reference import DIM, EPS, ITERS, MASK_PROB, MLP_HIDDEN, NUM_SLOTS, JointSlotAttention, JSAOutput
 from jsa_fast.kernels import INTERPRET, joint_slot_attention
 from jsa_fast.kernels.joint_slot_attention import PARAMETERS
+from jsa_fast.reference import DIM, EPS, ITERS, MASK_PROB, MLP_HIDDEN, NUM_SLOTS, JointSlotAttention, JSAOutput
 
 BACKENDS = ("auto", "triton", "torch")
 BACKEND = "auto"  # the default, ModelConfig's too

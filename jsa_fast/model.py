@@ -28,7 +28,17 @@ from jsa_fast.decoders import SlotDecoder
 from jsa_fast.encoders import AudioEncoder, ImageEncoder, ResNet18Trunk, resnet_output_size
 from jsa_fast.fused import BACKEND, FusedJointSlotAttention
 from jsa_fast.maps import localization_maps
-from jsa_fast.reference import DIM, EPS, ITERS, MASK_PROB, MLP_HIDDEN, NUM_SLOTS, JSAOutput, ModalitySlotAttention, slot_attention
+from jsa_fast.reference import (
+    DIM,
+    EPS,
+    ITERS,
+    MASK_PROB,
+    MLP_HIDDEN,
+    NUM_SLOTS,
+    JSAOutput,
+    ModalitySlotAttention,
+    slot_attention,
+)
 
 __all__ = [
     "ModelConfig",

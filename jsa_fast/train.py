@@ -37,7 +37,14 @@ from tqdm import tqdm
 
 from jsa_fast.checkpoint import load_checkpoint, non_finite_tensors, remove_stale_temporaries, save_checkpoint
 from jsa_fast.cli import ArgumentParser, DataError, RunError, UsageError, command, one_line
-from jsa_fast.config import PRETRAINED_HINT, RunConfig, add_config_arguments, config_from_args, released_epochs, saved_config
+from jsa_fast.config import (
+    PRETRAINED_HINT,
+    RunConfig,
+    add_config_arguments,
+    config_from_args,
+    released_epochs,
+    saved_config,
+)
 from jsa_fast.data.dali import DALILoader, make_dali_loader, resolve_loader
 from jsa_fast.data.datasets import AudioVisualDataset, EpochSeededDataset, collate_skip_none, epoch_batches
 from jsa_fast.distributed import World, convert_batchnorm, gather_with_grad, process_group, wrap_ddp

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import MICRO, assert_same_parameters, metric_lines
 
 import jsa_fast
 from jsa_fast.checkpoint import load_checkpoint, save_checkpoint
@@ -18,7 +19,6 @@ from jsa_fast.config import PRESETS, SETTINGS, RunConfig, config_from_args, save
 from jsa_fast.data.synth import generate_synthetic_dataset
 from jsa_fast.evaluate import main as evaluate_main
 from jsa_fast.train import build_parser, main as train_main, train
-from test_train import MICRO, assert_same_parameters, metric_lines
 
 # The settings of the flat RunConfig that checkpoints held before the nested configs, as
 # `dataclasses.asdict` wrote them: one key per flag.

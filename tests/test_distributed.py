@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_train import MICRO, MICRO_FLAGS
 from torch import nn
 
 from jsa_fast.checkpoint import load_checkpoint
@@ -20,7 +21,6 @@ from jsa_fast.data.synth import generate_synthetic_dataset
 from jsa_fast.distributed import GlobalBatchNorm2d, World, convert_batchnorm, gather_with_grad, wrap_ddp
 from jsa_fast.model import JSAModel
 from jsa_fast.train import loss_function, token_masks, train
-from test_train import MICRO, MICRO_FLAGS
 
 # fp32 rounding differs between one process and two (reduction order, thread counts)
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)

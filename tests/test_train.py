@@ -12,9 +12,9 @@ import torch
 from jsa_fast import train as train_module
 from jsa_fast.checkpoint import load_checkpoint, save_checkpoint
 from jsa_fast.config import PRESETS, RunConfig, add_config_arguments, config_from_args, saved_config
+from jsa_fast.data.datasets import epoch_batches
 from jsa_fast.data.synth import generate_synthetic_dataset
 from jsa_fast.evaluate import main as evaluate_main
-from jsa_fast.data.datasets import epoch_batches
 from jsa_fast.train import main as train_main, train
 
 MICRO = PRESETS["tiny"].overridden(
