@@ -31,7 +31,14 @@ from jsa_fast.checkpoint import load_checkpoint, non_finite_tensors
 from jsa_fast.cli import ArgumentParser, DataError, UsageError, bounded, command
 from jsa_fast.config import RunConfig, saved_config
 from jsa_fast.data.dali import make_dali_loader, resolve_loader
-from jsa_fast.data.datasets import AudioVisualDataset, BadFilesError, EpochSeededDataset, make_loader, read_id_list, read_vggss_json
+from jsa_fast.data.datasets import (
+    AudioVisualDataset,
+    BadFilesError,
+    EpochSeededDataset,
+    make_loader,
+    read_id_list,
+    read_vggss_json,
+)
 from jsa_fast.losses import jsa_loss
 from jsa_fast.maps import UPSAMPLE_MODES, blend_maps, centre_prior_map, localization_maps, normalised_map
 from jsa_fast.metrics import LocalizationEvaluator, SegmentationEvaluator, first_match_ranks, recall_at
@@ -203,7 +210,9 @@ def evaluate(
                 segmentation.update(maps["av"][i], batch["mask"][i].cpu())
             for prefix, name in (("ca", "av"), ("ogl", "ogl")):
                 if name in maps and len(pictures[prefix]) < overlays:
-                    pictures[prefix].append((batch["id"][i], overlay_heatmap(batch["image"][i].cpu(), maps[name][i], gt_map=gt)))
+                    pictures[prefix].append(
+                        (batch["id"][i], overlay_heatmap(batch["image"][i].cpu(), maps[name][i], gt_map=gt))
+                    )
         p_img.append(inference.p_img.float().cpu())
         p_aud.append(inference.p_aud.float().cpu())
         labels.append(batch["label"].cpu())
@@ -273,19 +282,25 @@ class Validation:
             )  # fmt: skip
             overlap = sorted(tests.intersection(self.dataset.ids))
             if overlap:
-                raise UsageError(f"--val {cfg.optim.val} holds {len(overlap)} test id(s) of {root}, e.g. {overlap[:5]}: a validation split must leave the test split out")
+                raise UsageError(
+                    f"--val {cfg.optim.val} holds {len(overlap)} test id(s) of {root}, e.g. {overlap[:5]}: a validation split must leave the test split out"
+                )
             held_out = set(self.dataset.ids)
         else:
             candidates = [name for name in listed if name not in tests]
             count = max(1, round(cfg.optim.val_fraction * len(candidates)))
             if count >= len(candidates):
-                raise UsageError(f"--val-fraction {cfg.optim.val_fraction} of the {len(candidates)} training ids of {root} leaves none to train on")
+                raise UsageError(
+                    f"--val-fraction {cfg.optim.val_fraction} of the {len(candidates)} training ids of {root} leaves none to train on"
+                )
             order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(cfg.optim.seed))
             held_out = {candidates[i] for i in order[:count].tolist()}
             dataset = AudioVisualDataset(root, "train", cfg.data.image, cfg.data.audio, on_bad_file, subset=held_out)
             self.dataset = EpochSeededDataset(dataset, cfg.optim.seed)
         self.train_ids = [name for name in listed if name not in held_out]
-        self.loader = make_loader(self.dataset, cfg.optim.batch_size, shuffle=False, num_workers=0, seed=cfg.optim.seed, drop_last=False)
+        self.loader = make_loader(
+            self.dataset, cfg.optim.batch_size, shuffle=False, num_workers=0, seed=cfg.optim.seed, drop_last=False
+        )
 
     def score(self, model: JSAModel, device: torch.device) -> dict[str, float]:
         """{"val_ap50", "val_auc", "val_mean_ciou"} (cfg.optim.val) or {"val_loss"}; leaves the
@@ -293,7 +308,9 @@ class Validation:
         training = model.training
         try:
             if self.cfg.optim.val is not None:
-                summary = evaluate(model, self.loader, self.cfg.data.image.size, device, overlays=0, classes=self.dataset.classes).summary
+                summary = evaluate(
+                    model, self.loader, self.cfg.data.image.size, device, overlays=0, classes=self.dataset.classes
+                ).summary
                 return {f"val_{key}": summary[key] for key in SUMMARY_KEYS}
             return {"val_loss": self._loss(model, device)}
         finally:
@@ -345,7 +362,9 @@ def format_table(results: dict[str, Any]) -> str:
             label = f"IQR ({results['alpha']:g})"
         elif name == "ogl":
             label = f"OGL ({results['ogl_alpha']:g})"
-        figures = "".join(f"{results['by_threshold'][t][key + suffix]:>10.4f}" for t in thresholds for key in SUMMARY_KEYS)
+        figures = "".join(
+            f"{results['by_threshold'][t][key + suffix]:>10.4f}" for t in thresholds for key in SUMMARY_KEYS
+        )
         lines.append(f"{label:16}{figures}")
     if results.get("r1_a2i") is not None:
         for direction in ("a2i", "i2a"):
@@ -399,22 +418,60 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None, help="data set root; default: the data the checkpoint was trained on")
     parser.add_argument("--out", default=None, help="output folder (default: CHECKPOINT's folder/eval)")
     protocol = parser.add_argument_group("protocol (each flag overrides the --protocol's choice)")
-    protocol.add_argument("--protocol", choices=sorted(PROTOCOLS), default="field", help="field: EZ-VSL's evaluator (default); released: the JSA code's")
-    protocol.add_argument("--upsample", choices=sorted(UPSAMPLE_MODES), default=None, help="bilinear (align_corners=True) or bicubic (align_corners=False)")
-    protocol.add_argument("--threshold", type=_threshold, default=None, help="'median' or a fixed value (the other kind is scored too)")
-    protocol.add_argument("--alpha", type=bounded(float, 0, 1), default=None, help="IQR weight on ca^{a,v} (field 0.6, released 0.4)")
-    protocol.add_argument("--temperature", type=temperature_value, default=None, help="factor on the inference logits (field 1, released 0.1)")
+    protocol.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        default="field",
+        help="field: EZ-VSL's evaluator (default); released: the JSA code's",
+    )
+    protocol.add_argument(
+        "--upsample",
+        choices=sorted(UPSAMPLE_MODES),
+        default=None,
+        help="bilinear (align_corners=True) or bicubic (align_corners=False)",
+    )
+    protocol.add_argument(
+        "--threshold", type=_threshold, default=None, help="'median' or a fixed value (the other kind is scored too)"
+    )
+    protocol.add_argument(
+        "--alpha", type=bounded(float, 0, 1), default=None, help="IQR weight on ca^{a,v} (field 0.6, released 0.4)"
+    )
+    protocol.add_argument(
+        "--temperature",
+        type=temperature_value,
+        default=None,
+        help="factor on the inference logits (field 1, released 0.1)",
+    )
     protocol.add_argument("--ogl-alpha", type=bounded(float, 0, 1), default=None, help="OGL weight on ca^{a,v} (0.4)")
-    parser.add_argument("--ogl", default=None, metavar="R18.pth", help="a local torchvision ResNet-18 state dict: adds the OGL and object-only maps")
-    parser.add_argument("--subset", default=None, metavar="FILE", help="evaluate only these ids or class names (one per line)")
-    parser.add_argument("--on-missing", choices=("fail", "skip"), default="fail", help="test ids whose files are not on disk: stop naming them, or count and list them")
+    parser.add_argument(
+        "--ogl",
+        default=None,
+        metavar="R18.pth",
+        help="a local torchvision ResNet-18 state dict: adds the OGL and object-only maps",
+    )
+    parser.add_argument(
+        "--subset", default=None, metavar="FILE", help="evaluate only these ids or class names (one per line)"
+    )
+    parser.add_argument(
+        "--on-missing",
+        choices=("fail", "skip"),
+        default="fail",
+        help="test ids whose files are not on disk: stop naming them, or count and list them",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    parser.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none", help="autocast dtype (default: fp32, whatever the training used, as the released code)")
+    parser.add_argument(
+        "--amp",
+        choices=("bf16", "fp16", "none"),
+        default="none",
+        help="autocast dtype (default: fp32, whatever the training used, as the released code)",
+    )
     parser.add_argument("--batch-size", type=bounded(int, low=1), default=32)
     parser.add_argument("--num-workers", type=bounded(int, low=0), default=2)
     parser.add_argument("--overlays", type=bounded(int, low=0), default=16, help="heatmap overlays to save")
     parser.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail")
-    parser.add_argument("--loader", choices=("torch", "dali", "auto"), default="auto", help="auto: DALI for CUDA when installed")
+    parser.add_argument(
+        "--loader", choices=("torch", "dali", "auto"), default="auto", help="auto: DALI for CUDA when installed"
+    )
     return parser
 
 
@@ -448,7 +505,13 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--out {out} is a file, not a folder")
     try:
         dataset = AudioVisualDataset(
-            data_root, "test", cfg.data.image, cfg.data.audio, args.on_bad_file, subset=subset, on_missing=args.on_missing
+            data_root,
+            "test",
+            cfg.data.image,
+            cfg.data.audio,
+            args.on_bad_file,
+            subset=subset,
+            on_missing=args.on_missing,
         )
     except BadFilesError as error:
         if args.on_missing == "fail" and any(reason.startswith("missing") for _, reason in error.problems):

@@ -41,7 +41,14 @@ from jsa_fast.config import RunConfig, saved_config
 from jsa_fast.data.audio import AudioConfig, load_audio, log_spectrogram, middle_clip
 from jsa_fast.data.image import eval_transform, load_image
 from jsa_fast.data.video import decode_audio, iter_frames, mono_resampled, probe_video, write_video
-from jsa_fast.evaluate import PROTOCOLS, Protocol, load_object_saliency, protocol_from_args, scored_maps, temperature_value
+from jsa_fast.evaluate import (
+    PROTOCOLS,
+    Protocol,
+    load_object_saliency,
+    protocol_from_args,
+    scored_maps,
+    temperature_value,
+)
 from jsa_fast.maps import upsample_map
 from jsa_fast.model import JSAModel, ObjectSaliency
 from jsa_fast.runtime import autocast_context, resolve_device
@@ -102,7 +109,9 @@ class Localizer:
         if which not in MAPS:
             raise UsageError(f"--map must be one of {', '.join(MAPS)}, got {which!r}")
         if (which in ("ogl", "obj")) != (saliency is not None):
-            raise UsageError(f"--map {which} {'needs' if saliency is None else 'does not use'} --ogl R18.pth (the object map's ResNet-18)")
+            raise UsageError(
+                f"--map {which} {'needs' if saliency is None else 'does not use'} --ogl R18.pth (the object map's ResNet-18)"
+            )
         self.protocol, self.saliency = protocol, saliency
         self.model, self.cfg, self.device, self.which, self.amp = model, cfg, device, which, amp
         self.audio_cfg: AudioConfig = cfg.data.audio
@@ -157,7 +166,9 @@ def _frames_at(path: Path, indices: Sequence[int]) -> Iterator[np.ndarray]:
         raise DataError(f"{path}: frame {target} is listed by the container but does not decode")
 
 
-def localize_video(localizer: Localizer, video: Path, out: Path, fps: float = 4.0, batch_size: int = 16) -> dict[str, Path]:
+def localize_video(
+    localizer: Localizer, video: Path, out: Path, fps: float = 4.0, batch_size: int = 16
+) -> dict[str, Path]:
     """Write out/<stem>_heatmap.mp4, _maps.npy and _times.csv (see the module's doc; out
     created if needed); return their paths by kind ("video", "maps", "times")."""
     probe = probe_video(video)
@@ -182,11 +193,15 @@ def localize_video(localizer: Localizer, video: Path, out: Path, fps: float = 4.
         progress.close()
 
     out.mkdir(parents=True, exist_ok=True)
-    paths = {kind: out / f"{video.stem}_{suffix}" for kind, suffix in (("video", "heatmap.mp4"), ("maps", "maps.npy"), ("times", "times.csv"))}
+    paths = {
+        kind: out / f"{video.stem}_{suffix}"
+        for kind, suffix in (("video", "heatmap.mp4"), ("maps", "maps.npy"), ("times", "times.csv"))
+    }
     write_video(paths["video"], overlays(), fps, audio_from=video)
     np.save(paths["maps"], np.stack(maps).astype(np.float32))
     rows = "".join(
-        f"{k},{t:.6f},{index},{probe.frame_times[index]:.6f}\n" for k, (t, index) in enumerate(zip(times, sources, strict=True))
+        f"{k},{t:.6f},{index},{probe.frame_times[index]:.6f}\n"
+        for k, (t, index) in enumerate(zip(times, sources, strict=True))
     )
     paths["times"].write_text("index,time_s,source_frame,source_time_s\n" + rows)
     return paths
@@ -199,14 +214,41 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--audio", default=None, help="the WAV to localise in an image INPUT")
     parser.add_argument("--out", required=True, help="folder for the outputs")
     parser.add_argument("--fps", type=bounded(float, low=1e-3), default=4.0, help="maps per second of video")
-    parser.add_argument("--map", choices=tuple(MAPS), default=None, help="ca^{a,v} (default), IQR, OGL (default with --ogl) or the object map")
-    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="field", help="as jsa_fast.evaluate: field (default) or released")
-    parser.add_argument("--alpha", type=bounded(float, low=0, high=1), default=None, help="IQR weight on ca^{a,v} (field 0.6, released 0.4)")
-    parser.add_argument("--temperature", type=temperature_value, default=None, help="factor on the inference logits (field 1, released 0.1)")
-    parser.add_argument("--ogl", default=None, metavar="R18.pth", help="a local torchvision ResNet-18 state dict: the OGL and object maps")
+    parser.add_argument(
+        "--map",
+        choices=tuple(MAPS),
+        default=None,
+        help="ca^{a,v} (default), IQR, OGL (default with --ogl) or the object map",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        default="field",
+        help="as jsa_fast.evaluate: field (default) or released",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=bounded(float, low=0, high=1),
+        default=None,
+        help="IQR weight on ca^{a,v} (field 0.6, released 0.4)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=temperature_value,
+        default=None,
+        help="factor on the inference logits (field 1, released 0.1)",
+    )
+    parser.add_argument(
+        "--ogl",
+        default=None,
+        metavar="R18.pth",
+        help="a local torchvision ResNet-18 state dict: the OGL and object maps",
+    )
     parser.add_argument("--batch-size", type=bounded(int, low=1), default=16)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    parser.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none", help="autocast dtype (default: fp32, as evaluate)")
+    parser.add_argument(
+        "--amp", choices=("bf16", "fp16", "none"), default="none", help="autocast dtype (default: fp32, as evaluate)"
+    )
     return parser
 
 
@@ -227,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     which = args.map or ("ogl" if args.ogl is not None else "ca")
     saliency = load_object_saliency(args.ogl, device) if args.ogl is not None else None
-    localizer = Localizer(*load_model(args.checkpoint, device), device, which, protocol_from_args(args), saliency, args.amp)
+    localizer = Localizer(
+        *load_model(args.checkpoint, device), device, which, protocol_from_args(args), saliency, args.amp
+    )
     if is_image:
         written = localize_image(localizer, source, Path(args.audio), out)
     else:
