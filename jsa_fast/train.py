@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from jsa_fast.checkpoint import load_checkpoint, non_finite_tensors, remove_stale_temporaries, save_checkpoint
@@ -46,7 +45,7 @@ from jsa_fast.config import (
     saved_config,
 )
 from jsa_fast.data.dali import DALILoader, make_dali_loader, resolve_loader
-from jsa_fast.data.datasets import AudioVisualDataset, EpochSeededDataset, collate_skip_none, epoch_batches
+from jsa_fast.data.datasets import AudioVisualDataset, EpochSeededDataset, epoch_batches, make_loader
 from jsa_fast.distributed import World, convert_batchnorm, gather_with_grad, process_group, wrap_ddp
 from jsa_fast.losses import jsa_loss
 from jsa_fast.model import JSAModel, ModelConfig
@@ -416,26 +415,16 @@ def save_state(run: TrainRun, state: TrainState, best: bool = False) -> None:
 
 def epoch_loader(run: TrainRun, state: TrainState) -> tuple[Iterable[dict[str, Any] | None], int]:
     """The batches of `state.epoch` from `state.batch_in_epoch` on, this process's share of
-    each (`epoch_batches`), loaded by DALI or a DataLoader; and how many there are."""
-    cfg, world = run.cfg, run.world
+    each (`epoch_batches`), loaded by DALI or a DataLoader (`make_loader`); and how many
+    there are."""
+    optim, world = run.cfg.optim, run.world
     run.dataset.epoch = state.epoch
-    batches = epoch_batches(
-        len(run.dataset), cfg.optim.batch_size, cfg.optim.seed, state.epoch, start=state.batch_in_epoch,
-        shard=world.rank, num_shards=world.size,
-    )  # fmt: skip
+    plan = dict(start=state.batch_in_epoch, shard=world.rank, num_shards=world.size)
     if run.dali is not None:
+        batches = epoch_batches(len(run.dataset), optim.batch_size, optim.seed, state.epoch, **plan)
         return run.dali.iterate(batches), len(batches)
-    loader = DataLoader(
-        run.dataset,
-        batch_sampler=batches,
-        num_workers=cfg.optim.num_workers,
-        collate_fn=collate_skip_none,
-        pin_memory=run.device.type == "cuda",
-        # its own generator: a loader would otherwise draw its worker seed from the
-        # process RNG, which a mid-epoch resume restores to another point
-        generator=torch.Generator().manual_seed(state.epoch),
-    )
-    return loader, len(batches)
+    loader = make_loader(run.dataset, optim.batch_size, True, optim.num_workers, optim.seed, True, epoch=state.epoch, **plan)
+    return loader, len(loader)
 
 
 def train_epoch(run: TrainRun, state: TrainState, interrupt: DeferredInterrupt) -> dict[str, float]:

@@ -485,23 +485,31 @@ def make_loader(
     num_workers: int,
     seed: int,
     drop_last: bool,
+    *,
+    epoch: int = 0,
+    start: int = 0,
+    shard: int = 0,
+    num_shards: int = 1,
 ) -> DataLoader:
-    """A DataLoader whose shuffling and worker RNG seeds come from torch.Generator(seed).
+    """A DataLoader over the batches `epoch_batches` plans for epoch `epoch` of `seed` (from
+    batch `start`, shard `shard` of `num_shards`: the batches of DALILoader and of the
+    training loop). Its workers' RNG seeds come from its own generator, seeded by
+    (seed, epoch): never from the process RNG, which a mid-epoch resume restores to another
+    point.
 
     Batches go through `collate_skip_none`, so a batch may be None (all items dropped).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    batches = epoch_batches(
+        len(dataset), batch_size, seed, epoch, start, shuffle=shuffle, drop_last=drop_last, shard=shard, num_shards=num_shards
+    )  # type: ignore[arg-type]
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=collate_skip_none,
-        generator=torch.Generator().manual_seed(seed),
-        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(derived_seed(seed, epoch)),
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         multiprocessing_context=_worker_context() if num_workers > 0 else None,
