@@ -46,10 +46,10 @@ def test_compile_flag_and_preset_defaults():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
     assert PRESETS["paper"].optim.compile and not PRESETS["tiny"].optim.compile
-    assert config_from_args(parser.parse_args(["--preset", "tiny", "--compile"]), "paper").compile
-    assert not config_from_args(parser.parse_args(["--no-compile"]), "paper").compile
-    assert not config_from_args(parser.parse_args(["--compile", "false"]), "paper").compile
-    assert config_from_args(parser.parse_args(["--augment", "flip"]), "paper").augment == "flip"
+    assert config_from_args(parser.parse_args(["--preset", "tiny", "--compile"]), "paper").optim.compile
+    assert not config_from_args(parser.parse_args(["--no-compile"]), "paper").optim.compile
+    assert not config_from_args(parser.parse_args(["--compile", "false"]), "paper").optim.compile
+    assert config_from_args(parser.parse_args(["--augment", "flip"]), "paper").data.image.augment == "flip"
     with pytest.raises(SystemExit):
         parser.parse_args(["--compile", "maybe"])
 
