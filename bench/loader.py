@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_time_ms, print_table, write_results  # noqa: E402
 
 from jsa_fast.config import RunConfig  # noqa: E402
-from jsa_fast.data.datasets import AudioVisualDataset, make_loader  # noqa: E402
 from jsa_fast.data.dali import dali_available, make_dali_loader  # noqa: E402
+from jsa_fast.data.datasets import AudioVisualDataset, make_loader  # noqa: E402
 from jsa_fast.data.synth import generate_synthetic_dataset  # noqa: E402
 from jsa_fast.losses import jsa_loss  # noqa: E402
 from jsa_fast.model import JSAModel  # noqa: E402
