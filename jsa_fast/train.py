@@ -12,7 +12,7 @@ A non-finite loss or model stops the run before it overwrites last.pt.
 
 Several GPUs (or CPU processes): `torchrun --nproc-per-node N -m jsa_fast.train ...` runs
 DDP (`jsa_fast.distributed`). --batch-size is the global batch; each process takes its
-B / N slice of every batch of `epoch_batches`, and rank 0 alone writes the outputs, so a
+B / N slice of every batch of `jsa_fast.data.datasets.epoch_batches`, and rank 0 alone writes the outputs, so a
 run can be resumed with another process count.
 """
 
@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +61,9 @@ from jsa_fast.runtime import (
     rng_state,
 )
 from jsa_fast.viz import plot_loss_curves
+
+if TYPE_CHECKING:
+    from jsa_fast.evaluate import Validation
 
 __all__ = [
     "main",
@@ -271,7 +274,7 @@ class TrainRun:
     epochs: int
     local_batch: int
     dali: DALILoader | None
-    validation: Any  # jsa_fast.evaluate.Validation, or None
+    validation: Validation | None
     log: MetricsLog
     layout: torch.memory_format
     step_module: nn.Module
@@ -528,7 +531,11 @@ def train(
     An `out` that holds a run is refused unless `resume` (continue it; a configuration or
     training set other than its own is refused unless `allow_changes`) or `overwrite`
     (start over). Training stops with RunError at a non-finite loss or model, before
-    anything overwrites the last checkpoint."""
+    anything overwrites the last checkpoint.
+
+    The steps: `start_run` (checks, data, model and optimiser, or last.pt's state on a
+    resume), then per epoch `train_epoch` (the batches of `epoch_loader`, validation,
+    `save_state`)."""
     run, state = start_run(cfg, data, out, device, resume, on_bad_file, world, loader, overwrite, allow_changes)
     epoch_means: dict[str, float] = {}
     if state.epoch >= run.epochs and world.is_main:
