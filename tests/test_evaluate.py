@@ -21,7 +21,6 @@ from torchvision.models import resnet18
 from jsa_fast.checkpoint import load_checkpoint
 from jsa_fast.config import PRESETS, saved_config
 from jsa_fast.data.datasets import AudioVisualDataset
-from jsa_fast.data.synth import generate_synthetic_dataset
 from jsa_fast.evaluate import PROTOCOLS, Validation, main as evaluate_main, scored_maps
 from jsa_fast.localize import main as localize_main
 from jsa_fast.losses import LossConfig, jsa_loss
@@ -46,10 +45,10 @@ def resnet18_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The synthetic world with its six annotated items split: the first three are the
+def world(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """conftest's world with its six annotated items split: the first three are the
     validation split (val.json), the other three the test split (test.json)."""
-    root = generate_synthetic_dataset(tmp_path_factory.mktemp("world"), n_train=10, n_test=6, seed=3, image_size=64, audio_seconds=1.0)
+    root = Path(shutil.copytree(world, tmp_path_factory.mktemp("split") / "world"))
     records = json.loads((root / "test.json").read_text())
     (root / "val.json").write_text(json.dumps(records[:3]))
     (root / "test.json").write_text(json.dumps(records[3:]))

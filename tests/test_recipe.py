@@ -7,19 +7,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from test_train import MICRO, MICRO_FLAGS
 from torchvision.models import resnet18
 
-from jsa_fast import evaluate as evaluate_module
-from jsa_fast import train as train_module
+from jsa_fast import evaluate as evaluate_module, train as train_module
 from jsa_fast.checkpoint import load_checkpoint
 from jsa_fast.cli import RunError
 from jsa_fast.config import PRESETS, released_epochs
 from jsa_fast.train import main as train_main, train
-from test_train import MICRO, MICRO_FLAGS, world  # noqa: F401  (the micro synthetic world fixture)
 
 FP16 = MICRO.overridden(amp="fp16")
 
@@ -39,7 +39,7 @@ def test_the_paper_preset_refuses_to_start_without_a_pretrained_choice(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
-def test_the_paper_recipe_from_an_imagenet_file_is_recorded(world, tmp_path, capsys):  # noqa: F811
+def test_the_paper_recipe_from_an_imagenet_file_is_recorded(world, tmp_path, capsys):
     # A torchvision ResNet-18 state dict (random weights, the IMAGENET1K_V1 file's layout),
     # at the paper's encoder width; the rest of the model micro, one epoch, fp16 on the CPU.
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def test_the_paper_recipe_from_an_imagenet_file_is_recorded(world, tmp_path, cap
     assert len(counts) == 2 and counts == sorted(counts) and counts[-1] == load_checkpoint(out / "last.pt")["skipped_steps"]
 
 
-def test_fp16_skips_and_counts_steps_whose_loss_or_gradients_overflow(world, tmp_path, monkeypatch):  # noqa: F811
+def test_fp16_skips_and_counts_steps_whose_loss_or_gradients_overflow(world, tmp_path, monkeypatch):
     # 15 steps: GradScaler's first scale (2^16) overflows this model's fp16 gradients, so it
     # halves the scale on the first steps, each skipped; step 12 is then made infinite.
     cfg = FP16.overridden(batch_size=2, k=2, epochs=3)
@@ -90,7 +90,7 @@ def test_fp16_skips_and_counts_steps_whose_loss_or_gradients_overflow(world, tmp
     assert load_checkpoint(tmp_path / "last.pt")["skipped_steps"] == skipped[-1]
 
 
-def test_fp16_stops_when_every_step_overflows(world, tmp_path, monkeypatch):  # noqa: F811
+def test_fp16_stops_when_every_step_overflows(world, tmp_path, monkeypatch):
     real_loss = train_module.jsa_loss
     monkeypatch.setattr(train_module, "jsa_loss", lambda out, cfg, **o: (t := real_loss(out, cfg, **o)) | {"loss": t["loss"] * math.nan})
     with pytest.raises(RunError, match=r"fp16 steps keep overflowing \(17 skipped, loss scale now 0\.5\); try --amp bf16"):
@@ -100,10 +100,17 @@ def test_fp16_stops_when_every_step_overflows(world, tmp_path, monkeypatch):  # 
     assert records(tmp_path, "epoch")[0]["loss"] is None  # no step of the epoch trained
 
 
-def test_fp16_resume_is_exact(world, tmp_path):  # noqa: F811
-    straight, split = tmp_path / "straight", tmp_path / "split"
+@pytest.fixture(scope="module")
+def fp16_epoch(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FP16's first epoch (step 2), read only: copy it to continue it."""
+    out = tmp_path_factory.mktemp("fp16") / "run"
+    train(FP16.overridden(epochs=1), str(world), out, torch.device("cpu"))
+    return out
+
+
+def test_fp16_resume_is_exact(world, fp16_epoch, tmp_path):
+    straight, split = tmp_path / "straight", Path(shutil.copytree(fp16_epoch, tmp_path / "split"))
     train(FP16, str(world), straight, torch.device("cpu"))
-    train(FP16.overridden(epochs=1), str(world), split, torch.device("cpu"))
     train(FP16, str(world), split, torch.device("cpu"), resume=True)
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(split / "last.pt")
     assert a["scaler"] == b["scaler"]
@@ -111,12 +118,11 @@ def test_fp16_resume_is_exact(world, tmp_path):  # noqa: F811
         assert torch.equal(tensor, b["model"][name]), name
 
 
-def test_evaluation_runs_in_fp32_unless_asked(world, tmp_path, monkeypatch):  # noqa: F811
-    train(FP16.overridden(epochs=1), str(world), tmp_path / "run", torch.device("cpu"))
+def test_evaluation_runs_in_fp32_unless_asked(fp16_epoch, tmp_path, monkeypatch):
     used = []
     real = evaluate_module.autocast_context
     monkeypatch.setattr(evaluate_module, "autocast_context", lambda device, amp: used.append(amp) or real(device, amp))
-    common = ["--checkpoint", str(tmp_path / "run" / "last.pt"), "--num-workers", "0", "--overlays", "0", "--device", "cpu"]
+    common = ["--checkpoint", str(fp16_epoch / "last.pt"), "--num-workers", "0", "--overlays", "0", "--device", "cpu"]
     assert evaluate_module.main([*common, "--out", str(tmp_path / "fp32")]) == 0
     assert set(used) == {"none"}  # the run trained in fp16
     used.clear()
