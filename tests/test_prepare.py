@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile
 from PIL import Image
+from test_train import MICRO_FLAGS
 
 from jsa_fast import prepare as prepare_module
 from jsa_fast.evaluate import main as evaluate_main
@@ -316,9 +317,7 @@ def test_train_and_evaluate_run_on_the_result(prepared: Path, tmp_path: Path) ->
     shutil.copytree(prepared, root)
     boxes = {"clip_a": [0.1, 0.1, 0.9, 0.9], "clip_b": [0.0, 0.2, 0.7, 1.0], "clip_c": [0.3, 0.0, 1.0, 0.8]}
     (root / "test.json").write_text(json.dumps([{"file": i, "class": f"c{n % 2}", "bbox": [box]} for n, (i, box) in enumerate(boxes.items())]))
-    micro = ["--preset", "tiny", "--dim", "16", "--mlp-hidden", "32", "--encoder-width", "4", "--image-size", "64",
-             "--train-resize", "72", "--audio-seconds", "0.5", "--n-fft", "64", "--win-length", "64", "--k", "2",
-             "--batch-size", "4", "--num-workers", "0", "--log-every", "1", "--epochs", "1"]  # fmt: skip
+    micro = ["--preset", "tiny", *MICRO_FLAGS, "--epochs", "1"]
     assert train_main(["--data", str(root), "--out", str(tmp_path / "run"), "--device", "cpu", *micro]) == 0
     assert evaluate_main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--data", str(root), "--out",
                           str(tmp_path / "eval"), "--device", "cpu", "--num-workers", "0"]) == 0  # fmt: skip
