@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from test_train import MICRO
 
 from jsa_fast.config import PRESETS, add_config_arguments, config_from_args
 from jsa_fast.model import JSAModel
 from jsa_fast.train import loss_function, token_masks, train
-from test_train import MICRO, world  # noqa: F401  (the micro synthetic world fixture)
 
 
 def _inputs(cfg):
@@ -55,7 +55,7 @@ def test_compile_flag_and_preset_defaults():
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager(world, tmp_path):  # noqa: F811
+def test_compiled_training_matches_eager(world, tmp_path):
     """Inductor on the CPU: minutes of compilation on a 2-core machine."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     means = train(MICRO.overridden(epochs=1), str(world), eager, torch.device("cpu"))

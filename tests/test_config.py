@@ -16,7 +16,6 @@ import jsa_fast
 from jsa_fast.checkpoint import load_checkpoint, save_checkpoint
 from jsa_fast.cli import DataError, UsageError
 from jsa_fast.config import PRESETS, SETTINGS, RunConfig, config_from_args, saved_config
-from jsa_fast.data.synth import generate_synthetic_dataset
 from jsa_fast.evaluate import main as evaluate_main
 from jsa_fast.train import build_parser, main as train_main, train
 
@@ -29,10 +28,6 @@ FLAT_FIELDS = (
     "log_every synth_train synth_test synth_classes synth_seed synth_image_size synth_audio_seconds"
 ).split()
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_synthetic_dataset(tmp_path_factory.mktemp("world"), n_train=10, n_test=6, seed=3, image_size=64, audio_seconds=1.0)
 
 
 def test_every_flat_setting_is_a_flag_of_the_nested_config():

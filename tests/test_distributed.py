@@ -17,7 +17,6 @@ from test_train import MICRO, MICRO_FLAGS
 from torch import nn
 
 from jsa_fast.checkpoint import load_checkpoint
-from jsa_fast.data.synth import generate_synthetic_dataset
 from jsa_fast.distributed import GlobalBatchNorm2d, World, convert_batchnorm, gather_with_grad, wrap_ddp
 from jsa_fast.model import JSAModel
 from jsa_fast.train import loss_function, token_masks, train
@@ -38,10 +37,6 @@ def _with_gradient(key: str, value: torch.Tensor) -> torch.Tensor | None:
         return None
     return value[:-1] if key.endswith("decoder.mlp.6.bias") else value
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_synthetic_dataset(tmp_path_factory.mktemp("world"), n_train=10, n_test=6, seed=3, image_size=64, audio_seconds=1.0)
 
 
 def _free_port() -> int:

@@ -13,7 +13,6 @@ from jsa_fast import train as train_module
 from jsa_fast.checkpoint import load_checkpoint, save_checkpoint
 from jsa_fast.config import PRESETS, RunConfig, add_config_arguments, config_from_args, saved_config
 from jsa_fast.data.datasets import epoch_batches
-from jsa_fast.data.synth import generate_synthetic_dataset
 from jsa_fast.evaluate import main as evaluate_main
 from jsa_fast.train import main as train_main, train
 
@@ -38,10 +37,6 @@ MICRO_FLAGS = [
     "--num-workers", "0", "--log-every", "1",
 ]
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_synthetic_dataset(tmp_path_factory.mktemp("world"), n_train=10, n_test=6, seed=3, image_size=64, audio_seconds=1.0)
 
 
 def run(cfg: RunConfig, world: Path, out: Path, resume: bool = False) -> dict[str, float]:
