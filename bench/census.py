@@ -87,7 +87,10 @@ def _cuda_gru_cell(cell: torch.nn.GRUCell, input: torch.Tensor, hx: torch.Tensor
 
 # Each CUDA-only op runs as one op on CPU (the aten ops inside are not counted).
 _CUDA_ONLY_ON_CPU = torch.library.Library("aten", "IMPL")
-for _name, _impl in (("_thnn_fused_gru_cell", _fused_gru_cell), ("_thnn_fused_gru_cell_backward", _fused_gru_cell_backward)):
+for _name, _impl in (
+    ("_thnn_fused_gru_cell", _fused_gru_cell),
+    ("_thnn_fused_gru_cell_backward", _fused_gru_cell_backward),
+):
     _CUDA_ONLY_ON_CPU.impl(_name, lambda *args, _impl=_impl: _uncounted(_impl, *args), "CPU")
 
 
@@ -226,7 +229,19 @@ def main(argv: list[str] | None = None) -> int:
         if reference is not None:
             row["ops_vs_reference"] = row["total_ops"] / reference["total_ops"]
             row["kept_vs_reference"] = row["kept_mib_extrapolated"] / reference["kept_mib_extrapolated"]
-    print_table(rows, ["impl", "fwd_ops", "bwd_ops", "total_ops", "triton_launches", "kept_mib_extrapolated", "ops_vs_reference", "kept_vs_reference"])
+    print_table(
+        rows,
+        [
+            "impl",
+            "fwd_ops",
+            "bwd_ops",
+            "total_ops",
+            "triton_launches",
+            "kept_mib_extrapolated",
+            "ops_vs_reference",
+            "kept_vs_reference",
+        ],
+    )
     config = {k: v for k, v in vars(args).items() if k != "json"}
     print(f"wrote {write_results('census', torch.device('cpu'), config, rows, args.json)}")
     return 0

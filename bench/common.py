@@ -55,7 +55,9 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def write_results(name: str, device: torch.device, config: dict[str, Any], rows: list[dict[str, Any]], path: str | None) -> Path:
+def write_results(
+    name: str, device: torch.device, config: dict[str, Any], rows: list[dict[str, Any]], path: str | None
+) -> Path:
     """Write {benchmark, device, versions, config, rows} as JSON; default path
     bench/results/<name>-<device>-<UTC time>.json."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")

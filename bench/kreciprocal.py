@@ -61,12 +61,18 @@ def input_kind(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, nargs="+", default=None, help="default: 256 1024 4096 (CPU), 4096 16384 65536 (CUDA)")
-    parser.add_argument("--inputs", type=input_kind, nargs="+", default=list(INPUTS), help=f"default: {' '.join(INPUTS)}")
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=None, help="default: 256 1024 4096 (CPU), 4096 16384 65536 (CUDA)"
+    )
+    parser.add_argument(
+        "--inputs", type=input_kind, nargs="+", default=list(INPUTS), help=f"default: {' '.join(INPUTS)}"
+    )
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--json", default=None, help="output path (default: bench/results/kreciprocal-<device>-<time>.json)")
+    parser.add_argument(
+        "--json", default=None, help="output path (default: bench/results/kreciprocal-<device>-<time>.json)"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     batches = args.batch or ([4096, 16384, 65536] if device.type == "cuda" else [256, 1024, 4096])
@@ -115,7 +121,16 @@ def main(argv: list[str] | None = None) -> int:
             if row.get("reference_ms") is not None:
                 row["speedup"] = row["reference_ms"] / row["extension_ms"]
             rows.append(row)
-        columns = ["B", "input", "extension_ms", "packed_ms", "reference_ms", "speedup", "vs_random", "differing_entries"]
+        columns = [
+            "B",
+            "input",
+            "extension_ms",
+            "packed_ms",
+            "reference_ms",
+            "speedup",
+            "vs_random",
+            "differing_entries",
+        ]
         print_table(list(rows_at_batch.values()), columns)
     path = write_results("kreciprocal", device, vars(args) | {"batch": batches}, rows, args.json)
     print(f"wrote {path}")

@@ -45,7 +45,9 @@ def synthetic_set(cache: Path, n: int) -> Path:
     if (root / "train.txt").exists():
         return root
     distinct = min(n, DISTINCT_ITEMS)
-    base = generate_synthetic_dataset(cache / f"loader-bench-base{distinct}", distinct, 1, seed=0, image_size=256, audio_seconds=10.0)
+    base = generate_synthetic_dataset(
+        cache / f"loader-bench-base{distinct}", distinct, 1, seed=0, image_size=256, audio_seconds=10.0
+    )
     for folder in ("frames", "audio"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     names = [f"clip_{index:07d}" for index in range(n)]
@@ -99,12 +101,18 @@ def train_step_rate(batch: int, device: torch.device, repeats: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data", type=Path, default=None, help="a data set root (default: a synthetic set of --n clips)")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="a data set root (default: a synthetic set of --n clips)"
+    )
     parser.add_argument("--n", type=int, default=20000, help="clips in the synthetic set")
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("JSA_FAST_CACHE", Path.home() / ".cache" / "jsa-fast")))
+    parser.add_argument(
+        "--cache", type=Path, default=Path(os.environ.get("JSA_FAST_CACHE", Path.home() / ".cache" / "jsa-fast"))
+    )
     parser.add_argument("--batch", type=int, default=256, help="loader batch size")
     parser.add_argument("--batches", type=int, default=20, help="batches timed per loader")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="DataLoader workers / DALI threads")
+    parser.add_argument(
+        "--workers", type=int, default=len(os.sched_getaffinity(0)), help="DataLoader workers / DALI threads"
+    )
     parser.add_argument("--model-batch", type=int, default=256, help="train step batch (0: skip)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--loaders", nargs="+", choices=("dali", "torch"), default=["dali", "torch"])
@@ -115,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RunConfig()
     image_cfg, audio_cfg = cfg.data.image, cfg.data.audio
     if args.batches * args.batch > args.n and args.data is None:
-        raise ValueError(f"--batches {args.batches} x --batch {args.batch} exceeds --n {args.n}: one epoch must cover the run")
+        raise ValueError(
+            f"--batches {args.batches} x --batch {args.batch} exceeds --n {args.n}: one epoch must cover the run"
+        )
 
     rows = []
     for name in args.loaders:
@@ -123,12 +133,28 @@ def main(argv: list[str] | None = None) -> int:
             if not dali_available(device):
                 print(f"skipping dali: not installed or no {device} for it")
                 continue
-            loader = make_dali_loader(AudioVisualDataset(root, "train", image_cfg, audio_cfg), args.batch, True, 0, device=device, drop_last=True, num_threads=args.workers)
+            loader = make_dali_loader(
+                AudioVisualDataset(root, "train", image_cfg, audio_cfg),
+                args.batch,
+                True,
+                0,
+                device=device,
+                drop_last=True,
+                num_threads=args.workers,
+            )
         else:
             dataset = AudioVisualDataset(root, "train", image_cfg, audio_cfg)
             loader = make_loader(dataset, args.batch, True, args.workers, 0, drop_last=True)
         rate, first_s = loader_rate(loader, args.batches, device)
-        rows.append({"what": f"{name} loader", "workers": args.workers, "batch": args.batch, "samples_per_s": rate, "first_batch_s": first_s})
+        rows.append(
+            {
+                "what": f"{name} loader",
+                "workers": args.workers,
+                "batch": args.batch,
+                "samples_per_s": rate,
+                "first_batch_s": first_s,
+            }
+        )
         print_table(rows[-1:], list(rows[-1]))
         del loader
     if args.model_batch:
@@ -138,7 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             row["feeds_train_step"] = row["samples_per_s"] / rate  # < 1: the loader is the bottleneck
     columns = ["what", "workers", "batch", "samples_per_s", "first_batch_s", "feeds_train_step"]
     print_table(rows, columns)
-    path = write_results("loader", device, {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"root": str(root)}, rows, args.json)
+    path = write_results(
+        "loader",
+        device,
+        {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"root": str(root)},
+        rows,
+        args.json,
+    )
     print(f"wrote {path}")
     return 0
 

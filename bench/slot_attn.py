@@ -62,7 +62,12 @@ def jsa_flops(batch: int, l_img: int, l_aud: int, dim: int, slots: int, iters: i
     """Forward FLOPs of the K/V-free algorithm (module docstring)."""
 
     def modality(length: int) -> int:
-        per_iter = 2 * slots * dim * (dim + 1) + 2 * length * slots * (2 * dim + 1) + 12 * slots * dim**2 + 4 * slots * dim * hidden
+        per_iter = (
+            2 * slots * dim * (dim + 1)
+            + 2 * length * slots * (2 * dim + 1)
+            + 12 * slots * dim**2
+            + 4 * slots * dim * hidden
+        )
         last = 2 * slots * dim**2 + 2 * slots * dim * (dim + 1) + 2 * length * slots * (dim + 1)
         return iters * per_iter + last
 
@@ -135,18 +140,29 @@ def compare_with_best_reference(rows: list[dict]) -> None:
     """Adds vs_best_reference (time / the fastest reference variant's time) and
     memory_vs_best_reference (peak memory / that variant's) to every row."""
     for row in rows:
-        references = [r for r in rows if r["impl"].startswith("reference") and all(r[k] == row[k] for k in ("mode", "batch", "dtype"))]
+        references = [
+            r
+            for r in rows
+            if r["impl"].startswith("reference") and all(r[k] == row[k] for k in ("mode", "batch", "dtype"))
+        ]
         best = min(references, key=lambda r: r["ms"], default=None)
         row["vs_best_reference"] = None if best is None else row["ms"] / best["ms"]
-        row["memory_vs_best_reference"] = None if best is None or not best["peak_mib"] else row["peak_mib"] / best["peak_mib"]
+        row["memory_vs_best_reference"] = (
+            None if best is None or not best["peak_mib"] else row["peak_mib"] / best["peak_mib"]
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 256, 1024, 4096])
     parser.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
-    parser.add_argument("--impl", choices=[v[0] for v in VARIANTS], nargs="+", default=None,
-                        help="variants to time (default: all; those with CUDA graphs only on a GPU)")
+    parser.add_argument(
+        "--impl",
+        choices=[v[0] for v in VARIANTS],
+        nargs="+",
+        default=None,
+        help="variants to time (default: all; those with CUDA graphs only on a GPU)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--mlp-hidden", type=int, default=1024)
@@ -156,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--json", default=None, help="output path (default bench/results/slot_attn-<device>-<time>.json)")
+    parser.add_argument(
+        "--json", default=None, help="output path (default bench/results/slot_attn-<device>-<time>.json)"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -168,7 +186,21 @@ def main(argv: list[str] | None = None) -> int:
             for variant in variants:
                 rows.extend(bench_one(variant, batch, dtype_name, args, device))
     compare_with_best_reference(rows)
-    print_table(rows, ["impl", "mode", "batch", "dtype", "ms", "peak_mib", "tflops", "pct_peak", "vs_best_reference", "memory_vs_best_reference"])
+    print_table(
+        rows,
+        [
+            "impl",
+            "mode",
+            "batch",
+            "dtype",
+            "ms",
+            "peak_mib",
+            "tflops",
+            "pct_peak",
+            "vs_best_reference",
+            "memory_vs_best_reference",
+        ],
+    )
     config = {k: v for k, v in vars(args).items() if k != "json"}
     print(f"wrote {write_results('slot_attn', device, config, rows, args.json)}")
     return 0

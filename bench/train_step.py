@@ -42,14 +42,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
 COLUMNS = ["variant", "step_ms", "samples_per_s", "peak_mib", "jsa_ms", "jsa_share"]
 
 
-def bench_variant(cfg: RunConfig, device: torch.device, steps: int, warmup: int, options: dict[str, Any]) -> dict[str, Any]:
+def bench_variant(
+    cfg: RunConfig, device: torch.device, steps: int, warmup: int, options: dict[str, Any]
+) -> dict[str, Any]:
     cfg = cfg.overridden(backend=options["backend"], compile=options["compile"])
     torch.manual_seed(cfg.optim.seed)
     layout = memory_format(device)
     model = JSAModel(cfg.model).to(device, memory_format=layout).train()
     optimizer = build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.optim.amp == "fp16")
-    loss_options = {} if options["false_negative_mask"] is None else {"false_negative_mask": options["false_negative_mask"]}
+    loss_options = (
+        {} if options["false_negative_mask"] is None else {"false_negative_mask": options["false_negative_mask"]}
+    )
     loss_fn = loss_function(model, cfg, **loss_options)
     model_cfg = cfg.model
     batch = cfg.optim.batch_size
@@ -68,7 +72,9 @@ def bench_variant(cfg: RunConfig, device: torch.device, steps: int, warmup: int,
     return result | {"jsa_ms": jsa_ms, "jsa_share": jsa_ms / ms}
 
 
-def time_jsa(model: JSAModel, cfg: RunConfig, device: torch.device, inputs: tuple, steps: int, warmup: int, compile: bool) -> float:
+def time_jsa(
+    model: JSAModel, cfg: RunConfig, device: torch.device, inputs: tuple, steps: int, warmup: int, compile: bool
+) -> float:
     """Median ms of the model's JSA module alone, forward and backward through every output,
     on the encoders' tokens for `inputs` (as the step feeds it: autocast, masks)."""
     image, spec, mask_img, mask_aud = inputs
@@ -89,10 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's (256 for paper)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (compilation); default 3, or 1 below 3 steps")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first (compilation); default 3, or 1 below 3 steps"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--json", default=None, help="output path (default bench/results/train_step-<device>-<time>.json)")
+    parser.add_argument(
+        "--json", default=None, help="output path (default bench/results/train_step-<device>-<time>.json)"
+    )
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
@@ -108,7 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         print_table([row], COLUMNS)
     print()
     print_table(rows, COLUMNS)
-    config = {"preset": args.preset, "batch_size": cfg.optim.batch_size, "steps": args.steps, "warmup": warmup, "amp": cfg.optim.amp}
+    config = {
+        "preset": args.preset,
+        "batch_size": cfg.optim.batch_size,
+        "steps": args.steps,
+        "warmup": warmup,
+        "amp": cfg.optim.amp,
+    }
     config |= {"image_size": cfg.data.image.size, "dim": cfg.model.dim, "spec": list(cfg.data.audio.spectrogram_shape)}
     print(f"wrote {write_results('train_step', device, config, rows, args.json)}")
     return 0

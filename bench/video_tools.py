@@ -90,17 +90,24 @@ def main(argv: list[str] | None = None) -> int:
                          "per_s": args.clips / seconds, "per_cpu_s": args.clips / cpu if workers == 1 else None, "start_up_s": start_up})  # fmt: skip
         checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(args.preset, work / "model.pt")
         localizer = Localizer(*load_model(checkpoint, device), device)
-        localize_video(localizer, videos / "clip_0000.mp4", work / "warm-up", 1.0, args.batch_size)  # first calls' set-up
+        localize_video(
+            localizer, videos / "clip_0000.mp4", work / "warm-up", 1.0, args.batch_size
+        )  # first calls' set-up
         for fps in args.localize_fps:
             began, cpu = time.perf_counter(), cpu_seconds()
-            paths = localize_video(localizer, videos / "clip_0000.mp4", work / f"localized-{fps:g}", fps, args.batch_size)
+            paths = localize_video(
+                localizer, videos / "clip_0000.mp4", work / f"localized-{fps:g}", fps, args.batch_size
+            )
             seconds, cpu = time.perf_counter() - began, cpu_seconds() - cpu
             frames = np.load(paths["maps"], mmap_mode="r").shape[0]
             rows.append({"tool": "localize", "fps": fps, "items": frames, "seconds": seconds, "per_s": frames / seconds,
                          "per_cpu_s": frames / cpu})  # fmt: skip
     print_table(rows, ["tool", "workers", "fps", "items", "seconds", "per_s", "per_cpu_s", "start_up_s"])
     # The machine's load: these CPUs are shared, and a loaded machine's wall times are long.
-    config = {k: v for k, v in vars(args).items() if k != "json"} | {"threads": torch.get_num_threads(), "load_average": os.getloadavg()}
+    config = {k: v for k, v in vars(args).items() if k != "json"} | {
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+    }
     print(f"wrote {write_results('video_tools', device, config, rows, args.json)}")
     return 0
 

@@ -252,17 +252,33 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # setting -> (what it must be, the check)
 _CHECKS: dict[str, tuple[str, Any]] = {
     **dict.fromkeys(
-        ("dim", "iters", "mlp_hidden", "encoder_width", "image_size", "train_resize", "n_fft",
-         "win_length", "hop_length", "batch_size", "log_every", "synth_train", "synth_test",
-         "synth_image_size"),
+        (
+            "dim",
+            "iters",
+            "mlp_hidden",
+            "encoder_width",
+            "image_size",
+            "train_resize",
+            "n_fft",
+            "win_length",
+            "hop_length",
+            "batch_size",
+            "log_every",
+            "synth_train",
+            "synth_test",
+            "synth_image_size",
+        ),
         ("an integer >= 1", _positive_int),
     ),
     "epochs": ("an integer >= 1", lambda v: v is None or _positive_int(v)),
     **dict.fromkeys(("k", "num_workers"), ("an integer >= 0", _non_negative_int)),
     **dict.fromkeys(("seed", "synth_seed"), ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))),
-    **dict.fromkeys(("tau", "lr", "audio_seconds", "synth_audio_seconds"), ("a finite number > 0", lambda v: _number(v) and v > 0)),
     **dict.fromkeys(
-        ("weight_decay", "weight_match", "weight_div", "weight_recon"), ("a finite number >= 0", lambda v: _number(v) and v >= 0)
+        ("tau", "lr", "audio_seconds", "synth_audio_seconds"), ("a finite number > 0", lambda v: _number(v) and v > 0)
+    ),
+    **dict.fromkeys(
+        ("weight_decay", "weight_match", "weight_div", "weight_recon"),
+        ("a finite number >= 0", lambda v: _number(v) and v >= 0),
     ),
     "mask_prob": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
     # a target slot and an off-target one at least (the divergence term)
@@ -270,7 +286,10 @@ _CHECKS: dict[str, tuple[str, Any]] = {
     "synth_classes": ("an integer >= 2", lambda v: _positive_int(v) and v >= 2),
     **{name: (f"one of {', '.join(values)}", lambda v, values=values: v in values) for name, values in CHOICES.items()},
     "compile": ("true or false", lambda v: isinstance(v, bool)),
-    **dict.fromkeys(("pretrained_image", "pretrained_audio"), ("a path or none", lambda v: v is None or (isinstance(v, str) and v != ""))),
+    **dict.fromkeys(
+        ("pretrained_image", "pretrained_audio"),
+        ("a path or none", lambda v: v is None or (isinstance(v, str) and v != "")),
+    ),
     "val": ("a path or none", lambda v: v is None or isinstance(v, str)),
     "val_fraction": ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
 }
@@ -293,9 +312,13 @@ def check_settings(values: Mapping[str, Any]) -> None:
     if values["win_length"] > values["n_fft"]:
         problems.append(f"--win-length ({values['win_length']}) must be <= --n-fft ({values['n_fft']})")
     if values["val"] is not None and values["val_fraction"] > 0:
-        problems.append(f"--val ({values['val']}) and --val-fraction ({values['val_fraction']}) both choose a validation split: give one")
+        problems.append(
+            f"--val ({values['val']}) and --val-fraction ({values['val_fraction']}) both choose a validation split: give one"
+        )
     if values["k"] > values["batch_size"]:
-        problems.append(f"--k ({values['k']}) must be <= --batch-size ({values['batch_size']}): k neighbours are looked up in the batch")
+        problems.append(
+            f"--k ({values['k']}) must be <= --batch-size ({values['batch_size']}): k neighbours are looked up in the batch"
+        )
     try:  # the clip's own checks, e.g. a clip too short for the FFT
         AudioConfig(**{path[-1]: values[name] for name, path in SETTINGS.items() if path[:2] == ("data", "audio")})
     except ValueError as error:
@@ -420,8 +443,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = f"--{name.replace('_', '-')}"
         help_text = f"{_HELP[name]} [{_preset_defaults(name)}]".replace("%", "%%")
         if parse is _parse_bool:
-            group.add_argument(flag, dest=name, type=parse, nargs="?", const=True, default=None, metavar="BOOL", help=help_text)
-            group.add_argument(f"--no-{flag[2:]}", dest=name, action="store_const", const=False, help=f"the same as {flag} false")
+            group.add_argument(
+                flag, dest=name, type=parse, nargs="?", const=True, default=None, metavar="BOOL", help=help_text
+            )
+            group.add_argument(
+                f"--no-{flag[2:]}", dest=name, action="store_const", const=False, help=f"the same as {flag} false"
+            )
         else:
             # The choices are shown, and checked with the other ranges (`check_settings`).
             metavar = "{" + ",".join(CHOICES[name]) + "}" if name in CHOICES else str(_FIELDS[name].type)
@@ -465,7 +492,9 @@ def _from_dict(cls: type, saved: Mapping[str, Any], path: tuple[str, ...], sourc
     fields = {option.name: option for option in dataclasses.fields(cls)}
     unknown = sorted(set(saved) - set(fields))
     if unknown:
-        raise DataError(f"{source} was written by another version of jsa-fast: it holds settings unknown here, {['.'.join((*path, name)) for name in unknown]}")
+        raise DataError(
+            f"{source} was written by another version of jsa-fast: it holds settings unknown here, {['.'.join((*path, name)) for name in unknown]}"
+        )
     values = {
         name: _from_dict(fields[name].default_factory, value, (*path, name), source)
         if dataclasses.is_dataclass(fields[name].default_factory) and isinstance(value, Mapping) else value
@@ -489,5 +518,7 @@ def _migrated_flat(saved: Mapping[str, Any], source: str) -> dict[str, Any]:
         saved = dict(saved) | {"pretrained_image": "none"}
     unknown = sorted(set(saved) - set(SETTINGS))
     if unknown:
-        raise DataError(f"{source} was written by another version of jsa-fast: it holds settings unknown here, {unknown}")
+        raise DataError(
+            f"{source} was written by another version of jsa-fast: it holds settings unknown here, {unknown}"
+        )
     return dict(saved)

@@ -166,7 +166,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         shift = self.running_mean.detach().view(1, -1, 1, 1)
         centred = x.float() - shift
         local = torch.cat(
-            [centred.sum((0, 2, 3)), centred.square().sum((0, 2, 3)), x.new_full((1,), x.numel() // x.shape[1], dtype=torch.float32)]
+            [
+                centred.sum((0, 2, 3)),
+                centred.square().sum((0, 2, 3)),
+                x.new_full((1,), x.numel() // x.shape[1], dtype=torch.float32),
+            ]
         )
         total = funcol.all_reduce(local, "sum", dist.group.WORLD)
         channels = x.shape[1]
@@ -187,7 +191,9 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     parameter and buffer objects (an optimiser built before stays valid); returns it."""
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
         if not (module.affine and module.track_running_stats and module.momentum is not None):
-            raise ValueError(f"convert_batchnorm supports affine BatchNorm2d with running stats and a momentum, got {module}")
+            raise ValueError(
+                f"convert_batchnorm supports affine BatchNorm2d with running stats and a momentum, got {module}"
+            )
         converted = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, device="meta")
         converted.weight, converted.bias = module.weight, module.bias
         for name in ("running_mean", "running_var", "num_batches_tracked"):

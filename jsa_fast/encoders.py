@@ -93,12 +93,16 @@ class ResNet18Trunk(nn.Module):
         conv1 = state.get("conv1.weight")
         if conv1 is not None and conv1.shape[1] != self.conv1.in_channels:
             if self.conv1.in_channels != 1:
-                raise ValueError(f"pretrained conv1 has {conv1.shape[1]} input channels, the trunk {self.conv1.in_channels}")
+                raise ValueError(
+                    f"pretrained conv1 has {conv1.shape[1]} input channels, the trunk {self.conv1.in_channels}"
+                )
             state["conv1.weight"] = conv1.sum(dim=1, keepdim=True)
         try:
             self.load_state_dict(state)
         except RuntimeError as error:
-            raise ValueError(f"pretrained={path} is not a ResNet-18 checkpoint of width {self.out_channels // 8}: {error}") from None
+            raise ValueError(
+                f"pretrained={path} is not a ResNet-18 checkpoint of width {self.out_channels // 8}: {error}"
+            ) from None
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         return {"weights": str(path), "sha256": digest, "tensors": len(state), "unused": unused}
 
@@ -108,7 +112,9 @@ class _TokenEncoder(nn.Module):
         super().__init__()
         self.trunk = ResNet18Trunk(in_channels, base_width)
         # what the trunk started from (`load_torchvision_checkpoint`), for the run's record
-        self.started_from = dict(RANDOM_START) if pretrained is None else self.trunk.load_torchvision_checkpoint(pretrained)
+        self.started_from = (
+            dict(RANDOM_START) if pretrained is None else self.trunk.load_torchvision_checkpoint(pretrained)
+        )
         self.proj = nn.Conv2d(self.trunk.out_channels, dim, kernel_size=1)
         nn.init.kaiming_normal_(self.proj.weight, mode="fan_out", nonlinearity="relu")
 

@@ -119,9 +119,15 @@ class FusedJointSlotAttention(JointSlotAttention):
         return True
 
     def _layer_norm_eps(self) -> tuple[float, float, float]:
-        eps = tuple(getattr(branch, name).eps for branch in (self.image, self.audio) for name in ("norm_input", "norm_slots", "norm_pre_ff"))
+        eps = tuple(
+            getattr(branch, name).eps
+            for branch in (self.image, self.audio)
+            for name in ("norm_input", "norm_slots", "norm_pre_ff")
+        )
         if eps[:3] != eps[3:]:
-            raise ValueError(f"the fused path needs the same LayerNorm eps in both modalities, got {eps[:3]} and {eps[3:]}")
+            raise ValueError(
+                f"the fused path needs the same LayerNorm eps in both modalities, got {eps[:3]} and {eps[3:]}"
+            )
         return eps[:3]
 
     def forward(
@@ -131,11 +137,17 @@ class FusedJointSlotAttention(JointSlotAttention):
             return super().forward(x_img, x_aud, mask_img, mask_aud)
         mask_img, mask_aud = self.resolve_masks(x_img, x_aud, mask_img, mask_aud)
         if (mask_img is None) != (mask_aud is None):  # the operator takes both or neither
-            mask_img = torch.zeros(x_img.shape[:2], dtype=torch.bool, device=x_img.device) if mask_img is None else mask_img
-            mask_aud = torch.zeros(x_aud.shape[:2], dtype=torch.bool, device=x_aud.device) if mask_aud is None else mask_aud
+            mask_img = (
+                torch.zeros(x_img.shape[:2], dtype=torch.bool, device=x_img.device) if mask_img is None else mask_img
+            )
+            mask_aud = (
+                torch.zeros(x_aud.shape[:2], dtype=torch.bool, device=x_aud.device) if mask_aud is None else mask_aud
+            )
         params = [stacked(self.image.get_parameter(name), self.audio.get_parameter(name)) for name in PARAMETERS]
         device_type = x_img.device.type
-        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.slots_init.dtype
+        compute_dtype = (
+            torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.slots_init.dtype
+        )
         out = joint_slot_attention(
             x_img, x_aud, mask_img, mask_aud, self.slots_init.view(self.num_slots, self.dim), params, self.iters, self.eps,
             self._layer_norm_eps(), compute_dtype, x_img.dtype,

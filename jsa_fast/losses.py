@@ -93,10 +93,13 @@ def jsa_loss(
     terms = {
         "loss_ctr": info_nce_loss(p_img.float(), p_aud.float(), cfg.tau, false_negatives, cfg.directions),
         "loss_match": match_loss(
-            out.target_ca_img.float(), jsa.attn_img[..., :targets].float(),
-            out.target_ca_aud.float(), jsa.attn_aud[..., :targets].float(),
+            out.target_ca_img.float(),
+            jsa.attn_img[..., :targets].float(),
+            out.target_ca_aud.float(),
+            jsa.attn_aud[..., :targets].float(),
         ),  # fmt: skip
-        "loss_div": target_divergence(jsa.slots_img.float(), targets) + target_divergence(jsa.slots_aud.float(), targets),
+        "loss_div": target_divergence(jsa.slots_img.float(), targets)
+        + target_divergence(jsa.slots_aud.float(), targets),
         "loss_recon": reconstruction_loss(
             out.tokens_img.float(), out.recon_img.float(), out.tokens_aud.float(), out.recon_aud.float()
         ),

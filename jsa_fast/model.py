@@ -173,7 +173,9 @@ class JSAModel(nn.Module):
     def encode(self, image: Tensor, spec: Tensor) -> tuple[Tensor, Tensor]:
         """-> image tokens B x Lv x d, audio tokens B x La x d."""
         if image.shape[0] != spec.shape[0]:
-            raise ValueError(f"image and spec must share the batch size, got {tuple(image.shape)} and {tuple(spec.shape)}")
+            raise ValueError(
+                f"image and spec must share the batch size, got {tuple(image.shape)} and {tuple(spec.shape)}"
+            )
         return self.image_encoder(image), self.audio_encoder(spec)
 
     def forward(

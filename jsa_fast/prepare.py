@@ -247,7 +247,8 @@ def prepare_clip(clip_id: str, source: Path | None, root: Path, settings: Prepar
         )  # fmt: skip
         if probe.listed_frames > probe.num_frames:
             raise _ClipProblem(
-                "corrupt", f"truncated: its header lists {probe.listed_frames} frames, the file holds {probe.num_frames}"
+                "corrupt",
+                f"truncated: its header lists {probe.listed_frames} frames, the file holds {probe.num_frames}",
             )
         index = _frame_index(probe, settings)
         frame_time = probe.frame_times[index]
@@ -343,7 +344,9 @@ def _check_settings(root: Path, settings: PrepareSettings) -> None:
     wanted = json.dumps(dataclasses.asdict(settings), indent=1, sort_keys=True) + "\n"
     if not path.exists():
         if any((root / folder).exists() for folder in ("frames", "audio")) and not path.exists():
-            raise UsageError(f"--out {root} holds a data set that prepare did not write (no {SETTINGS_FILE}); use another --out")
+            raise UsageError(
+                f"--out {root} holds a data set that prepare did not write (no {SETTINGS_FILE}); use another --out"
+            )
         _write_text(path, wanted)
     if path.read_text(encoding="utf-8") != wanted:
         raise UsageError(
@@ -514,7 +517,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", required=True, help="the data set root to write")
     parser.add_argument("--ids", default=None, help="only these ids: a train.txt, a VGG-SS json or a csv")
     frame = parser.add_mutually_exclusive_group()
-    frame.add_argument("--frame-time", type=bounded(float, low=0), default=None, help="take the frame on screen at S seconds")
+    frame.add_argument(
+        "--frame-time", type=bounded(float, low=0), default=None, help="take the frame on screen at S seconds"
+    )
     frame.add_argument("--frame-index", type=bounded(int, low=0), default=None, help="take frame N (0-based)")
     parser.add_argument(
         "--seconds", type=bounded(float, low=1e-3), default=PrepareSettings.seconds,
@@ -525,8 +530,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--audio-format", choices=sorted(WAV_SUBTYPES), default=PrepareSettings.audio_format,
                         help="pcm16: 16-bit, samples clipped to [-1, 1]; float: 32-bit float, exact")  # fmt: skip
     parser.add_argument("--workers", type=bounded(int, low=1), default=1, help="processes decoding clips")
-    parser.add_argument("--shard", type=str, default=None, help="I/N: prepare the I-th (0-based) of N shards of the ids")
-    parser.add_argument("--merge", action="store_true", help="join ROOT's manifest parts into manifest.csv and train.txt")
+    parser.add_argument(
+        "--shard", type=str, default=None, help="I/N: prepare the I-th (0-based) of N shards of the ids"
+    )
+    parser.add_argument(
+        "--merge", action="store_true", help="join ROOT's manifest parts into manifest.csv and train.txt"
+    )
     parser.add_argument("--no-train-txt", dest="train_txt", action="store_false", help="do not write train.txt")
     return parser
 
@@ -542,13 +551,22 @@ def main(argv: list[str] | None = None) -> int:
         if not args.videos:
             raise UsageError("name the videos (files or folders) to prepare, or --merge")
         settings = PrepareSettings(
-            args.frame_time, args.frame_index, None if args.whole_audio else args.seconds, args.sample_rate, args.audio_format
+            args.frame_time,
+            args.frame_index,
+            None if args.whole_audio else args.seconds,
+            args.sample_rate,
+            args.audio_format,
         )
         shard = _parse_shard(args.shard) if args.shard is not None else None
         summary = prepare(args.videos, args.out, settings, args.ids, args.workers, shard, args.train_txt)
     if summary.missing:
-        listed = ", ".join(summary.missing[:10]) + (f" and {len(summary.missing) - 10} more" if len(summary.missing) > 10 else "")
-        print(f"prepare: {len(summary.missing)} id(s) have no video: {listed} (status no-video in {summary.manifest})", file=sys.stderr)
+        listed = ", ".join(summary.missing[:10]) + (
+            f" and {len(summary.missing) - 10} more" if len(summary.missing) > 10 else ""
+        )
+        print(
+            f"prepare: {len(summary.missing)} id(s) have no video: {listed} (status no-video in {summary.manifest})",
+            file=sys.stderr,
+        )
     print(summary.line())
     return 0
 

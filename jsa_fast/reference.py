@@ -139,9 +139,7 @@ def _describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}"
 
 
-def check_jsa_inputs(
-    x_img: Tensor, x_aud: Tensor, mask_img: Tensor | None, mask_aud: Tensor | None, dim: int
-) -> None:
+def check_jsa_inputs(x_img: Tensor, x_aud: Tensor, mask_img: Tensor | None, mask_aud: Tensor | None, dim: int) -> None:
     """Raise ValueError, naming the argument, for inputs the JSA modules cannot take."""
     for name, x in (("x_img", x_img), ("x_aud", x_aud)):
         if not isinstance(x, Tensor):
@@ -200,7 +198,12 @@ class JointSlotAttention(nn.Module):
         eps: float = EPS,
     ) -> None:
         super().__init__()
-        for name, value, low in (("dim", dim, 1), ("num_slots", num_slots, 1), ("iters", iters, 1), ("mlp_hidden", mlp_hidden, 1)):
+        for name, value, low in (
+            ("dim", dim, 1),
+            ("num_slots", num_slots, 1),
+            ("iters", iters, 1),
+            ("mlp_hidden", mlp_hidden, 1),
+        ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not 0.0 <= mask_prob < 1.0:

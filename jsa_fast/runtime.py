@@ -124,7 +124,9 @@ class MetricsLog:
                 file.write(line + "\n")
         except OSError as error:
             if is_disk_full(error):
-                raise RunError(f"no space left on the device of {self.path.parent} to append to {self.path.name}") from error
+                raise RunError(
+                    f"no space left on the device of {self.path.parent} to append to {self.path.name}"
+                ) from error
             raise
 
     def keep_until(self, step: int, epochs_done: int) -> int:

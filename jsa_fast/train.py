@@ -99,7 +99,9 @@ def token_masks(cfg: ModelConfig, batch: int, seed: int, step: int) -> tuple[Ten
 
 def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW of the config; the fused single-kernel implementation on CUDA."""
-    return torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda"
+    )
 
 
 def loss_function(module: nn.Module, cfg: RunConfig, **loss_options: Any) -> Callable[..., dict[str, Tensor]]:
@@ -206,7 +208,10 @@ class BatchLoss:
         k = min(self.cfg.loss.k, global_batch)
         if k not in self.by_k:
             if self.world.is_main and len(self.by_k) == 1:
-                tqdm.write(f"a batch of {global_batch} items (bad files skipped): k-reciprocal k {self.cfg.loss.k} -> {k} for such batches", file=sys.stderr)
+                tqdm.write(
+                    f"a batch of {global_batch} items (bad files skipped): k-reciprocal k {self.cfg.loss.k} -> {k} for such batches",
+                    file=sys.stderr,
+                )
             cfg = dataclasses.replace(self.cfg, loss=dataclasses.replace(self.cfg.loss, k=k))
             self.by_k[k] = loss_function(self.module, cfg, **self.options)
         return self.by_k[k]
@@ -242,7 +247,9 @@ class TrainState:
             self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
         except (RuntimeError, ValueError) as error:
-            raise UsageError(f"--resume: {checkpoint_path} does not fit the configuration now: {one_line(error)}") from None
+            raise UsageError(
+                f"--resume: {checkpoint_path} does not fit the configuration now: {one_line(error)}"
+            ) from None
         for group in self.optimizer.param_groups:  # the saved ones, unless --allow-changes changed them
             group.update(lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.scaler.load_state_dict(saved["scaler"])
@@ -255,7 +262,11 @@ class TrainState:
 
     def scaler_record(self) -> dict[str, float]:
         """What a metrics line adds under fp16: the loss scale and the steps skipped so far."""
-        return {"grad_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps} if self.scaler.is_enabled() else {}
+        return (
+            {"grad_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps}
+            if self.scaler.is_enabled()
+            else {}
+        )
 
 
 @dataclass
@@ -287,7 +298,11 @@ class TrainRun:
     def stopped(self, state: TrainState, reason: str) -> RunError:
         """The error that stops the run without saving, saying what last.pt still holds."""
         path = self.checkpoint_path
-        kept = f"{path} is unchanged (step {state.saved_step[0]}, {state.saved_step[1]} epoch(s) done)" if state.saved_step else f"no {path.name} was written"
+        kept = (
+            f"{path} is unchanged (step {state.saved_step[0]}, {state.saved_step[1]} epoch(s) done)"
+            if state.saved_step
+            else f"no {path.name} was written"
+        )
         return RunError(f"{reason}; stopped without saving: {kept}")
 
     def stopped_at_step(self, state: TrainState, item_ids: list[str], what: str) -> RunError:
@@ -314,7 +329,9 @@ def start_run(
     and continue OUT/last.pt's state when `resume` (see `train`)."""
     optim = cfg.optim
     if optim.batch_size % world.size:
-        raise UsageError(f"--batch-size {optim.batch_size} (the global batch) is not divisible by the {world.size} processes")
+        raise UsageError(
+            f"--batch-size {optim.batch_size} (the global batch) is not divisible by the {world.size} processes"
+        )
     check_out_folder(out, resume, overwrite)
     if optim.pretrained_image is None:
         raise UsageError(PRETRAINED_HINT)
@@ -341,9 +358,14 @@ def start_run(
     fingerprint = data_fingerprint(dataset.ids)
     if saved and not allow_changes and saved.get("data_fingerprint") not in (None, fingerprint):
         saved_items = saved["data_fingerprint"]["items"]
-        _refuse_changes(checkpoint_path, [f"the training items of {data_root} ({fingerprint['items']} now, {saved_items} then, other ids)"])
+        _refuse_changes(
+            checkpoint_path,
+            [f"the training items of {data_root} ({fingerprint['items']} now, {saved_items} then, other ids)"],
+        )
     if len(dataset) < optim.batch_size:
-        raise UsageError(f"--batch-size {optim.batch_size} exceeds the {len(dataset)} usable training items of {data_root}")
+        raise UsageError(
+            f"--batch-size {optim.batch_size} exceeds the {len(dataset)} usable training items of {data_root}"
+        )
     local_batch = optim.batch_size // world.size
     dali = None
     if resolve_loader(loader, device) == "dali":
@@ -376,7 +398,9 @@ def start_run(
         print(f"{epochs} epoch(s){'' if optim.epochs else f' (by the {len(dataset)} training items, as released; --epochs N to choose)'}; "
               f"{cfg.data.image.augment} augmentation; {'fp32' if optim.amp == 'none' else optim.amp}; image encoder from {_start_text(encoder_start.get('image'))}")  # fmt: skip
         if dropped:
-            print(f"{log.path}: dropped {dropped} line(s) logged after {checkpoint_path.name}'s step {state.step}; they are trained again")
+            print(
+                f"{log.path}: dropped {dropped} line(s) logged after {checkpoint_path.name}'s step {state.step}; they are trained again"
+            )
     # Loaded before DDP wraps the model (DDP starts every rank from rank 0's state).
     step_module = wrap_ddp(model, world, device)
     run = TrainRun(
@@ -393,7 +417,10 @@ def save_state(run: TrainRun, state: TrainState, best: bool = False) -> None:
         return
     broken = non_finite_tensors(state.model.state_dict())
     if broken:
-        raise run.stopped(state, f"after step {state.step} the model holds non-finite values ({len(broken)} tensors, e.g. {broken[0]}); lower --lr (now {run.cfg.optim.lr:g})")
+        raise run.stopped(
+            state,
+            f"after step {state.step} the model holds non-finite values ({len(broken)} tensors, e.g. {broken[0]}); lower --lr (now {run.cfg.optim.lr:g})",
+        )
     saved = {
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -426,7 +453,9 @@ def epoch_loader(run: TrainRun, state: TrainState) -> tuple[Iterable[dict[str, A
     if run.dali is not None:
         batches = epoch_batches(len(run.dataset), optim.batch_size, optim.seed, state.epoch, **plan)
         return run.dali.iterate(batches), len(batches)
-    loader = make_loader(run.dataset, optim.batch_size, True, optim.num_workers, optim.seed, True, epoch=state.epoch, **plan)
+    loader = make_loader(
+        run.dataset, optim.batch_size, True, optim.num_workers, optim.seed, True, epoch=state.epoch, **plan
+    )
     return loader, len(loader)
 
 
@@ -472,7 +501,11 @@ def train_epoch(run: TrainRun, state: TrainState, interrupt: DeferredInterrupt) 
             state.skipped_steps += 1
             if scaler.get_scale() < 1:
                 progress.close()
-                raise run.stopped_at_step(state, batch["id"], f"fp16 steps keep overflowing ({state.skipped_steps} skipped, loss scale now {scaler.get_scale():g}); try --amp bf16")
+                raise run.stopped_at_step(
+                    state,
+                    batch["id"],
+                    f"fp16 steps keep overflowing ({state.skipped_steps} skipped, loss scale now {scaler.get_scale():g}); try --amp bf16",
+                )
         elif not all(math.isfinite(value) for value in values.values()):
             progress.close()
             shown = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
@@ -483,9 +516,21 @@ def train_epoch(run: TrainRun, state: TrainState, interrupt: DeferredInterrupt) 
                 state.sums[name] += value
         seen_items += global_batch
         throughput = seen_items / (time.perf_counter() - started)
-        progress.set_postfix({name.removeprefix("loss_"): f"{v:.3g}" for name, v in values.items()} | {"samples/s": f"{throughput:.1f}"})
+        progress.set_postfix(
+            {name.removeprefix("loss_"): f"{v:.3g}" for name, v in values.items()} | {"samples/s": f"{throughput:.1f}"}
+        )
         if state.step % cfg.optim.log_every == 0 and world.is_main:
-            run.log.write({"kind": "step", "step": state.step, "epoch": state.epoch, **values, "lr": state.optimizer.param_groups[0]["lr"], "samples_per_s": throughput, **state.scaler_record()})
+            run.log.write(
+                {
+                    "kind": "step",
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    **values,
+                    "lr": state.optimizer.param_groups[0]["lr"],
+                    "samples_per_s": throughput,
+                    **state.scaler_record(),
+                }
+            )
         if world.any(interrupt.requested):  # every rank stops after the same step
             progress.close()
             save_state(run, state)
@@ -494,11 +539,23 @@ def train_epoch(run: TrainRun, state: TrainState, interrupt: DeferredInterrupt) 
             raise KeyboardInterrupt
     sums = state.sums
     if sums["batches"] == 0 and not seen_items:
-        raise DataError(f"epoch {state.epoch + 1}: no batch could be loaded from {run.data_root} (every item was skipped)")
+        raise DataError(
+            f"epoch {state.epoch + 1}: no batch could be loaded from {run.data_root} (every item was skipped)"
+        )
     # NaN (null in metrics.jsonl) when the scaler skipped every step of the epoch
     epoch_means = {name: sums[name] / sums["batches"] if sums["batches"] else math.nan for name in LOSS_TERMS}
     if world.is_main:
-        run.log.write({"kind": "epoch", "step": state.step, "epoch": state.epoch, **epoch_means, "lr": state.optimizer.param_groups[0]["lr"], "samples_per_s": seen_items / (time.perf_counter() - started), **state.scaler_record()})
+        run.log.write(
+            {
+                "kind": "epoch",
+                "step": state.step,
+                "epoch": state.epoch,
+                **epoch_means,
+                "lr": state.optimizer.param_groups[0]["lr"],
+                "samples_per_s": seen_items / (time.perf_counter() - started),
+                **state.scaler_record(),
+            }
+        )
     improved = False
     if run.validation is not None and world.is_main:
         scores = run.validation.score(state.model, device)
@@ -550,27 +607,47 @@ def train(
         except (ValueError, FileNotFoundError) as error:
             print(f"loss curves not drawn: {one_line(error)}")
     return epoch_means
+
+
 def _start_text(start: dict[str, Any] | None) -> str:
     """An encoder's `started_from` record in words."""
     if not start or start.get("weights") == "random":
         return "random weights" if start else "an unrecorded start"
-    unused = f"; unused: {', '.join(start['unused'])} (ImageNet's classifier: the encoder has none)" if start["unused"] else ""
+    unused = (
+        f"; unused: {', '.join(start['unused'])} (ImageNet's classifier: the encoder has none)"
+        if start["unused"]
+        else ""
+    )
     return f"{start['weights']} ({start['tensors']} tensors, sha256 {start['sha256'][:12]}{unused})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m jsa_fast.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=None, help="data set root (docs/api.md layout); default: the synthetic world, or on --resume the run's own")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="data set root (docs/api.md layout); default: the synthetic world, or on --resume the run's own",
+    )
     parser.add_argument("--out", default="runs/default", help="output folder (last.pt, metrics.jsonl, loss_curves.png)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt, with its configuration (flags given override it)")
-    parser.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (its last.pt, metrics.jsonl and loss_curves.png are deleted)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/last.pt, with its configuration (flags given override it)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out that holds a run (its last.pt, metrics.jsonl and loss_curves.png are deleted)",
+    )
     parser.add_argument(
         "--allow-changes", action="store_true",
         help="with --resume: continue although --data holds other training items or flags change the configuration",
     )  # fmt: skip
     parser.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail")
-    parser.add_argument("--loader", choices=("torch", "dali", "auto"), default="auto", help="auto: DALI on CUDA when installed")
+    parser.add_argument(
+        "--loader", choices=("torch", "dali", "auto"), default="auto", help="auto: DALI on CUDA when installed"
+    )
     add_config_arguments(parser)
     return parser
 

@@ -33,9 +33,7 @@ class AudioConfig:
         if not self.seconds > 0:
             raise ValueError(f"AudioConfig.seconds must be positive, got {self.seconds!r}")
         if self.win_length > self.n_fft:
-            raise ValueError(
-                f"AudioConfig.win_length ({self.win_length}) must not exceed n_fft ({self.n_fft})"
-            )
+            raise ValueError(f"AudioConfig.win_length ({self.win_length}) must not exceed n_fft ({self.n_fft})")
         if self.num_samples <= self.n_fft // 2:  # the centred frames reflect-pad n_fft // 2 samples
             raise ValueError(
                 f"AudioConfig.seconds ({self.seconds}) gives {self.num_samples} samples at "
@@ -134,7 +132,9 @@ def wav_to_spectrogram(path: str | Path, cfg: AudioConfig) -> Tensor:
     spec = log_spectrogram(middle_clip(wave, cfg.num_samples), cfg)
     if not torch.isfinite(spec).all():
         peak = float(wave.abs().max())
-        raise DataError(f"{path}: the spectrogram is not finite (samples up to {peak:.3g}, beyond float32's range once squared)")
+        raise DataError(
+            f"{path}: the spectrogram is not finite (samples up to {peak:.3g}, beyond float32's range once squared)"
+        )
     return spec
 
 

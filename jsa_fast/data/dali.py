@@ -180,7 +180,12 @@ def _augmented_image(image: Any, cfg: ImageConfig) -> tuple[Any, Any]:
         hue_degrees = uniform(-0.2, 0.2) * 360.0
         order = fn.random.uniform(values=list(range(len(JITTER_ORDERS))), dtype=types.INT32)
         for position in range(4):
-            which = fn.lookup_table(order, keys=list(range(len(JITTER_ORDERS))), values=[o[position] for o in JITTER_ORDERS], dtype=types.INT32)
+            which = fn.lookup_table(
+                order,
+                keys=list(range(len(JITTER_ORDERS))),
+                values=[o[position] for o in JITTER_ORDERS],
+                dtype=types.INT32,
+            )
             if which == 0:
                 image = clamped(image * factors[0])
             elif which == 1:
@@ -221,7 +226,9 @@ def _build_pipeline(
     mask_audio = train and audio_cfg.spec_augment
 
     # Conditionals: the released augmentation applies its steps with probabilities.
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, enable_conditionals=True)
+    @pipeline_def(
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, enable_conditionals=True
+    )
     def pipeline() -> tuple[Any, Any, Any]:
         decoder_device = "mixed" if on_gpu else "cpu"
         if source.videos:
@@ -238,7 +245,9 @@ def _build_pipeline(
         if augment:
             image, mirror = _augmented_image(image, image_cfg)
         else:
-            image = fn.resize(image, size=[image_cfg.size, image_cfg.size], interp_type=types.INTERP_CUBIC, antialias=True)
+            image = fn.resize(
+                image, size=[image_cfg.size, image_cfg.size], interp_type=types.INTERP_CUBIC, antialias=True
+            )
             mirror = False
         image = fn.crop_mirror_normalize(
             image,
@@ -249,9 +258,7 @@ def _build_pipeline(
             mirror=mirror,
         )
 
-        wave, _ = fn.decoders.audio(
-            waves, sample_rate=audio_cfg.sample_rate, downmix=True, dtype=types.FLOAT
-        )
+        wave, _ = fn.decoders.audio(waves, sample_rate=audio_cfg.sample_rate, downmix=True, dtype=types.FLOAT)
         length = wave.shape(dtype=types.INT32)
         # Tile a short wave: a 1 x L row broadcast against R x 1 ones, flattened, holds it R
         # times; R = ceil(n / L) is 1 for a long wave, whose middle is then taken.
@@ -320,7 +327,9 @@ class DALILoader:
             raise ValueError(f"num_threads must be positive, got {num_threads}")
         if num_shards < 1 or not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id must be in [0, num_shards), got shard {shard_id} of {num_shards}")
-        epoch_batches(len(dataset), batch_size * num_shards, seed, 0, shuffle=shuffle, shard=shard_id, num_shards=num_shards)  # validates them
+        epoch_batches(
+            len(dataset), batch_size * num_shards, seed, 0, shuffle=shuffle, shard=shard_id, num_shards=num_shards
+        )  # validates them
         self.dataset = dataset
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.shard_id, self.num_shards = shard_id, num_shards
@@ -358,9 +367,7 @@ class DALILoader:
             derived_seed(self.seed, self.shard_id, bits=31),
             self.num_threads,
         )
-        return DALIGenericIterator(
-            pipeline, ["image", "spec", "index"], last_batch_policy=LastBatchPolicy.PARTIAL
-        )
+        return DALIGenericIterator(pipeline, ["image", "spec", "index"], last_batch_policy=LastBatchPolicy.PARTIAL)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batches = self._plan()

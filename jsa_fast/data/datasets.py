@@ -224,9 +224,7 @@ class AudioVisualDataset(Dataset):
         self.image_cfg = image_cfg
         self.audio_cfg = audio_cfg
         self.on_bad_file = on_bad_file
-        self._image_transform = (
-            train_transform(image_cfg) if split == "train" else eval_transform(image_cfg)
-        )
+        self._image_transform = train_transform(image_cfg) if split == "train" else eval_transform(image_cfg)
 
         problems: dict[str, list[tuple[Path, str]]] = {}
         self.classes: list[str] = []
@@ -291,7 +289,9 @@ class AudioVisualDataset(Dataset):
         names = set(subset)
         unknown = names - {name for name, _, _ in records} - set(self.classes)
         if unknown:
-            raise ValueError(f"the subset names {len(unknown)} id(s) or class(es) not in the {self.split} split of {self.root}: {sorted(unknown)[:MAX_LISTED]}")
+            raise ValueError(
+                f"the subset names {len(unknown)} id(s) or class(es) not in the {self.split} split of {self.root}: {sorted(unknown)[:MAX_LISTED]}"
+            )
         return [r for r in records if r[0] in names or (r[1] >= 0 and self.classes[r[1]] in names)]
 
     def _box_problems(self, name: str, boxes: tuple) -> list[tuple[Path, str]]:
@@ -314,9 +314,7 @@ class AudioVisualDataset(Dataset):
         present = {name: path for name, path in paths.items() if path.exists()}
         missing = [name for name in ids if name not in present]
         if present and missing:
-            raise ValueError(
-                f"{self.root / 'masks'}: masks exist for some test ids but not for {missing}"
-            )
+            raise ValueError(f"{self.root / 'masks'}: masks exist for some test ids but not for {missing}")
         return present
 
     def _probe_entry(
@@ -502,7 +500,15 @@ def make_loader(
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     batches = epoch_batches(
-        len(dataset), batch_size, seed, epoch, start, shuffle=shuffle, drop_last=drop_last, shard=shard, num_shards=num_shards
+        len(dataset),
+        batch_size,
+        seed,
+        epoch,
+        start,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        shard=shard,
+        num_shards=num_shards,
     )  # type: ignore[arg-type]
     return DataLoader(
         dataset,

@@ -73,9 +73,7 @@ def vggss_gt_map(boxes: Sequence[Sequence[float]], size: int) -> Tensor:
     Coordinates are clipped to [0, 1], scaled by size and truncated to ints, as EZ-VSL does.
     """
     _check_boxes(boxes, "boxes")
-    pixel_boxes = [
-        (np.clip(np.asarray(box, dtype=np.float64), 0, 1) * size).astype(int) for box in boxes
-    ]
+    pixel_boxes = [(np.clip(np.asarray(box, dtype=np.float64), 0, 1) * size).astype(int) for box in boxes]
     return torch.from_numpy((_box_count_map(pixel_boxes, size) > 0).astype(np.float32))
 
 
@@ -87,8 +85,7 @@ def flickr_gt_map(boxes: Sequence[Sequence[int]], size: int) -> Tensor:
     """
     _check_boxes(boxes, "boxes")
     pixel_boxes = [
-        [size * min(max(int(c), 0), FLICKR_ANNOTATION_SIZE) // FLICKR_ANNOTATION_SIZE for c in box]
-        for box in boxes
+        [size * min(max(int(c), 0), FLICKR_ANNOTATION_SIZE) // FLICKR_ANNOTATION_SIZE for c in box] for box in boxes
     ]
     return torch.from_numpy(np.minimum(1.0, _box_count_map(pixel_boxes, size) / 2))
 
@@ -108,13 +105,9 @@ def read_flickr_boxes(path: str | Path) -> list[tuple[int, int, int, int]]:
         try:
             coordinates = tuple(int(field.text or "") for field in fields)
         except ValueError as error:
-            raise ValueError(
-                f"{path}: a <bbox> holds a non-integer coordinate ({error})"
-            ) from error
+            raise ValueError(f"{path}: a <bbox> holds a non-integer coordinate ({error})") from error
         if len(coordinates) != 4:
-            raise ValueError(
-                f"{path}: a <bbox> needs a label then 4 coordinates, got {len(fields) + 1} children"
-            )
+            raise ValueError(f"{path}: a <bbox> needs a label then 4 coordinates, got {len(fields) + 1} children")
         boxes.append(coordinates)
     if not boxes:
         raise ValueError(f"{path}: no <bbox> element")

@@ -41,8 +41,7 @@ class ImageConfig:
             raise ValueError(f"ImageConfig.size must be a positive int, got {self.size!r}")
         if not isinstance(self.train_resize, int) or self.train_resize < self.size:
             raise ValueError(
-                f"ImageConfig.train_resize must be an int >= size ({self.size}), "
-                f"got {self.train_resize!r}"
+                f"ImageConfig.train_resize must be an int >= size ({self.size}), got {self.train_resize!r}"
             )
         if self.augment not in AUGMENTS:
             raise ValueError(f"ImageConfig.augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
@@ -63,7 +62,9 @@ def _to_normalised_tensor() -> list[Callable]:
 
 def eval_transform(cfg: ImageConfig) -> ImageTransform:
     """PIL RGB image -> 3 x size x size float32: bicubic resize, ImageNet normalisation."""
-    return T.Compose([T.Resize((cfg.size, cfg.size), interpolation=T.InterpolationMode.BICUBIC), *_to_normalised_tensor()])
+    return T.Compose(
+        [T.Resize((cfg.size, cfg.size), interpolation=T.InterpolationMode.BICUBIC), *_to_normalised_tensor()]
+    )
 
 
 def train_transform(cfg: ImageConfig) -> ImageTransform:
@@ -88,7 +89,11 @@ def train_transform(cfg: ImageConfig) -> ImageTransform:
             T.RandomCrop(cfg.size),
             *([T.RandomApply([T.GaussianBlur(kernel, sigma)], p=0.8)] if released else []),
             T.RandomHorizontalFlip(),
-            *([T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), T.RandomGrayscale(p=0.2)] if released else []),
+            *(
+                [T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), T.RandomGrayscale(p=0.2)]
+                if released
+                else []
+            ),
             *_to_normalised_tensor(),
         ]
     )

@@ -194,15 +194,10 @@ def _render(
 def _class_sound(rng: np.random.Generator, cls: SynthClass, t: np.ndarray) -> np.ndarray:
     """Three harmonics of a slightly jittered fundamental under the class's modulation."""
     f0 = cls.fundamental_hz * rng.uniform(0.97, 1.03)
-    tone = sum(
-        np.sin(2 * np.pi * f0 * harmonic * t + rng.uniform(0, 2 * np.pi)) / harmonic
-        for harmonic in (1, 2, 3)
-    )
+    tone = sum(np.sin(2 * np.pi * f0 * harmonic * t + rng.uniform(0, 2 * np.pi)) / harmonic for harmonic in (1, 2, 3))
     if cls.modulation_hz == 0:
         return tone
-    envelope = (
-        0.5 * (1 + np.sin(2 * np.pi * cls.modulation_hz * t + rng.uniform(0, 2 * np.pi)))
-    ) ** 2
+    envelope = (0.5 * (1 + np.sin(2 * np.pi * cls.modulation_hz * t + rng.uniform(0, 2 * np.pi)))) ** 2
     return tone * envelope
 
 
@@ -215,14 +210,10 @@ class _Sample:
     mask: np.ndarray  # size x size bool, the sounding object's silhouette
 
 
-def _make_sample(
-    rng: np.random.Generator, classes: Sequence[SynthClass], size: int, num_samples: int
-) -> _Sample:
+def _make_sample(rng: np.random.Generator, classes: Sequence[SynthClass], size: int, num_samples: int) -> _Sample:
     sounding_index = int(rng.integers(len(classes)))
     others = [index for index in range(len(classes)) if index != sounding_index]
-    distractor_indices = rng.choice(
-        others, size=min(len(others), int(rng.integers(1, 3))), replace=False
-    )
+    distractor_indices = rng.choice(others, size=min(len(others), int(rng.integers(1, 3))), replace=False)
 
     background = _background(rng, size)
     sounding_box = _sounding_box(rng, size)
@@ -274,9 +265,7 @@ def _flickr_xml(box: Box, size: int, annotators: int = 2) -> str:
     return ET.tostring(root, encoding="unicode") + "\n"
 
 
-def _check_arguments(
-    n_train: int, n_test: int, image_size: int, audio_seconds: float, num_classes: int
-) -> None:
+def _check_arguments(n_train: int, n_test: int, image_size: int, audio_seconds: float, num_classes: int) -> None:
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train and n_test must be positive, got {n_train} and {n_test}")
     if image_size < 32:
@@ -350,13 +339,9 @@ def ensure_synthetic_dataset(
         return final
     building = final.with_name(f"{name}.building-{os.getpid()}")
     shutil.rmtree(building, ignore_errors=True)
-    generate_synthetic_dataset(
-        building, n_train, n_test, seed, image_size, audio_seconds, num_classes
-    )
+    generate_synthetic_dataset(building, n_train, n_test, seed, image_size, audio_seconds, num_classes)
     (building / COMPLETE_MARKER).write_text("complete\n")
-    shutil.rmtree(
-        final, ignore_errors=True
-    )  # an incomplete folder left by an older layout or crash
+    shutil.rmtree(final, ignore_errors=True)  # an incomplete folder left by an older layout or crash
     try:
         building.rename(final)
     except OSError:
@@ -420,10 +405,16 @@ def render_moving_clip(
     starts = np.linspace(0, image_size - side, num_frames).round().astype(int)
     if rng.random() < 0.5:
         starts = starts[::-1]
-    boxes = np.stack([starts, np.full_like(starts, path_y0), starts + side, np.full_like(starts, path_y0 + side)], axis=1)
+    boxes = np.stack(
+        [starts, np.full_like(starts, path_y0), starts + side, np.full_like(starts, path_y0 + side)], axis=1
+    )
     frames = np.stack(
         [
-            _render(rng, background, [(distractor, distractor_color, distractor_box), (sounding, sounding_color, tuple(box))])[0]
+            _render(
+                rng,
+                background,
+                [(distractor, distractor_color, distractor_box), (sounding, sounding_color, tuple(box))],
+            )[0]
             for box in boxes.tolist()
         ]
     )
@@ -438,7 +429,10 @@ def write_moving_clip(clip: MovingClip, video_path: Path) -> Path:
     video_path.parent.mkdir(parents=True, exist_ok=True)
     write_video(video_path, clip.frames, clip.fps, audio=(clip.wave[None], SAMPLE_RATE))
     csv_path = video_path.with_suffix(".csv")
-    rows = [f"{index},{index / clip.fps:.6f},{x0},{y0},{x1},{y1}\n" for index, (x0, y0, x1, y1) in enumerate(clip.boxes.tolist())]
+    rows = [
+        f"{index},{index / clip.fps:.6f},{x0},{y0},{x1},{y1}\n"
+        for index, (x0, y0, x1, y1) in enumerate(clip.boxes.tolist())
+    ]
     csv_path.write_text("frame,time_s,x0,y0,x1,y1\n" + "".join(rows))
     return csv_path
 
@@ -447,9 +441,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path, help="folder to write the data set into")
-    target.add_argument(
-        "--video", type=Path, help="write a moving clip instead: VIDEO.mp4 and its boxes VIDEO.csv"
-    )
+    target.add_argument("--video", type=Path, help="write a moving clip instead: VIDEO.mp4 and its boxes VIDEO.csv")
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)

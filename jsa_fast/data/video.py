@@ -185,9 +185,7 @@ def mono_resampled(samples: np.ndarray, rate: int, sample_rate: int) -> Tensor:
         torch.set_num_threads(threads)
 
 
-def _aac_track(
-    container: av.container.OutputContainer, samples: np.ndarray, rate: int
-) -> Callable[[], None]:
+def _aac_track(container: av.container.OutputContainer, samples: np.ndarray, rate: int) -> Callable[[], None]:
     """Add an AAC stream for C x N float samples to `container` (before anything is muxed,
     when the header is written); returns what encodes and muxes them."""
     layout = {1: "mono", 2: "stereo"}.get(samples.shape[0])

@@ -46,7 +46,13 @@ from jsa_fast.kernels.slot_attention import attention_bwd_kernel, attention_fwd_
 
 # Shared memory one block may use (opt-in maximum), by compute capability.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
-TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64", torch.uint8: "u8"}
+TRITON_TYPES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float64: "fp64",
+    torch.uint8: "u8",
+}
 F32, B16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 # Role -> dtype, by precision (module docstring).
 PRECISIONS = {
@@ -112,7 +118,9 @@ def size_arguments(shape: Shape) -> dict[str, int]:
     }  # fmt: skip
 
 
-def specialise(kernel: Any, dtypes: dict[str, torch.dtype], roles: dict[str, str], config: dict[str, Any], sizes: dict[str, int]) -> ASTSource:
+def specialise(
+    kernel: Any, dtypes: dict[str, torch.dtype], roles: dict[str, str], config: dict[str, Any], sizes: dict[str, int]
+) -> ASTSource:
     """The kernel as a launch on a GPU compiles it: Triton's JIT gives tensor pointers
     (16-byte aligned) and integers divisible by 16 a divisibility hint, and makes integers
     equal to 1 constants. Pointers take their role's dtype, integers are i32, floats fp32;
@@ -142,7 +150,9 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        report = subprocess.run([str(cuobjdump), "-res-usage", file.name], capture_output=True, text=True, check=True).stdout
+        report = subprocess.run(
+            [str(cuobjdump), "-res-usage", file.name], capture_output=True, text=True, check=True
+        ).stdout
     match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", report)
     if match is None:
         raise RuntimeError(f"cuobjdump reported no resource usage:\n{report}")
@@ -150,7 +160,9 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {"registers": registers, "spill_bytes": stack + local, "static_shared_bytes": shared}
 
 
-def compile_kernel(kernel: Any, precision: str, config: dict[str, Any], sizes: dict[str, int], arch: int) -> dict[str, Any]:
+def compile_kernel(
+    kernel: Any, precision: str, config: dict[str, Any], sizes: dict[str, int], arch: int
+) -> dict[str, Any]:
     options = {"num_warps": config["num_warps"]} if "num_warps" in config else {}
     roles = ROLES.get(kernel.fn.__name__, {})
     source = specialise(kernel, PRECISIONS[precision], roles, config, sizes)
@@ -186,15 +198,36 @@ def launches(shapes: str, precisions: list[str]) -> list[tuple[str, Any, str, Sh
                 forward = attention_config(length, shape.dim, shape.slots, "forward", last, interpret=False)
                 backward = attention_config(length, shape.dim, shape.slots, "backward", last, interpret=False)
                 flags = {"HAS_G_ATTN": last, "HAS_G_IA": last, "HAS_G_CA": last, "ACCUMULATE": not last}
-                rows.append((f"attention forward{suffix}", attention_fwd_kernel, precision, shape, forward | fp64 | {"LAST": last}))
-                rows.append((f"attention backward{suffix}", attention_bwd_kernel, precision, shape, backward | fp64 | {"LAST": last} | flags))
+                rows.append(
+                    (
+                        f"attention forward{suffix}",
+                        attention_fwd_kernel,
+                        precision,
+                        shape,
+                        forward | fp64 | {"LAST": last},
+                    )
+                )
+                rows.append(
+                    (
+                        f"attention backward{suffix}",
+                        attention_bwd_kernel,
+                        precision,
+                        shape,
+                        backward | fp64 | {"LAST": last} | flags,
+                    )
+                )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[90],
-                        help="compute capabilities x 10 (80: Ampere, 90: Hopper, 100: Blackwell; the extension's list)")
+    parser.add_argument(
+        "--arch",
+        type=int,
+        nargs="+",
+        default=[90],
+        help="compute capabilities x 10 (80: Ampere, 90: Hopper, 100: Blackwell; the extension's list)",
+    )
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="all")
     parser.add_argument("--precisions", choices=list(PRECISIONS), nargs="+", default=list(PRECISIONS))
     parser.add_argument("--json", default=None, help="write the rows here as JSON")

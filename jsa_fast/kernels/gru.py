@@ -37,7 +37,9 @@ def _gates(Z, H, rows, cols, n_rows, rows_per_m, stride_z_m, stride_h_m, stride_
     pre_z = tl.load(z_row + D, mask=in_rows, other=0.0).to(ACC)
     pre_in = tl.load(z_row + 2 * D, mask=in_rows, other=0.0).to(ACC)
     pre_hn = tl.load(z_row + 3 * D, mask=in_rows, other=0.0).to(ACC)
-    h = tl.load(H + row_offsets(rows, rows_per_m, stride_h_m, stride_h_r)[:, None] + cols[None, :], mask=in_rows, other=0.0).to(ACC)
+    h = tl.load(
+        H + row_offsets(rows, rows_per_m, stride_h_m, stride_h_r)[:, None] + cols[None, :], mask=in_rows, other=0.0
+    ).to(ACC)
     r = tl.sigmoid(pre_r)
     z = tl.sigmoid(pre_z)
     n = 2.0 * tl.sigmoid(2.0 * (pre_in + r * pre_hn)) - 1.0  # tanh; libdevice is absent under the interpreter
@@ -57,7 +59,9 @@ def gru_fwd_kernel(
     ACC = tl.float64 if FP64 else tl.float32
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
-    _, _, _, _, _, s_bar, _, in_rows = _gates(Z, H, rows, cols, n_rows, rows_per_m, stride_z_m, stride_h_m, stride_h_r, D, ACC)
+    _, _, _, _, _, s_bar, _, in_rows = _gates(
+        Z, H, rows, cols, n_rows, rows_per_m, stride_z_m, stride_h_m, stride_h_r, D, ACC
+    )
     flat = rows.to(tl.int64)[:, None] * D + cols[None, :]
     if STORE_BAR:
         tl.store(S_BAR + flat, s_bar.to(S_BAR.dtype.element_ty), mask=in_rows)
@@ -77,11 +81,15 @@ def gru_bwd_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask_d = cols < D
-    r, z, n, pre_hn, h, s_bar, _, in_rows = _gates(Z, H, rows, cols, n_rows, rows_per_m, stride_z_m, stride_h_m, stride_h_r, D, ACC)
+    r, z, n, pre_hn, h, s_bar, _, in_rows = _gates(
+        Z, H, rows, cols, n_rows, rows_per_m, stride_z_m, stride_h_m, stride_h_r, D, ACC
+    )
     s_norm, rstd = normalise(s_bar, mask_d, D, eps)
     flat = rows.to(tl.int64)[:, None] * D + cols[None, :]
     g_bar = normalise_backward(tl.load(G_NORM + flat, mask=in_rows, other=0.0).to(ACC), s_norm, rstd, mask_d, D)
-    g_bar += tl.load(G_S + row_offsets(rows, rows_per_m, stride_gs_m, D)[:, None] + cols[None, :], mask=in_rows, other=0.0).to(ACC)
+    g_bar += tl.load(
+        G_S + row_offsets(rows, rows_per_m, stride_gs_m, D)[:, None] + cols[None, :], mask=in_rows, other=0.0
+    ).to(ACC)
     g_in = g_bar * (1.0 - z) * (1.0 - n * n)
     g_r = g_in * pre_hn * r * (1.0 - r)
     g_z = g_bar * (h - n) * z * (1.0 - z)

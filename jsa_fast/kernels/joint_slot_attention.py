@@ -81,7 +81,9 @@ def row_config(dim: int, rows: int, interpret: bool = INTERPRET) -> dict:
     return {"BLOCK_R": max(1, ROW_ELEMENTS // block_d), "BLOCK_D": block_d, "num_warps": GPU_NUM_WARPS}
 
 
-def attention_config(length: int, dim: int, num_slots: int, direction: str, last: bool, interpret: bool = INTERPRET) -> dict:
+def attention_config(
+    length: int, dim: int, num_slots: int, direction: str, last: bool, interpret: bool = INTERPRET
+) -> dict:
     """All keys (BLOCK_L >= the longer modality's L) and slots of one item, d in strips;
     the last iteration's second set of logits halves the strip. direction: "forward" or
     "backward"."""
@@ -89,7 +91,12 @@ def attention_config(length: int, dim: int, num_slots: int, direction: str, last
     if interpret:
         return {"BLOCK_L": block_l, "BLOCK_S": block_s, "BLOCK_D": block_d}
     budget = ATTENTION_PRODUCTS[direction] // (2 if last else 1)
-    return {"BLOCK_L": block_l, "BLOCK_S": block_s, "BLOCK_D": min(block_d, max(4, budget // (block_l * block_s))), "num_warps": GPU_NUM_WARPS}
+    return {
+        "BLOCK_L": block_l,
+        "BLOCK_S": block_s,
+        "BLOCK_D": min(block_d, max(4, budget // (block_l * block_s))),
+        "num_warps": GPU_NUM_WARPS,
+    }
 
 
 def _grid(rows: int, config: dict) -> tuple[int]:
@@ -142,11 +149,15 @@ def fold(p: dict[str, Tensor]) -> dict[str, Tensor]:
         "w_q": w_q,
         "key": key,
         "w_logit": torch.bmm(w_q.mT, key),
-        "b_query": torch.baddbmm(p["to_q.bias"].unsqueeze(2), p["to_q.weight"], p["norm_slots.bias"].unsqueeze(2)).squeeze(2),
+        "b_query": torch.baddbmm(
+            p["to_q.bias"].unsqueeze(2), p["to_q.weight"], p["norm_slots.bias"].unsqueeze(2)
+        ).squeeze(2),
         "w_gru": torch.cat([from_context, from_hidden], dim=2),
         "b_gru": torch.cat([b_iv[:, : 2 * dim] + b_hh[:, : 2 * dim], b_iv[:, 2 * dim :], b_hh[:, 2 * dim :]], dim=1),
         "w_mlp1": p["mlp.0.weight"] * p["norm_pre_ff.weight"].unsqueeze(1),
-        "b_mlp1": torch.baddbmm(p["mlp.0.bias"].unsqueeze(2), p["mlp.0.weight"], p["norm_pre_ff.bias"].unsqueeze(2)).squeeze(2),
+        "b_mlp1": torch.baddbmm(
+            p["mlp.0.bias"].unsqueeze(2), p["mlp.0.weight"], p["norm_pre_ff.bias"].unsqueeze(2)
+        ).squeeze(2),
     }
 
 
@@ -155,12 +166,18 @@ def fold(p: dict[str, Tensor]) -> dict[str, Tensor]:
 # ----------------------------------------------------------------------------------
 
 
-def _forward_fake(x_img, x_aud, mask_img, mask_aud, slots_init, params, iters, eps, ln_eps, compute_dtype, out_dtype) -> list[Tensor]:  # noqa: ANN001
+def _forward_fake(
+    x_img, x_aud, mask_img, mask_aud, slots_init, params, iters, eps, ln_eps, compute_dtype, out_dtype
+) -> list[Tensor]:  # noqa: ANN001
     shapes = _Shapes(x_img, x_aud, slots_init, params, iters)
     dtype = io_dtype(compute_dtype)
     p = {name: t.to(dtype) for name, t in zip(PARAMETERS, params)}
     folded = fold(p)
-    return _forward_outputs(shapes, x_img.device, out_dtype) + _saved_buffers(shapes, x_img.device, dtype) + [folded[k] for k in _FOLDED]
+    return (
+        _forward_outputs(shapes, x_img.device, out_dtype)
+        + _saved_buffers(shapes, x_img.device, dtype)
+        + [folded[k] for k in _FOLDED]
+    )
 
 
 def _forward_outputs(shapes: _Shapes, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
@@ -252,7 +269,9 @@ def _forward(
 # ----------------------------------------------------------------------------------
 
 
-def _backward_fake(grads, x_img, x_aud, mask_img, mask_aud, slots_init, params, saved, iters, eps, ln_eps) -> list[Tensor]:  # noqa: ANN001
+def _backward_fake(
+    grads, x_img, x_aud, mask_img, mask_aud, slots_init, params, saved, iters, eps, ln_eps
+) -> list[Tensor]:  # noqa: ANN001
     return [torch.empty_like(x_img), torch.empty_like(x_aud), torch.empty_like(slots_init)] + [
         torch.empty(shape, device=x_img.device, dtype=dtype) for shape, dtype in _grad_buffer_layout(params)
     ]
@@ -272,7 +291,10 @@ def _grad_buffer_layout(params: list[Tensor]) -> list[tuple[tuple[int, ...], tor
     """(shape, dtype) of each of _backward's parameter buffers."""
     p = dict(zip(PARAMETERS, params))
     dim = p["to_q.weight"].shape[-1]
-    special = {"norm_input": ((3, 2, dim), p["norm_input.weight"].dtype), "gru.bias_ih": ((2, 4 * dim), p["gru.bias_ih"].dtype)}
+    special = {
+        "norm_input": ((3, 2, dim), p["norm_input.weight"].dtype),
+        "gru.bias_ih": ((2, 4 * dim), p["gru.bias_ih"].dtype),
+    }
     return [special.get(name) or (tuple(p[name].shape), p[name].dtype) for name in _GRAD_BUFFERS]
 
 
@@ -334,7 +356,9 @@ def _backward(
         ]
     g_query = None  # dL/dQ of the last queries, from the q outputs and the cross-modal maps
     if g_q_img is not None or g_q_aud is not None:
-        g_query = torch.stack([g if g is not None else query.new_zeros(shapes.batch, shapes.num_slots, d) for g in (g_q_img, g_q_aud)])
+        g_query = torch.stack(
+            [g if g is not None else query.new_zeros(shapes.batch, shapes.num_slots, d) for g in (g_q_img, g_q_aud)]
+        )
         g_query = g_query.to(dtype).view(2, r, d)
 
     for n in reversed(range(iters)):
@@ -363,7 +387,11 @@ def _backward(
         if last:
             if has["ca"]:  # G' = Q [W_k | b_k] of the other modality
                 key_cross = f["key"].flip(0).mT
-                g_query = torch.bmm(grad_cross, key_cross) if g_query is None else torch.baddbmm(g_query, grad_cross, key_cross)
+                g_query = (
+                    torch.bmm(grad_cross, key_cross)
+                    if g_query is None
+                    else torch.baddbmm(g_query, grad_cross, key_cross)
+                )
             if g_query is not None:
                 grad_norm = torch.baddbmm(grad_norm, g_query, f["w_q"])
         target = grad_slots[:, n - 1] if n > 0 else grad_s0
@@ -401,8 +429,14 @@ def _backward(
     parameter_grads["mlp.2.weight"] = torch.bmm(over_iterations(grad_slots).mT, mlp_all)
     parameter_grads["mlp.2.bias"] = over_iterations(grad_slots).sum(1)
     parameter_grads["norm_input"] = partial.sum(0)
-    out = [grad_x_img.to(x_img.dtype), grad_x_aud.to(x_aud.dtype), grad_s0.view(2 * shapes.batch, shapes.num_slots, d).sum(0).to(slots_init.dtype)]
-    return out + [parameter_grads[name].to(dtype) for name, (_, dtype) in zip(_GRAD_BUFFERS, _grad_buffer_layout(params))]
+    out = [
+        grad_x_img.to(x_img.dtype),
+        grad_x_aud.to(x_aud.dtype),
+        grad_s0.view(2 * shapes.batch, shapes.num_slots, d).sum(0).to(slots_init.dtype),
+    ]
+    return out + [
+        parameter_grads[name].to(dtype) for name, (_, dtype) in zip(_GRAD_BUFFERS, _grad_buffer_layout(params))
+    ]
 
 
 def _unfold_grads(g: dict[str, Tensor], f: dict[str, Tensor], p: dict[str, Tensor], dim: int) -> dict[str, Tensor]:
@@ -415,7 +449,9 @@ def _unfold_grads(g: dict[str, Tensor], f: dict[str, Tensor], p: dict[str, Tenso
     g, f = {k: v.to(dtype) for k, v in g.items()}, {k: v.to(dtype) for k, v in f.items()}
     out = {}
     # w_logit = W_q'^T key, Q = s̃ W_q'^T + b_query, W_q' = W_q diag(γ_slots), b_query = W_q β_slots + b_q
-    g_w_q = torch.bmm(f["key"], g["w_logit"].mT) if "w_q" not in g else torch.baddbmm(g["w_q"], f["key"], g["w_logit"].mT)
+    g_w_q = (
+        torch.bmm(f["key"], g["w_logit"].mT) if "w_q" not in g else torch.baddbmm(g["w_q"], f["key"], g["w_logit"].mT)
+    )
     g_w_q_scaled = g_w_q * p["norm_slots.weight"].unsqueeze(1)
     out["norm_slots.weight"] = (g_w_q * p["to_q.weight"]).sum(1)
     if "b_query" in g:
@@ -424,7 +460,10 @@ def _unfold_grads(g: dict[str, Tensor], f: dict[str, Tensor], p: dict[str, Tenso
         out["to_q.bias"] = g["b_query"]
     else:  # b_q and β_slots reach nothing but the queries
         out["to_q.weight"] = g_w_q_scaled
-        out["norm_slots.bias"], out["to_q.bias"] = torch.zeros_like(p["norm_slots.bias"]), torch.zeros_like(p["to_q.bias"])
+        out["norm_slots.bias"], out["to_q.bias"] = (
+            torch.zeros_like(p["norm_slots.bias"]),
+            torch.zeros_like(p["to_q.bias"]),
+        )
     # key = [W_k | b_k], used by w_logit and by the cross-modal logits
     g_key_cross = g.get("key_cross")
     w_k_parts = []
@@ -437,14 +476,18 @@ def _unfold_grads(g: dict[str, Tensor], f: dict[str, Tensor], p: dict[str, Tenso
     # w_gru = [[W_iv,rz,n 0-padded] | [W_hh rz, 0, W_hh n]], W_iv = W_ih W_v, b_iv = W_ih b_v + b_ih
     g_w_iv = g["w_gru"][:, : 3 * dim, :dim]
     g_b_iv = g["b_gru"][:, : 3 * dim]
-    out["gru.weight_ih"] = torch.baddbmm(torch.bmm(g_w_iv, p["to_v.weight"].mT), g_b_iv.unsqueeze(2), p["to_v.bias"].unsqueeze(1))
+    out["gru.weight_ih"] = torch.baddbmm(
+        torch.bmm(g_w_iv, p["to_v.weight"].mT), g_b_iv.unsqueeze(2), p["to_v.bias"].unsqueeze(1)
+    )
     out["to_v.weight"] = torch.bmm(p["gru.weight_ih"].mT, g_w_iv)
     out["to_v.bias"] = torch.bmm(g_b_iv.unsqueeze(1), p["gru.weight_ih"]).squeeze(1)
     out["gru.weight_hh"] = torch.cat([g["w_gru"][:, : 2 * dim, dim:], g["w_gru"][:, 3 * dim :, dim:]], dim=1)
     out["gru.bias_ih"] = g["b_gru"]  # its first 3d; _to_parameter_grads takes the view
     out["gru.bias_hh"] = torch.cat([g["b_gru"][:, : 2 * dim], g["b_gru"][:, 3 * dim :]], dim=1)
     # w_mlp1 = W_1 diag(γ_ff), b_mlp1 = W_1 β_ff + b_1
-    out["mlp.0.weight"] = torch.baddbmm(g["w_mlp1"] * p["norm_pre_ff.weight"].unsqueeze(1), g["b_mlp1"].unsqueeze(2), p["norm_pre_ff.bias"].unsqueeze(1))
+    out["mlp.0.weight"] = torch.baddbmm(
+        g["w_mlp1"] * p["norm_pre_ff.weight"].unsqueeze(1), g["b_mlp1"].unsqueeze(2), p["norm_pre_ff.bias"].unsqueeze(1)
+    )
     out["norm_pre_ff.weight"] = (g["w_mlp1"] * p["mlp.0.weight"]).sum(1)
     out["norm_pre_ff.bias"] = torch.bmm(g["b_mlp1"].unsqueeze(1), p["mlp.0.weight"]).squeeze(1)
     out["mlp.0.bias"] = g["b_mlp1"]
@@ -508,5 +551,7 @@ def joint_slot_attention(
         raise ValueError("mask_img and mask_aud must be given together or not at all")
     if len(params) != len(PARAMETERS):
         raise ValueError(f"params must hold the {len(PARAMETERS)} stacked parameters {PARAMETERS}, got {len(params)}")
-    out = _forward(x_img, x_aud, mask_img, mask_aud, slots_init, list(params), iters, eps, list(ln_eps), compute_dtype, out_dtype)
+    out = _forward(
+        x_img, x_aud, mask_img, mask_aud, slots_init, list(params), iters, eps, list(ln_eps), compute_dtype, out_dtype
+    )
     return out[:_NUM_OUTPUTS]

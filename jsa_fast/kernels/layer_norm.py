@@ -70,10 +70,14 @@ def _masked_tokens(X_IMG, X_AUD, MASK_IMG, MASK_AUD, TOKEN, rows, cols, n_img_ro
     x += tl.load(X_AUD + aud_rows[:, None] * D + cols[None, :], mask=in_aud, other=0.0).to(ACC)
     masked = rows < 0
     if HAS_MASK:
-        flag = tl.load(MASK_IMG + img_rows, mask=valid & is_img, other=0) + tl.load(MASK_AUD + aud_rows, mask=valid & ~is_img, other=0)
+        flag = tl.load(MASK_IMG + img_rows, mask=valid & is_img, other=0) + tl.load(
+            MASK_AUD + aud_rows, mask=valid & ~is_img, other=0
+        )
         masked = flag != 0
         modality = tl.where(is_img, 0, 1).to(tl.int64)
-        token = tl.load(TOKEN + modality[:, None] * D + cols[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0).to(ACC)
+        token = tl.load(
+            TOKEN + modality[:, None] * D + cols[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0
+        ).to(ACC)
         x = tl.where(masked[:, None], token, x)
     return x, is_img, masked, valid
 
@@ -89,7 +93,9 @@ def ln_in_fwd_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask_d = cols < D
-    x, is_img, _, valid = _masked_tokens(X_IMG, X_AUD, MASK_IMG, MASK_AUD, TOKEN, rows, cols, n_img_rows, n_rows, D, HAS_MASK, ACC)
+    x, is_img, _, valid = _masked_tokens(
+        X_IMG, X_AUD, MASK_IMG, MASK_AUD, TOKEN, rows, cols, n_img_rows, n_rows, D, HAS_MASK, ACC
+    )
     y, _ = normalise(x, mask_d, D, eps)
     affine = tl.where(is_img, 0, D).to(tl.int64)[:, None] + cols[None, :]
     gamma = tl.load(W + affine, mask=mask_d[None, :], other=0.0).to(ACC)
@@ -114,18 +120,30 @@ def ln_in_bwd_kernel(
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask_d = cols < D
-    x, is_img, masked, valid = _masked_tokens(X_IMG, X_AUD, MASK_IMG, MASK_AUD, TOKEN, rows, cols, n_img_rows, n_rows, D, HAS_MASK, ACC)
+    x, is_img, masked, valid = _masked_tokens(
+        X_IMG, X_AUD, MASK_IMG, MASK_AUD, TOKEN, rows, cols, n_img_rows, n_rows, D, HAS_MASK, ACC
+    )
     y, rstd = normalise(x, mask_d, D, eps)
     in_rows = valid[:, None] & mask_d[None, :]
     g = tl.load(G_OUT + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=in_rows, other=0.0).to(ACC)
-    gamma = tl.load(W + tl.where(is_img, 0, D).to(tl.int64)[:, None] + cols[None, :], mask=mask_d[None, :], other=0.0).to(ACC)
+    gamma = tl.load(
+        W + tl.where(is_img, 0, D).to(tl.int64)[:, None] + cols[None, :], mask=mask_d[None, :], other=0.0
+    ).to(ACC)
     gx = normalise_backward(g * gamma, y, rstd, mask_d, D)
 
     img_rows = tl.where(is_img, rows, 0).to(tl.int64)
     aud_rows = tl.where(is_img, 0, rows - n_img_rows).to(tl.int64)
     gx_out = tl.where(masked[:, None], 0.0, gx)
-    tl.store(GX_IMG + img_rows[:, None] * D + cols[None, :], gx_out.to(GX_IMG.dtype.element_ty), mask=in_rows & is_img[:, None])
-    tl.store(GX_AUD + aud_rows[:, None] * D + cols[None, :], gx_out.to(GX_AUD.dtype.element_ty), mask=in_rows & ~is_img[:, None])
+    tl.store(
+        GX_IMG + img_rows[:, None] * D + cols[None, :],
+        gx_out.to(GX_IMG.dtype.element_ty),
+        mask=in_rows & is_img[:, None],
+    )
+    tl.store(
+        GX_AUD + aud_rows[:, None] * D + cols[None, :],
+        gx_out.to(GX_AUD.dtype.element_ty),
+        mask=in_rows & ~is_img[:, None],
+    )
 
     base = PARTIAL + pid.to(tl.int64) * 6 * D + cols
     row_modality = tl.where(is_img, 0, 1)
@@ -197,10 +215,17 @@ def slot_norm_bwd_kernel(
     modality = (rows // rows_per_m).to(tl.int64)
     r = (rows % rows_per_m).to(tl.int64)
     flat = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    s = tl.load(S_PREV + (modality * stride_s_m + r * stride_s_r)[:, None] + cols[None, :], mask=in_rows, other=0.0).to(ACC)
+    s = tl.load(S_PREV + (modality * stride_s_m + r * stride_s_r)[:, None] + cols[None, :], mask=in_rows, other=0.0).to(
+        ACC
+    )
     y, rstd = normalise(s, mask_d, D, eps)
     g = normalise_backward(tl.load(G_NORM + flat, mask=in_rows, other=0.0).to(ACC), y, rstd, mask_d, D)
     g += tl.load(G_DIRECT + flat, mask=in_rows, other=0.0).to(ACC)
-    g += tl.load(G_HIDDEN + (modality * rows_per_m * stride_gh_r + r * stride_gh_r)[:, None] + cols[None, :], mask=in_rows, other=0.0).to(ACC)
-    tl.store(G_OUT + (modality * stride_out_m + r * D)[:, None] + cols[None, :], g.to(G_OUT.dtype.element_ty), mask=in_rows)
-
+    g += tl.load(
+        G_HIDDEN + (modality * rows_per_m * stride_gh_r + r * stride_gh_r)[:, None] + cols[None, :],
+        mask=in_rows,
+        other=0.0,
+    ).to(ACC)
+    tl.store(
+        G_OUT + (modality * stride_out_m + r * D)[:, None] + cols[None, :], g.to(G_OUT.dtype.element_ty), mask=in_rows
+    )

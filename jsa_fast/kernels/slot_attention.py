@@ -98,7 +98,9 @@ def attention_fwd_kernel(
     per-modality outputs (B x L x S, B x L, B x L, B x S x d).
     """
     ACC = tl.float64 if FP64 else tl.float32
-    modality, b, length, first_token, offs_l, offs_s, slot_rows, mask_l, mask_s = _program(batch, l_img, l_aud, S, BLOCK_L, BLOCK_S)
+    modality, b, length, first_token, offs_l, offs_s, slot_rows, mask_l, mask_s = _program(
+        batch, l_img, l_aud, S, BLOCK_L, BLOCK_S
+    )
     offs_d = tl.arange(0, BLOCK_D)
     x_rows = X + (first_token + offs_l)[:, None] * D
     g_rows = G + modality * stride_g_m + slot_rows[:, None] * (D + 1)
@@ -131,7 +133,9 @@ def attention_fwd_kernel(
         attn_offs = (b * length + offs_l)[:, None] * S + offs_s[None, :]
         _store_by_modality(ATTN_IMG, ATTN_AUD, modality, attn_offs, a_hat, mask_l[:, None] & mask_s[None, :])
         _store_by_modality(IA_IMG, IA_AUD, modality, b * length + offs_l, _column_zero(a_hat, offs_s), mask_l)
-        cx = tl.load(GX + (1 - modality) * batch * S * (D + 1) + slot_rows * (D + 1) + D, mask=mask_s, other=0.0).to(ACC)
+        cx = tl.load(GX + (1 - modality) * batch * S * (D + 1) + slot_rows * (D + 1) + D, mask=mask_s, other=0.0).to(
+            ACC
+        )
         _, a_cross, _ = _normalised_attention(scale * (logits_x + cx[None, :]), mask_l, mask_s, eps)
         _store_by_modality(CA_IMG, CA_AUD, modality, b * length + offs_l, _column_zero(a_cross, offs_s), mask_l)
         q_rows = Q + modality * batch * S * D + slot_rows[:, None] * D
@@ -161,7 +165,9 @@ def attention_bwd_kernel(
     queries' rows of GRAD_GX (2 x R x (d+1)) and scale dM' g' in dx̂.
     """
     ACC = tl.float64 if FP64 else tl.float32
-    modality, b, length, first_token, offs_l, offs_s, slot_rows, mask_l, mask_s = _program(batch, l_img, l_aud, S, BLOCK_L, BLOCK_S)
+    modality, b, length, first_token, offs_l, offs_s, slot_rows, mask_l, mask_s = _program(
+        batch, l_img, l_aud, S, BLOCK_L, BLOCK_S
+    )
     mask_ls = mask_l[:, None] & mask_s[None, :]
     offs_d = tl.arange(0, BLOCK_D)
     x_rows = X + (first_token + offs_l)[:, None] * D
@@ -188,7 +194,9 @@ def attention_bwd_kernel(
     p, a_hat, col = _normalised_attention(scale * (logits + c[None, :]), mask_l, mask_s, eps)
     map_offs = b * length + offs_l
     if LAST and HAS_G_ATTN:
-        g_hat += _load_by_modality(G_ATTN_IMG, G_ATTN_AUD, modality, map_offs[:, None] * S + offs_s[None, :], mask_ls, ACC)
+        g_hat += _load_by_modality(
+            G_ATTN_IMG, G_ATTN_AUD, modality, map_offs[:, None] * S + offs_s[None, :], mask_ls, ACC
+        )
     if LAST and HAS_G_IA:
         g_ia = _load_by_modality(G_IA_IMG, G_IA_AUD, modality, map_offs, mask_l, ACC)
         g_hat += tl.where(offs_s[None, :] == 0, g_ia[:, None], 0.0)
@@ -204,7 +212,9 @@ def attention_bwd_kernel(
         cx = tl.load(GX + cross + D, mask=mask_s, other=0.0).to(ACC)
         p_x, a_x, col_x = _normalised_attention(scale * (logits_x + cx[None, :]), mask_l, mask_s, eps)
         g_ca = _load_by_modality(G_CA_IMG, G_CA_AUD, modality, map_offs, mask_l, ACC)
-        g_mx = scale * _softmax_key_norm_backward(tl.where(offs_s[None, :] == 0, g_ca[:, None], 0.0), p_x, a_x, col_x, mask_ls)
+        g_mx = scale * _softmax_key_norm_backward(
+            tl.where(offs_s[None, :] == 0, g_ca[:, None], 0.0), p_x, a_x, col_x, mask_ls
+        )
         tl.store(GRAD_GX + cross + D, tl.sum(g_mx, axis=0).to(GRAD_GX.dtype.element_ty), mask=mask_s)
 
     gx_out_rows = GRAD_X + (first_token + offs_l)[:, None] * D
@@ -217,11 +227,19 @@ def attention_bwd_kernel(
         g = tl.load(g_rows + cols[None, :], mask=mask_sd, other=0.0).to(ACC)
         g_ctx = tl.load(gctx_rows + cols[None, :], mask=mask_sd, other=0.0).to(ACC)
         grad_x = tl.sum(a_hat[:, :, None] * g_ctx[None, :, :] + g_m[:, :, None] * g[None, :, :], axis=1)
-        tl.store(dg_rows + cols[None, :], tl.sum(g_m[:, :, None] * x[:, None, :], axis=0).to(GRAD_G.dtype.element_ty), mask=mask_sd)
+        tl.store(
+            dg_rows + cols[None, :],
+            tl.sum(g_m[:, :, None] * x[:, None, :], axis=0).to(GRAD_G.dtype.element_ty),
+            mask=mask_sd,
+        )
         if LAST and HAS_G_CA:
             gx = tl.load(gx_rows + cols[None, :], mask=mask_sd, other=0.0).to(ACC)
             grad_x += tl.sum(g_mx[:, :, None] * gx[None, :, :], axis=1)
-            tl.store(dgx_rows + cols[None, :], tl.sum(g_mx[:, :, None] * x[:, None, :], axis=0).to(GRAD_GX.dtype.element_ty), mask=mask_sd)
+            tl.store(
+                dgx_rows + cols[None, :],
+                tl.sum(g_mx[:, :, None] * x[:, None, :], axis=0).to(GRAD_GX.dtype.element_ty),
+                mask=mask_sd,
+            )
         if ACCUMULATE:
             grad_x += tl.load(gx_out_rows + cols[None, :], mask=mask_ld, other=0.0).to(ACC)
         tl.store(gx_out_rows + cols[None, :], grad_x.to(GRAD_X.dtype.element_ty), mask=mask_ld)
