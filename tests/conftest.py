@@ -25,4 +25,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The micro synthetic world of the training, evaluation and CLI tests: 10 training
     items (train_000000..9), 6 annotated test items, 64 x 64 images, 1 s of audio. Read
     only: copy it to change it."""
-    return generate_synthetic_dataset(tmp_path_factory.mktemp("world"), n_train=10, n_test=6, seed=3, image_size=64, audio_seconds=1.0)
+    return generate_synthetic_dataset(
+        tmp_path_factory.mktemp("world"), n_train=10, n_test=6, seed=3, image_size=64, audio_seconds=1.0
+    )

@@ -29,9 +29,16 @@ def read_record(path: Path) -> dict:
 
 def test_kreciprocal_benchmark(tmp_path):
     out = tmp_path / "kreciprocal.json"
-    assert load_benchmark("kreciprocal").main(["--device", "cpu", "--batch", "16", "64", "--dim", "8", "--k", "4", "--repeats", "2", "--json", str(out)]) == 0
+    assert (
+        load_benchmark("kreciprocal").main(
+            ["--device", "cpu", "--batch", "16", "64", "--dim", "8", "--k", "4", "--repeats", "2", "--json", str(out)]
+        )
+        == 0
+    )
     record = read_record(out)
-    assert [(row["B"], row["input"]) for row in record["rows"]] == [(b, i) for b in (16, 64) for i in ("random", "collapsed-0.1", "collapsed-0.01")]
+    assert [(row["B"], row["input"]) for row in record["rows"]] == [
+        (b, i) for b in (16, 64) for i in ("random", "collapsed-0.1", "collapsed-0.01")
+    ]
     assert all(row["identical"] for row in record["rows"])  # extension == reference, bit for bit
 
 
@@ -66,7 +73,20 @@ def test_train_step_benchmark(tmp_path):
 
 def test_video_tools_benchmark(tmp_path):
     out = tmp_path / "video_tools.json"
-    args = ["--clips", "2", "--seconds", "1", "--size", "64", "--workers", "1", "--localize-fps", "4", "--json", str(out)]
+    args = [
+        "--clips",
+        "2",
+        "--seconds",
+        "1",
+        "--size",
+        "64",
+        "--workers",
+        "1",
+        "--localize-fps",
+        "4",
+        "--json",
+        str(out),
+    ]
     assert load_benchmark("video_tools").main(args) == 0
     rows = read_record(out)["rows"]
     assert [(row["tool"], row["items"]) for row in rows] == [("prepare", 2), ("localize", 4)]  # 1 s at 4 maps/s

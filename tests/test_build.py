@@ -28,10 +28,14 @@ for arch_list in (None, "8.6"):
 """
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"), reason="needs a CUDA toolkit (nvcc)")
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"), reason="needs a CUDA toolkit (nvcc)"
+)
 def test_cuda_extension_builds_for_ampere_hopper_blackwell_and_ptx():
     env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
-    result = subprocess.run([sys.executable, "-c", ARCH_FLAGS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", ARCH_FLAGS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     default, override = (line.split() for line in result.stdout.splitlines()[-2:])
     assert default[0] == "True" and set(default[1:]) == {

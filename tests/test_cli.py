@@ -216,7 +216,17 @@ def bad_boxes(world: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
 
 def test_3_bad_boxes_are_listed_together_before_the_model_runs(good_run, bad_boxes, tmp_path):
     root, bad_ids = bad_boxes
-    result = cli("evaluate", "--checkpoint", str(good_run / "last.pt"), "--data", str(root), "--out", str(tmp_path / "eval"), "--num-workers", "0")
+    result = cli(
+        "evaluate",
+        "--checkpoint",
+        str(good_run / "last.pt"),
+        "--data",
+        str(root),
+        "--out",
+        str(tmp_path / "eval"),
+        "--num-workers",
+        "0",
+    )
     line = error_line(result.stderr, 2, result.returncode, "test.json", *bad_ids)
     assert "look like pixels" in line and "not ordered" in line and "covers no pixel at 64 x 64" in line
     assert not (tmp_path / "eval").exists()  # it stopped before the model ran
@@ -224,7 +234,16 @@ def test_3_bad_boxes_are_listed_together_before_the_model_runs(good_run, bad_box
 
 def test_3_skip_evaluates_the_items_with_good_boxes(good_run, bad_boxes, tmp_path, capsys):
     root, bad_ids = bad_boxes
-    args = ["--checkpoint", str(good_run / "last.pt"), "--data", str(root), "--out", str(tmp_path / "eval"), "--num-workers", "0"]
+    args = [
+        "--checkpoint",
+        str(good_run / "last.pt"),
+        "--data",
+        str(root),
+        "--out",
+        str(tmp_path / "eval"),
+        "--num-workers",
+        "0",
+    ]
     with pytest.warns(UserWarning, match="skipping 3 id") as caught:
         status, err = in_process(evaluate_main, [*args, "--on-bad-file", "skip"], capsys)
     assert status == 0, err
@@ -259,7 +278,9 @@ def test_4_resume_refuses_other_training_items_unless_allowed(good_run, world, t
     status, err = in_process(train_main, ["--out", str(out), "--resume", "--epochs", "2", "--data", str(other)], capsys)
     error_line(err, 2, status, "--resume", str(other), "9 now, 10 then", "--allow-changes")
     assert run_files(out) == before
-    status, err = in_process(train_main, ["--out", str(out), "--resume", "--epochs", "2", "--data", str(other), "--allow-changes"], capsys)
+    status, err = in_process(
+        train_main, ["--out", str(out), "--resume", "--epochs", "2", "--data", str(other), "--allow-changes"], capsys
+    )
     assert status == 0, err
     assert load_checkpoint(out / "last.pt")["data_fingerprint"]["items"] == N_TRAIN - 1
 
@@ -267,7 +288,9 @@ def test_4_resume_refuses_other_training_items_unless_allowed(good_run, world, t
 def test_4_resume_refuses_flags_that_change_the_model_or_loss(good_run, tmp_path, capsys):
     out = copy_run(good_run, tmp_path)
     before = run_files(out)
-    status, err = in_process(train_main, ["--out", str(out), "--resume", "--epochs", "2", "--tau", "0.5", "--preset", "tiny"], capsys)
+    status, err = in_process(
+        train_main, ["--out", str(out), "--resume", "--epochs", "2", "--tau", "0.5", "--preset", "tiny"], capsys
+    )
     # --preset tiny brings tiny's dim 64 back over the run's 16: named as well
     error_line(err, 2, status, "--tau 0.03 then, 0.5 now", "--dim 16 then, 64 now", "--allow-changes")
     assert run_files(out) == before
@@ -291,7 +314,9 @@ def test_5_a_batch_that_skipping_made_smaller_than_k_still_trains(nan_world, tmp
     root, name = nan_world
     out = tmp_path / "skip"
     with pytest.warns(UserWarning, match=f"{name}.wav"):
-        status, err = in_process(train_main, train_args(root, out, "--epochs", "2", "--k", "4", "--on-bad-file", "skip"), capsys)
+        status, err = in_process(
+            train_main, train_args(root, out, "--epochs", "2", "--k", "4", "--on-bad-file", "skip"), capsys
+        )
     assert status == 0, err[-3000:]
     assert err.count("k-reciprocal k 4 -> 3") == 1  # stated once
     state = load_checkpoint(out / "last.pt")
@@ -352,7 +377,9 @@ def test_7_a_missing_file_is_one_line_naming_it(world, tmp_path, capsys):
     (root / "audio" / "train_000003.wav").unlink()
     (root / "frames" / "train_000007.jpg").write_bytes(b"not a jpeg")
     status, err = in_process(train_main, train_args(root, tmp_path / "out"), capsys)
-    error_line(err, 2, status, "2 data problem(s)", "train_000003.wav: missing", "train_000007.jpg: not a readable image")
+    error_line(
+        err, 2, status, "2 data problem(s)", "train_000003.wav: missing", "train_000007.jpg: not a readable image"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -419,7 +446,14 @@ def test_8_a_resume_after_kill_9_drops_stale_temporaries_and_repeats_no_step(goo
     assert "dropped 2 line(s)" in capsys.readouterr().out
     assert not stale.exists()
     records = strict_records(out / "metrics.jsonl")
-    assert [(r["kind"], r["step"]) for r in records] == [("step", 1), ("step", 2), ("epoch", 2), ("step", 3), ("step", 4), ("epoch", 4)]
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("step", 1),
+        ("step", 2),
+        ("epoch", 2),
+        ("step", 3),
+        ("step", 4),
+        ("epoch", 4),
+    ]
     assert without_timings(records) == without_timings(strict_records(straight / "metrics.jsonl"))
     resumed, reference = load_checkpoint(out / "last.pt")["model"], load_checkpoint(straight / "last.pt")["model"]
     assert all(torch.equal(resumed[key], value) for key, value in reference.items())
@@ -450,7 +484,9 @@ def test_8_a_full_disk_says_so_and_keeps_last_pt(good_run, tmp_path):
         ls -a {out} > {tmp_path}/listing
     """
     environment = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    subprocess.run(["unshare", "-r", "-m", "bash", "-c", script], cwd=REPOSITORY, check=True, timeout=300, env=environment)
+    subprocess.run(
+        ["unshare", "-r", "-m", "bash", "-c", script], cwd=REPOSITORY, check=True, timeout=300, env=environment
+    )
     stderr = (tmp_path / "stderr").read_text()
     status = int((tmp_path / "status").read_text())
     error_line(stderr, 1, status, "no space left on the device", "last.pt", "the previous last.pt is unchanged")
@@ -471,7 +507,11 @@ def test_8_metrics_are_strict_json(tmp_path):
 def test_a_diverging_run_stops_before_overwriting_last_pt(good_run, tmp_path, capsys):
     out = copy_run(good_run, tmp_path)
     before = run_files(out)
-    status, err = in_process(train_main, ["--out", str(out), "--resume", "--epochs", "2", "--k", "0", "--lr", "1e30", "--allow-changes"], capsys)
+    status, err = in_process(
+        train_main,
+        ["--out", str(out), "--resume", "--epochs", "2", "--k", "0", "--lr", "1e30", "--allow-changes"],
+        capsys,
+    )
     batch = [f"train_{i:06d}" for i in epoch_batches(N_TRAIN, BATCH, SEED, 1, 0)[1]]
     line = error_line(err, 1, status, "step 4 (epoch 2)", ", ".join(batch), "not finite", "--lr")
     assert f"{out / 'last.pt'} is unchanged (step 2, 1 epoch(s) done)" in line

@@ -39,7 +39,9 @@ def test_the_whole_objective_compiles_as_one_graph():
         torch.testing.assert_close(terms[name], expected[name], rtol=1e-5, atol=1e-6)
     for (name, reference), parameter in zip(eager_model.named_parameters(), compiled_model.parameters()):
         atol = max(1e-7, 1e-5 * float(reference.grad.abs().max()))
-        torch.testing.assert_close(parameter.grad, reference.grad, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            parameter.grad, reference.grad, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_compile_flag_and_preset_defaults():

@@ -58,7 +58,14 @@ def test_kernels_compile_without_spills_at_every_shape(tmp_path):
 
 def test_compile_check_refuses_to_run_interpreted():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "jsa_fast.kernels.compile_check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "jsa_fast.kernels.compile_check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "TRITON_INTERPRET" in result.stderr
 
 
@@ -93,5 +100,12 @@ def test_gpu_op_bodies_trace_on_fake_cuda_tensors():
     # On a GPU the ops are triton_op's whose bodies launch through wrap_triton; no GPU here,
     # but their Python (launch configurations, buffers, dtypes) runs on fake CUDA tensors.
     env = compiling_env()
-    result = subprocess.run([sys.executable, "-c", GPU_OPS_ON_FAKE_CUDA_TENSORS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", GPU_OPS_ON_FAKE_CUDA_TENSORS],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr

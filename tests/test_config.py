@@ -29,7 +29,6 @@ FLAT_FIELDS = (
 ).split()
 
 
-
 def test_every_flat_setting_is_a_flag_of_the_nested_config():
     assert set(SETTINGS) == set(FLAT_FIELDS)
     parser = build_parser()
@@ -41,7 +40,19 @@ def test_every_flat_setting_is_a_flag_of_the_nested_config():
     assert flags["--directions"].metavar == "{sum,mean}" and flags["--augment"].metavar == "{released,flip,none}"
     assert "128 (tiny)" in flags["--mlp-hidden"].help and "1024 (paper)" in flags["--mlp-hidden"].help
     assert flags["--pretrained"] is flags["--pretrained-image"] and flags["--no-compile"].dest == "compile"
-    args = ["--synth-train", "7", "--image-size", "96", "--audio-seconds", "1.5", "--pretrained", "w.pth", "--mlp-hidden", "48", "--no-compile"]
+    args = [
+        "--synth-train",
+        "7",
+        "--image-size",
+        "96",
+        "--audio-seconds",
+        "1.5",
+        "--pretrained",
+        "w.pth",
+        "--mlp-hidden",
+        "48",
+        "--no-compile",
+    ]
     cfg = config_from_args(parser.parse_args(args), "paper")
     assert (cfg.synth.n_train, cfg.data.image.size, cfg.data.audio.seconds) == (7, 96, 1.5)
     assert (cfg.optim.pretrained_image, cfg.model.mlp_hidden, cfg.optim.compile) == ("w.pth", 48, False)
@@ -90,7 +101,10 @@ def test_a_checkpoint_written_before_the_nested_configs_loads_resumes_and_evalua
     save_checkpoint(state, old / "last.pt")
 
     assert saved_config(load_checkpoint(old / "last.pt")["config"], "last.pt") == MICRO.overridden(epochs=1)
-    assert evaluate_main(["--checkpoint", str(old / "last.pt"), "--out", str(tmp_path / "eval"), "--num-workers", "0"]) == 0
+    assert (
+        evaluate_main(["--checkpoint", str(old / "last.pt"), "--out", str(tmp_path / "eval"), "--num-workers", "0"])
+        == 0
+    )
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["n"] == 6
     assert train_main(["--out", str(old), "--resume", "--epochs", "2", "--data", str(world)]) == 0
     resumed = load_checkpoint(old / "last.pt")
@@ -137,7 +151,9 @@ def test_a_default_changed_in_its_one_place_reaches_the_flags_the_module_and_the
         }}))
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path / "src", capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path / "src", capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert "96 (paper)" in seen["help"] and "128 (tiny)" in seen.pop("help")  # the tiny preset overrides it

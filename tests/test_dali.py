@@ -38,7 +38,9 @@ needs_dali = pytest.mark.skipif(
 )
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]),
+    pytest.param(
+        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+    ),
 ]
 
 # Crop and flip only, no spectrogram masks: the training items the tests compare item by
@@ -60,9 +62,7 @@ POWER_RTOL = 1e-3  # power spectrogram |difference| over its peak
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_synthetic_dataset(
-        tmp_path_factory.mktemp("synth"), 8, 6, seed=5, image_size=64, audio_seconds=0.7
-    )
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("synth"), 8, 6, seed=5, image_size=64, audio_seconds=0.7)
 
 
 @pytest.fixture
@@ -105,7 +105,9 @@ def _assert_matches_torch_path(
         f"power max rel {max(e[1] for e in spec_errors):.2e}; "
         f"image max abs {max(e.max().item() for e in image_errors):.3f}"
     )
-    assert all(log_error < atol and power_error < POWER_RTOL for log_error, power_error, atol in spec_errors), spec_errors
+    assert all(log_error < atol and power_error < POWER_RTOL for log_error, power_error, atol in spec_errors), (
+        spec_errors
+    )
     assert max(e.max().item() for e in image_errors) < image_atol
     assert max(e.mean().item() for e in image_errors) < image_mean_atol  # most pixels agree exactly
     if split == "test":
@@ -172,7 +174,9 @@ def _test_items_as_videos(root: Path, device: str) -> None:
     (root / "videos").mkdir()
     for frame_path in sorted((root / "frames").glob("test_*.jpg")):
         pixels = np.asarray(load_image(frame_path))
-        _write_video(root / "videos" / f"{frame_path.stem}.mp4", [255 - pixels] * 2 + [pixels] + [255 - pixels] * 2, codec)
+        _write_video(
+            root / "videos" / f"{frame_path.stem}.mp4", [255 - pixels] * 2 + [pixels] + [255 - pixels] * 2, codec
+        )
         frame_path.unlink()
 
 
@@ -193,7 +197,9 @@ def test_a_data_set_of_videos_is_decoded_by_dalis_video_decoder(root_copy: Path,
 @pytest.mark.parametrize("device", DEVICES)
 def test_train_batches_are_crops_of_the_resize_and_reproducible(synth_root: Path, device: str) -> None:
     def run(seed: int, epochs: int = 2) -> list[list[dict]]:
-        loader = make_dali_loader(AudioVisualDataset(synth_root, "train", IMAGE, AUDIO), 3, True, seed, device=device, drop_last=True)
+        loader = make_dali_loader(
+            AudioVisualDataset(synth_root, "train", IMAGE, AUDIO), 3, True, seed, device=device, drop_last=True
+        )
         assert len(loader) == 2
         return [list(loader) for _ in range(epochs)]
 
@@ -240,7 +246,9 @@ def test_shards_partition_thelist(num_items: int, num_shards: int, drop_last: bo
         assert set(covered) == set(range(num_items)) and len(covered) == -(-num_items // num_shards) * num_shards
     # the shards of a global batch are its contiguous slices, in shard order (training's world.shard)
     whole = epoch_batches(num_items, 2 * num_shards, 3, 1, drop_last=drop_last)
-    assert [sum(parts, []) for parts in zip(*planned)][: len(whole) - (not drop_last)] == whole[: len(whole) - (not drop_last)]
+    assert [sum(parts, []) for parts in zip(*planned)][: len(whole) - (not drop_last)] == whole[
+        : len(whole) - (not drop_last)
+    ]
     unshuffled = epoch_batches(5, 2, 3, 0, shuffle=False, drop_last=False)
     assert unshuffled == [[0, 1], [2, 3], [4]] and epoch_batches(5, 2, 3, 0, shuffle=False) == [[0, 1], [2, 3]]
     assert epoch_batches(8, 3, 9, 4, start=1) == epoch_batches(8, 3, 9, 4)[1:]
@@ -274,7 +282,9 @@ def test_a_corrupt_jpeg_is_named_or_skipped(root_copy: Path) -> None:
         list(loader)
     assert caught.value.problems[0][0] == jpeg
 
-    skipping = make_dali_loader(AudioVisualDataset(root_copy, "test", IMAGE, AUDIO, on_bad_file="skip"), 2, False, 0, device="cpu")
+    skipping = make_dali_loader(
+        AudioVisualDataset(root_copy, "test", IMAGE, AUDIO, on_bad_file="skip"), 2, False, 0, device="cpu"
+    )
     with pytest.warns(UserWarning, match="test_000004.jpg"):
         first = list(skipping)
     expected = [["test_000000", "test_000001"], ["test_000002", "test_000003"], ["test_000005"]]
@@ -298,7 +308,9 @@ def test_the_gpu_pipeline_is_a_valid_dali_graph(root_copy: Path, videos: bool, a
     source = _Source(AudioVisualDataset(root_copy, "test", IMAGE, AUDIO))
     assert source.videos == videos
     image_cfg, audio_cfg = (RELEASED_IMAGE, RELEASED_AUDIO) if augment == "released" else (IMAGE, AUDIO)
-    pipeline = _build_pipeline(source, augment is not None, image_cfg, audio_cfg, batch_size=2, device_id=0, seed=1, num_threads=1)
+    pipeline = _build_pipeline(
+        source, augment is not None, image_cfg, audio_cfg, batch_size=2, device_id=0, seed=1, num_threads=1
+    )
     assert pipeline.device_id == 0
 
 
@@ -342,7 +354,6 @@ def test_bad_arguments_are_named(synth_root: Path) -> None:
     assert not dali_available("cuda:64")
 
 
-
 @pytest.fixture(scope="module")
 def one_item_many_times(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A training set of DRAWS copies (links) of one frame and its sound: each item is one
@@ -382,7 +393,9 @@ def test_released_augmentation_matches_the_torch_path_in_distribution(one_item_m
     dataset = AudioVisualDataset(one_item_many_times, "train", RELEASED_IMAGE, RELEASED_AUDIO)
     seeded = EpochSeededDataset(dataset, seed=0)  # as the training loop draws them
     items = [seeded[index] for index in range(DRAWS)]
-    torch_stats = _augmentation_statistics(torch.stack([i["image"] for i in items]), torch.stack([i["spec"] for i in items]))
+    torch_stats = _augmentation_statistics(
+        torch.stack([i["image"] for i in items]), torch.stack([i["spec"] for i in items])
+    )
     batches = list(make_dali_loader(dataset, 64, False, 0, device=device))
     dali_stats = _augmentation_statistics(_cat(batches, "image"), _cat(batches, "spec"))
     summary = {name: (float(torch_stats[name].mean()), float(dali_stats[name].mean())) for name in torch_stats}

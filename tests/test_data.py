@@ -77,9 +77,7 @@ def test_log_spectrogram_of_5_seconds_is_257_x_501_and_matches_stft() -> None:
         pad_mode="reflect",
         return_complex=True,
     )
-    torch.testing.assert_close(
-        (spec[0].double() * 12).exp(), stft64.abs() ** 2 + 1e-7, rtol=1e-4, atol=1e-9
-    )
+    torch.testing.assert_close((spec[0].double() * 12).exp(), stft64.abs() ** 2 + 1e-7, rtol=1e-4, atol=1e-9)
 
 
 def test_log_spectrogram_of_silence_is_log_of_the_floor() -> None:
@@ -108,9 +106,7 @@ def test_middle_clip_rejects_bad_input() -> None:
         middle_clip(torch.zeros(0), 4)
 
 
-@pytest.mark.parametrize(
-    ("subtype", "step"), [("PCM_16", 2.0**-15), ("PCM_24", 2.0**-23), ("FLOAT", 0.0)]
-)
+@pytest.mark.parametrize(("subtype", "step"), [("PCM_16", 2.0**-15), ("PCM_24", 2.0**-23), ("FLOAT", 0.0)])
 def test_load_audio_reads_every_sample_format(tmp_path: Path, subtype: str, step: float) -> None:
     values = np.array([0.0, 0.25, -0.5, 0.123456789, -0.9], dtype=np.float64)
     path = tmp_path / "clip.wav"
@@ -122,9 +118,7 @@ def test_load_audio_reads_every_sample_format(tmp_path: Path, subtype: str, step
 
 def test_load_audio_averages_channels(tmp_path: Path) -> None:
     path = tmp_path / "stereo.wav"
-    soundfile.write(
-        path, np.array([[0.5, -0.25], [0.0, 1.0], [-0.5, -0.5]]), 16000, subtype="FLOAT"
-    )
+    soundfile.write(path, np.array([[0.5, -0.25], [0.0, 1.0], [-0.5, -0.5]]), 16000, subtype="FLOAT")
     assert load_audio(path, 16000).tolist() == [0.125, 0.5, -0.5]
 
 
@@ -194,9 +188,7 @@ def test_eval_transform_resizes_to_a_square() -> None:
     flat = np.full((3, 5, 3), (200, 100, 50), dtype=np.uint8)  # 5 wide, 3 high
     out = eval_transform(ImageConfig(size=4, train_resize=4))(Image.fromarray(flat))
     assert out.shape == (3, 4, 4)
-    np.testing.assert_allclose(
-        out.numpy(), _normalised(np.full((4, 4, 3), (200, 100, 50), np.uint8)), atol=1e-6
-    )
+    np.testing.assert_allclose(out.numpy(), _normalised(np.full((4, 4, 3), (200, 100, 50), np.uint8)), atol=1e-6)
 
 
 def _train_output(seed: int, cfg: ImageConfig, image: Image.Image) -> torch.Tensor:
@@ -221,9 +213,7 @@ def test_train_transform_is_a_crop_of_the_resized_image_and_reproducible() -> No
 
 
 def test_released_train_transform_is_reproducible() -> None:
-    image = Image.fromarray(
-        np.random.default_rng(1).integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
-    )
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, size=(40, 40, 3), dtype=np.uint8))
     cfg = ImageConfig(size=32, train_resize=36, augment="released")
     first, second = _train_output(5, cfg, image), _train_output(5, cfg, image)
     assert first.shape == (3, 32, 32)
@@ -240,9 +230,7 @@ def _write_grey_video(path: Path, levels: list[int]) -> None:
         stream = container.add_stream("libx264", rate=5)
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
         for level in levels:
-            frame = av.VideoFrame.from_ndarray(
-                np.full((32, 32, 3), level, np.uint8), format="rgb24"
-            )
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), level, np.uint8), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
@@ -305,9 +293,7 @@ def test_read_flickr_boxes_skips_the_first_child(tmp_path: Path) -> None:
         "</annotation>"
     )
     assert read_flickr_boxes(path) == [(10, 20, 30, 40), (1, 2, 3, 4)]
-    path.write_text(
-        "<annotation><object><bbox><id>7</id><xmin>10</xmin></bbox></object></annotation>"
-    )
+    path.write_text("<annotation><object><bbox><id>7</id><xmin>10</xmin></bbox></object></annotation>")
     with pytest.raises(ValueError, match="a.xml"):
         read_flickr_boxes(path)
 
@@ -316,7 +302,10 @@ def test_read_flickr_boxes_skips_the_first_child(tmp_path: Path) -> None:
     ("box", "problem"),
     [
         ([0.1, 0.2, 0.5, 0.6], None),
-        ([10, 20, 40, 50], r"not inside the image \(VGG-SS coordinates are fractions in \[0, 1\]; these look like pixels\)"),
+        (
+            [10, 20, 40, 50],
+            r"not inside the image \(VGG-SS coordinates are fractions in \[0, 1\]; these look like pixels\)",
+        ),
         ([-0.1, 0.2, 0.5, 0.6], r"not inside the image \(VGG-SS coordinates are fractions in \[0, 1\]\)"),
         ([0.1, float("nan"), 0.5, 0.6], "not inside the image"),
         ([0.5, 0.2, 0.1, 0.6], "not ordered"),
@@ -367,9 +356,7 @@ def test_load_mask_resizes_nearest(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_synthetic_dataset(
-        tmp_path_factory.mktemp("synth"), 6, 4, seed=3, image_size=48, audio_seconds=0.3
-    )
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("synth"), 6, 4, seed=3, image_size=48, audio_seconds=0.3)
 
 
 @pytest.fixture
@@ -404,9 +391,7 @@ def test_vggss_test_items_carry_labels_gt_and_masks(synth_root: Path) -> None:
 
 def test_flickr_test_split_when_there_is_no_test_json(synth_root: Path, root_copy: Path) -> None:
     (root_copy / "test.json").unlink()
-    dataset = AudioVisualDataset(
-        root_copy, "test", ImageConfig(size=48, train_resize=48), SMALL_AUDIO
-    )
+    dataset = AudioVisualDataset(root_copy, "test", ImageConfig(size=48, train_resize=48), SMALL_AUDIO)
     assert dataset.gt_format == "flickr" and dataset.classes == []
     records = json.loads((synth_root / "test.json").read_text())
     assert dataset.ids == [record["file"] for record in records]
@@ -467,18 +452,14 @@ def test_construction_lists_every_bad_file(root_copy: Path) -> None:
     assert len(caught.value.problems) == 3
 
     with pytest.warns(UserWarning) as records:
-        dataset = AudioVisualDataset(
-            root_copy, "train", SMALL_IMAGE, SMALL_AUDIO, on_bad_file="skip"
-        )
+        dataset = AudioVisualDataset(root_copy, "train", SMALL_IMAGE, SMALL_AUDIO, on_bad_file="skip")
     assert len(records) == 1 and "train_000004.wav" in str(records[0].message)
     assert dataset.ids == ["train_000000", "train_000001", "train_000003"]
 
 
 def test_missing_frame_names_both_candidates(root_copy: Path) -> None:
     (root_copy / "frames" / "test_000000.jpg").unlink()
-    with pytest.raises(
-        BadFilesError, match=r"test_000000\.jpg: missing \(no .*videos/test_000000\.mp4"
-    ):
+    with pytest.raises(BadFilesError, match=r"test_000000\.jpg: missing \(no .*videos/test_000000\.mp4"):
         AudioVisualDataset(root_copy, "test", SMALL_IMAGE, SMALL_AUDIO)
 
 

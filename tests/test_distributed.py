@@ -38,7 +38,6 @@ def _with_gradient(key: str, value: torch.Tensor) -> torch.Tensor | None:
     return value[:-1] if key.endswith("decoder.mlp.6.bias") else value
 
 
-
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -74,11 +73,15 @@ def _check_model_gradients(rank: int) -> None:
     terms = loss_function(ddp, run_cfg, gather=gather_with_grad)(*(world.shard(t) for t in inputs))
     terms["loss"].backward()
     for name, value in terms.items():
-        torch.testing.assert_close(world.mean(value), expected[name], **TOLERANCE, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            world.mean(value), expected[name], **TOLERANCE, msg=lambda m, name=name: f"{name}: {m}"
+        )
     for (name, reference), parameter in zip(single.named_parameters(), parallel.parameters()):
         # InfoNCE's 1 / tau = 33 amplifies rounding: compare against each gradient's scale
         atol = max(1e-6, 1e-4 * float(reference.grad.abs().max()))
-        torch.testing.assert_close(parameter.grad, reference.grad, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            parameter.grad, reference.grad, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def _check_batchnorm_and_gather(rank: int) -> None:
@@ -174,7 +177,9 @@ def _assert_same_training(a: Path, b: Path) -> None:
         if (a_value := _with_gradient(key, state_a["model"][key])) is not None:
             torch.testing.assert_close(a_value, _with_gradient(key, state_b["model"][key]), **TOLERANCE, msg=key)
     records_a, records_b = _metric_records(a), _metric_records(b)
-    assert [(r["kind"], r["step"], r["epoch"]) for r in records_a] == [(r["kind"], r["step"], r["epoch"]) for r in records_b]
+    assert [(r["kind"], r["step"], r["epoch"]) for r in records_a] == [
+        (r["kind"], r["step"], r["epoch"]) for r in records_b
+    ]
     for ra, rb in zip(records_a, records_b):
         for name in ("loss", "loss_ctr", "loss_match", "loss_div", "loss_recon"):
             assert ra[name] == pytest.approx(rb[name], rel=1e-4, abs=1e-6), (ra["step"], name)
@@ -190,9 +195,25 @@ def test_two_processes_train_like_one_and_resume_with_one(world, tmp_path):
 
     pair = tmp_path / "pair"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "jsa_fast.train", "--data", str(world), "--out", str(pair), "--device", "cpu",
-        "--preset", "tiny", "--epochs", "1", *MICRO_FLAGS,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "jsa_fast.train",
+        "--data",
+        str(world),
+        "--out",
+        str(pair),
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--epochs",
+        "1",
+        *MICRO_FLAGS,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)

@@ -86,7 +86,9 @@ class Planted(nn.Module):
 
 def test_ogl_object_map_and_combination_against_hand_computed_arrays(resnet18_weights):
     saliency = ObjectSaliency(resnet18_weights)
-    torch.testing.assert_close(saliency.trunk.layer1[0].conv1.weight, torch.load(resnet18_weights)["layer1.0.conv1.weight"])
+    torch.testing.assert_close(
+        saliency.trunk.layer1[0].conv1.weight, torch.load(resnet18_weights)["layer1.0.conv1.weight"]
+    )
     # layer4 output: 512 channels of alternating sign, |value| = M = [[0, 3], [6, 9]].
     signs = torch.tensor([(-1.0) ** c for c in range(512)]).view(1, 512, 1, 1)
     saliency.trunk.layer4 = Planted(signs * torch.tensor([[0.0, 3.0], [6.0, 9.0]]))
@@ -172,7 +174,9 @@ def test_released_protocol_matches_a_transcription_of_the_released_code():
         assert summary["auc"] == pytest.approx(np.trapezoid(success, [0.05 * i for i in range(21)]), abs=1e-12)
     # The evaluator given the upsampling mode scores the 7 x 7 grid itself, as the protocol does.
     evaluator = LocalizationEvaluator(0.6, upsample="bicubic")
-    np.testing.assert_allclose([evaluator.update(ca[n], gts[n]) for n in range(count)], expected["av"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        [evaluator.update(ca[n], gts[n]) for n in range(count)], expected["av"], rtol=0, atol=1e-12
+    )
     assert len(AUC_THRESHOLDS) == 21
 
 
@@ -276,7 +280,9 @@ def test_two_targets_one_off_target_train_and_best_pt_is_chosen_on_validation(tr
     relabelled = tmp_path / "relabelled"
     shutil.copytree(world, relabelled, symlinks=True)
     tests = json.loads((world / "test.json").read_text())
-    (relabelled / "test.json").write_text(json.dumps([{**r, "class": "other", "bbox": [[0.0, 0.0, 0.5, 0.5]]} for r in tests]))
+    (relabelled / "test.json").write_text(
+        json.dumps([{**r, "class": "other", "bbox": [[0.0, 0.0, 0.5, 0.5]]} for r in tests])
+    )
     assert Validation(cfg, relabelled).score(model, torch.device("cpu")) == best["best_val"]
 
 
@@ -321,7 +327,13 @@ def test_items_csv_rows_match_the_aggregates_of_eval_json(trained, world, resnet
         rows = list(csv.DictReader(file))
     assert [row["id"] for row in rows] == ["test_000003", "test_000004", "test_000005"]
     for threshold, figures in results["by_threshold"].items():
-        for name, suffix in (("av", ""), ("iqr", "_iqr"), ("ogl", "_ogl"), ("obj", "_obj"), ("centre_prior", "_centre_prior")):
+        for name, suffix in (
+            ("av", ""),
+            ("iqr", "_iqr"),
+            ("ogl", "_ogl"),
+            ("obj", "_obj"),
+            ("centre_prior", "_centre_prior"),
+        ):
             cious = np.array([float(row[f"ciou_{name}@{threshold}"]) for row in rows])
             success = [np.mean(cious >= t) for t in AUC_THRESHOLDS]
             assert figures[f"ap50{suffix}"] == np.mean(cious >= 0.5)
@@ -358,12 +370,28 @@ def test_subset_of_class_names_and_ids(trained, world, tmp_path, capsys):
     subset = tmp_path / "subset.txt"
     subset.write_text(f"{tests[0]['class']}\n\n{tests[2]['file']}\n")
     expected = [r["file"] for r in tests if r["class"] == tests[0]["class"] or r["file"] == tests[2]["file"]]
-    status, _, _ = run_cli(["--checkpoint", trained / "last.pt", "--data", world, "--out", tmp_path, "--num-workers", 0, "--subset", subset], capsys)
+    status, _, _ = run_cli(
+        [
+            "--checkpoint",
+            trained / "last.pt",
+            "--data",
+            world,
+            "--out",
+            tmp_path,
+            "--num-workers",
+            0,
+            "--subset",
+            subset,
+        ],
+        capsys,
+    )
     assert status == 0
     with (tmp_path / "items.csv").open() as file:
         assert [row["id"] for row in csv.DictReader(file)] == expected
     subset.write_text("no_such_class\n")
-    status, _, err = run_cli(["--checkpoint", trained / "last.pt", "--data", world, "--out", tmp_path, "--subset", subset], capsys)
+    status, _, err = run_cli(
+        ["--checkpoint", trained / "last.pt", "--data", world, "--out", tmp_path, "--subset", subset], capsys
+    )
     assert status == 2 and "no_such_class" in err
 
 
@@ -401,8 +429,34 @@ def test_localize_makes_the_maps_evaluation_scores(trained, world, resnet18_weig
         obj = ObjectSaliency(resnet18_weights)(image)
         expected = scored_maps(inference.ca, inference.ia, obj, (64, 64), protocol)["ogl"][0]
     name = item["id"]
-    args = ["--checkpoint", trained / "last.pt", world / "frames" / f"{name}.jpg", "--audio", world / "audio" / f"{name}.wav", "--device", "cpu"]
-    assert localize_main([str(a) for a in [*args, "--out", tmp_path, "--protocol", "released", "--temperature", "0.5", "--ogl", resnet18_weights]]) == 0
+    args = [
+        "--checkpoint",
+        trained / "last.pt",
+        world / "frames" / f"{name}.jpg",
+        "--audio",
+        world / "audio" / f"{name}.wav",
+        "--device",
+        "cpu",
+    ]
+    assert (
+        localize_main(
+            [
+                str(a)
+                for a in [
+                    *args,
+                    "--out",
+                    tmp_path,
+                    "--protocol",
+                    "released",
+                    "--temperature",
+                    "0.5",
+                    "--ogl",
+                    resnet18_weights,
+                ]
+            ]
+        )
+        == 0
+    )
     np.testing.assert_allclose(np.load(tmp_path / f"{name}_map.npy"), expected.numpy(), rtol=0, atol=1e-5)
     for flags, culprit in ((["--map", "obj"], "--map obj needs --ogl"), (["--map", "iqr", "--ogl", resnet18_weights], "--map iqr does not use --ogl"),
                            (["--temperature", "0"], "--temperature")):  # fmt: skip
@@ -428,6 +482,19 @@ def test_bad_training_flags_are_one_line(flags, culprit, tmp_path, capsys):
 
 
 def test_a_validation_file_that_is_not_there_is_one_line(world, tmp_path, capsys):
-    status = train_main(["--data", str(world), "--out", str(tmp_path / "run"), "--device", "cpu", "--preset", "tiny", "--val", str(tmp_path / "none.json")])
+    status = train_main(
+        [
+            "--data",
+            str(world),
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--val",
+            str(tmp_path / "none.json"),
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 2 and len(err.strip().splitlines()) == 1 and "none.json" in err

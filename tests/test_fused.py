@@ -55,7 +55,10 @@ def assert_fused_matches_reference(reference, fused, inputs, out_atol, grad_rtol
     reference gradient."""
     fp32_inputs = [t.float() if t.is_floating_point() else t for t in inputs]
     with torch.no_grad():
-        weights = [torch.randn_like(o) if name in weighted else None for name, o in zip(JSAOutput._fields, reference(*fp32_inputs))]
+        weights = [
+            torch.randn_like(o) if name in weighted else None
+            for name, o in zip(JSAOutput._fields, reference(*fp32_inputs))
+        ]
     ref_out, ref_grads = outputs_and_grads(reference, *fp32_inputs, weights)
     out, grads = outputs_and_grads(fused, *inputs, weights)
     for name, got, want in zip(JSAOutput._fields, out, ref_out):
@@ -64,7 +67,9 @@ def assert_fused_matches_reference(reference, fused, inputs, out_atol, grad_rtol
     for name, got, want in zip(names, grads, ref_grads):
         # Relative to the gradient's scale: parameters see sums over B*L*N terms.
         scale = want.abs().max().clamp_min(1e-3)
-        torch.testing.assert_close(got / scale, want / scale, atol=grad_rtol, rtol=0, msg=lambda m, name=name: f"grad {name}: {m}")
+        torch.testing.assert_close(
+            got / scale, want / scale, atol=grad_rtol, rtol=0, msg=lambda m, name=name: f"grad {name}: {m}"
+        )
 
 
 # ----------------------------------------------------------------------------------
@@ -88,7 +93,9 @@ def test_fused_matches_reference_fp32(batch, l_img, l_aud, dim, num_slots, iters
 def test_fused_gradients_of_some_outputs(weighted):
     # Training back-propagates slots and ca only; the operator then skips the rest.
     reference, fused = make_pair(24, 2, 2)
-    assert_fused_matches_reference(reference, fused, make_inputs(2, 6, 4, 24), out_atol=1e-4, grad_rtol=1e-4, weighted=weighted)
+    assert_fused_matches_reference(
+        reference, fused, make_inputs(2, 6, 4, 24), out_atol=1e-4, grad_rtol=1e-4, weighted=weighted
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -148,11 +155,19 @@ def test_kernels_with_the_gpu_tiles_under_the_interpreter(monkeypatch):
     module = importlib.import_module("jsa_fast.kernels.joint_slot_attention")
     for name in ("row_config", "attention_config"):
         gpu_config = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *args, _config=gpu_config: {k: v for k, v in _config(*args, interpret=False).items() if k != "num_warps"})
+        monkeypatch.setattr(
+            module,
+            name,
+            lambda *args, _config=gpu_config: {
+                k: v for k, v in _config(*args, interpret=False).items() if k != "num_warps"
+            },
+        )
     assert module.attention_config(7, 100, 3, "backward", True)["BLOCK_D"] < 100
     assert module.row_config(100, 18)["BLOCK_R"] < 18
     reference, fused = make_pair(100, 3, 2)
-    assert_fused_matches_reference(reference.train(), fused.train(), make_inputs(3, 7, 5, 100), out_atol=1e-4, grad_rtol=1e-4)
+    assert_fused_matches_reference(
+        reference.train(), fused.train(), make_inputs(3, 7, 5, 100), out_atol=1e-4, grad_rtol=1e-4
+    )
 
 
 def test_backend_choice(monkeypatch):
@@ -213,8 +228,12 @@ def operator_arguments(dtype=torch.float64, batch=2, l_img=3, l_aud=2, dim=4, nu
     """Random arguments of jsa_fast::joint_slot_attention at a tiny shape."""
     torch.manual_seed(7)
     reference = JointSlotAttention(dim=dim, num_slots=num_slots, iters=2, mlp_hidden=hidden)
-    params = [torch.stack([reference.image.get_parameter(n), reference.audio.get_parameter(n)]).detach() for n in PARAMETERS]
-    params = [(p + 0.1 * torch.randn_like(p)).to(DEVICE, dtype).requires_grad_() for p in params]  # LN affines off 1 and 0
+    params = [
+        torch.stack([reference.image.get_parameter(n), reference.audio.get_parameter(n)]).detach() for n in PARAMETERS
+    ]
+    params = [
+        (p + 0.1 * torch.randn_like(p)).to(DEVICE, dtype).requires_grad_() for p in params
+    ]  # LN affines off 1 and 0
     x_img = torch.randn(batch, l_img, dim, dtype=dtype, device=DEVICE, requires_grad=True)
     x_aud = torch.randn(batch, l_aud, dim, dtype=dtype, device=DEVICE, requires_grad=True)
     mask_img = (torch.arange(batch * l_img, device=DEVICE).view(batch, l_img) % 3 == 0) if masks else None
@@ -234,8 +253,12 @@ def test_operator_gradcheck_fp64():
             x_img, x_aud, mask_img, mask_aud, slots_init, params, 2, 1e-3, (1e-5,) * 3, torch.float64, torch.float64)]  # fmt: skip
 
     def run(flat):
-        x_img, x_aud, slots_init, *params = (part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors))
-        out = joint_slot_attention(x_img, x_aud, mask_img, mask_aud, slots_init, params, 2, 1e-3, (1e-5,) * 3, torch.float64, torch.float64)
+        x_img, x_aud, slots_init, *params = (
+            part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)
+        )
+        out = joint_slot_attention(
+            x_img, x_aud, mask_img, mask_aud, slots_init, params, 2, 1e-3, (1e-5,) * 3, torch.float64, torch.float64
+        )
         return sum((o * w).sum() for o, w in zip(out, weights))
 
     assert torch.autograd.gradcheck(run, (flat,), fast_mode=True)
@@ -244,7 +267,19 @@ def test_operator_gradcheck_fp64():
 def test_operator_opcheck():
     # One iteration (the last, with the cross-modal maps): opcheck runs the operator many times.
     x_img, x_aud, mask_img, mask_aud, slots_init, params = operator_arguments(dtype=torch.float32)
-    args = (x_img, x_aud, mask_img, mask_aud, slots_init, params, 1, 1e-8, [1e-5, 1e-5, 1e-5], torch.float32, torch.float32)
+    args = (
+        x_img,
+        x_aud,
+        mask_img,
+        mask_aud,
+        slots_init,
+        params,
+        1,
+        1e-8,
+        [1e-5, 1e-5, 1e-5],
+        torch.float32,
+        torch.float32,
+    )
     torch.library.opcheck(torch.ops.jsa_fast.joint_slot_attention.default, args)
     # The backward operator has no double backward: it is checked on plain tensors.
     out = torch.ops.jsa_fast.joint_slot_attention.default(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:5]),
@@ -260,9 +295,13 @@ def test_operator_opcheck():
 def test_operator_rejects_bad_arguments():
     x_img, x_aud, mask_img, _, slots_init, params = operator_arguments(dtype=torch.float32)
     with pytest.raises(ValueError, match="mask_aud"):
-        joint_slot_attention(x_img, x_aud, mask_img, None, slots_init, params, 2, 1e-8, (1e-5,) * 3, torch.float32, torch.float32)
+        joint_slot_attention(
+            x_img, x_aud, mask_img, None, slots_init, params, 2, 1e-8, (1e-5,) * 3, torch.float32, torch.float32
+        )
     with pytest.raises(ValueError, match="params"):
-        joint_slot_attention(x_img, x_aud, None, None, slots_init, params[:-1], 2, 1e-8, (1e-5,) * 3, torch.float32, torch.float32)
+        joint_slot_attention(
+            x_img, x_aud, None, None, slots_init, params[:-1], 2, 1e-8, (1e-5,) * 3, torch.float32, torch.float32
+        )
 
 
 class TinyModel(nn.Module):

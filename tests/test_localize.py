@@ -111,7 +111,12 @@ def test_video_maps_times_and_sound_agree(checkpoint: Path, moving: tuple, tmp_p
 def test_an_image_with_a_wav(checkpoint: Path, tmp_path: Path) -> None:
     world = generate_synthetic_dataset(tmp_path / "world", 1, 1, seed=5, image_size=80, audio_seconds=1.0)
     frame, wav = world / "frames" / "test_000000.jpg", world / "audio" / "test_000000.wav"
-    assert localize_main(["--checkpoint", str(checkpoint), str(frame), "--audio", str(wav), "--out", str(tmp_path / "out")]) == 0
+    assert (
+        localize_main(
+            ["--checkpoint", str(checkpoint), str(frame), "--audio", str(wav), "--out", str(tmp_path / "out")]
+        )
+        == 0
+    )
     with Image.open(tmp_path / "out" / "test_000000_heatmap.png") as overlay:
         assert overlay.size == (80, 80) and overlay.mode == "RGB"
     heatmap = np.load(tmp_path / "out" / "test_000000_map.npy")
@@ -124,7 +129,9 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
     return lines[0]
 
 
-def test_bad_input_ends_in_one_line(checkpoint: Path, moving: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_ends_in_one_line(
+    checkpoint: Path, moving: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     clip, _ = moving
     silent = tmp_path / "silent.mp4"
     write_video(silent, clip.frames[:10], 25)
@@ -183,7 +190,9 @@ def test_the_moving_clip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
             assert np.abs(centre - clip.cls.color).max() < 50
     assert np.abs(clip.frames[:, (dy0 + dy1) // 2, (dx0 + dx1) // 2].astype(float) - clip.distractor.color).max() < 50
     # the sound is the sounding class's
-    peak_hz = np.argmax(np.abs(np.fft.rfft(clip.wave * np.hanning(len(clip.wave))))) * synth.SAMPLE_RATE / len(clip.wave)
+    peak_hz = (
+        np.argmax(np.abs(np.fft.rfft(clip.wave * np.hanning(len(clip.wave))))) * synth.SAMPLE_RATE / len(clip.wave)
+    )
     assert abs(peak_hz - clip.cls.fundamental_hz) <= 0.04 * clip.cls.fundamental_hz
     again = render_moving_clip(seed=3, image_size=64, seconds=2.0, fps=10, num_classes=3)
     assert np.array_equal(again.frames, clip.frames) and np.array_equal(again.wave, clip.wave)
@@ -206,7 +215,9 @@ def test_the_demo_model_follows_the_sounding_object(demo_run: Path, moving: tupl
     """`make demo`'s model, the one the README's figure shows: the fixture's run continued
     to the demo's 10 epochs (the same data order and steps as one 10-epoch run)."""
     shutil.copytree(demo_run, tmp_path / "demo")
-    assert train_main(["--out", str(tmp_path / "demo"), "--device", "cpu", "--epochs", str(DEMO_EPOCHS), "--resume"]) == 0
+    assert (
+        train_main(["--out", str(tmp_path / "demo"), "--device", "cpu", "--epochs", str(DEMO_EPOCHS), "--resume"]) == 0
+    )
     clip, video = moving
     correlation = heatmap_correlation(tmp_path / "demo" / "last.pt", clip, video, tmp_path / "out")
     assert correlation >= MIN_CORRELATION, correlation

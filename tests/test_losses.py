@@ -34,7 +34,9 @@ def test_info_nce_removes_predicted_false_negatives_from_both_denominators():
     torch.testing.assert_close(info_nce_loss(p_img, p_aud, tau=1.0, false_negatives=removed), torch.tensor(2 * without))
     # The diagonal is never removed, even when the mask says so.
     with_diagonal = removed | torch.eye(3, dtype=torch.bool)
-    torch.testing.assert_close(info_nce_loss(p_img, p_aud, tau=1.0, false_negatives=with_diagonal), torch.tensor(2 * without))
+    torch.testing.assert_close(
+        info_nce_loss(p_img, p_aud, tau=1.0, false_negatives=with_diagonal), torch.tensor(2 * without)
+    )
 
 
 def test_info_nce_normalises_and_uses_tau():

@@ -61,7 +61,12 @@ def test_a_torchvision_resnet18_state_dict_loads_into_the_image_encoder_whole(tm
         assert torch.equal(loaded[f"image_encoder.trunk.{name}"], state[name]), name
     assert len(used) == len([name for name in loaded if name.startswith("image_encoder.trunk.")]) == 120
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert model.image_encoder.started_from == {"weights": str(path), "sha256": digest, "tensors": 120, "unused": ["fc.bias", "fc.weight"]}
+    assert model.image_encoder.started_from == {
+        "weights": str(path),
+        "sha256": digest,
+        "tensors": 120,
+        "unused": ["fc.bias", "fc.weight"],
+    }
     assert model.audio_encoder.started_from == {"weights": "random"}
 
 
@@ -91,7 +96,9 @@ def test_projection_is_initialised_kaiming_normal_fan_out():
         assert weight.shape == (512, 512, 1, 1)
         assert float(weight.std()) == pytest.approx((2 / 512) ** 0.5, rel=0.01)
         assert abs(float(weight.mean())) < 1e-3
-        assert float(weight.abs().max()) > 3.5 * (2 / 512) ** 0.5  # normal, not uniform: tails beyond the std's few multiples
+        assert (
+            float(weight.abs().max()) > 3.5 * (2 / 512) ** 0.5
+        )  # normal, not uniform: tails beyond the std's few multiples
 
 
 def test_encoder_bad_input():

@@ -53,8 +53,18 @@ OK_IDS = ["clip_a", "clip_b", "clip_c", "clip_d", "clip_e"]
 IDS = [*OK_IDS, "silent_film", "truncated", "sound_only", "ghost"]  # ghost: no video anywhere
 
 
-def write_clip(path: Path, fmt: str, vcodec: str, acodec: str | None, fps: int, size: tuple[int, int],
-               frames: int, rate: int, channels: int, tone_hz: float) -> None:
+def write_clip(
+    path: Path,
+    fmt: str,
+    vcodec: str,
+    acodec: str | None,
+    fps: int,
+    size: tuple[int, int],
+    frames: int,
+    rate: int,
+    channels: int,
+    tone_hz: float,
+) -> None:
     """Frames coloured by their index; a tone (the right channel at half the left's level)."""
     # faststart: the index comes first, so a cut file still opens and shows its truncation
     options = {"movflags": "faststart"} if fmt == "mp4" else {}
@@ -65,7 +75,9 @@ def write_clip(path: Path, fmt: str, vcodec: str, acodec: str | None, fps: int, 
         layout = "mono" if channels == 1 else "stereo"
         audio = container.add_stream(acodec, rate=rate, layout=layout) if acodec else None
         for index in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), frame_colour(index), np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(
+                np.full((size[1], size[0], 3), frame_colour(index), np.uint8), format="rgb24"
+            )
             frame.pts = index
             for packet in video.encode(frame):
                 container.mux(packet)
@@ -102,7 +114,9 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run(videos: Path, out: Path, *flags: str) -> int:
-    return prepare_main([str(videos), "--out", str(out), "--ids", str(videos / "ids.txt"), "--seconds", str(SECONDS), *flags])
+    return prepare_main(
+        [str(videos), "--out", str(out), "--ids", str(videos / "ids.txt"), "--seconds", str(SECONDS), *flags]
+    )
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -144,9 +158,18 @@ def test_manifest_describes_each_video(prepared: Path) -> None:
     for clip_id in OK_IDS:
         _, _, _, _, fps, (width, height), frames, rate, channels, _ = CLIPS[clip_id]
         row = rows[clip_id]
-        assert (float(row["fps"]), int(row["num_frames"]), int(row["width"]), int(row["height"])) == (fps, frames, width, height)
+        assert (float(row["fps"]), int(row["num_frames"]), int(row["width"]), int(row["height"])) == (
+            fps,
+            frames,
+            width,
+            height,
+        )
         assert abs(float(row["duration_s"]) - frames / fps) < 0.1, row
-        assert (int(row["audio_rate_in"]), int(row["audio_channels_in"]), int(row["audio_rate_out"])) == (rate, channels, 16000)
+        assert (int(row["audio_rate_in"]), int(row["audio_channels_in"]), int(row["audio_rate_out"])) == (
+            rate,
+            channels,
+            16000,
+        )
         assert int(row["frame_index"]) == frames // 2  # the middle frame by default
         assert float(row["frame_time_s"]) == pytest.approx(frames // 2 / fps, abs=1e-6)
         assert float(row["audio_seconds"]) == SECONDS
@@ -179,7 +202,12 @@ def test_the_frame_taken_is_the_asked_one(prepared: Path, videos: Path, tmp_path
 def test_wavs_are_mono_at_the_rate_asked_and_keep_the_tone(prepared: Path) -> None:
     for clip_id in OK_IDS:
         info = soundfile.info(str(prepared / "audio" / f"{clip_id}.wav"))
-        assert (info.samplerate, info.channels, info.frames, info.subtype) == (16000, 1, round(SECONDS * 16000), "PCM_16")
+        assert (info.samplerate, info.channels, info.frames, info.subtype) == (
+            16000,
+            1,
+            round(SECONDS * 16000),
+            "PCM_16",
+        )
         wave, _ = soundfile.read(str(prepared / "audio" / f"{clip_id}.wav"))
         peak_hz = np.argmax(np.abs(np.fft.rfft(wave * np.hanning(len(wave))))) * 16000 / len(wave)
         assert abs(peak_hz - CLIPS[clip_id][9]) <= 4, (clip_id, peak_hz)
@@ -207,7 +235,10 @@ def test_a_run_in_place_skips_what_is_done(prepared: Path, videos: Path, capsys:
     before = files(prepared)
     assert run(videos, prepared) == 0
     captured = capsys.readouterr()
-    assert "prepare: 5 ok, 4 failed (1 corrupt, 1 no-audio, 2 no-video) (4 done now, 5 skipped as done before)" in captured.out
+    assert (
+        "prepare: 5 ok, 4 failed (1 corrupt, 1 no-audio, 2 no-video) (4 done now, 5 skipped as done before)"
+        in captured.out
+    )
     assert "1 id(s) have no video: ghost" in captured.err
     assert files(prepared) == before
 
@@ -259,7 +290,9 @@ def test_shards_and_merge_give_the_single_run(prepared: Path, videos: Path, tmp_
     assert {name: data for name, data in merged.items() if name not in parts} == files(prepared)
 
 
-def test_merge_refuses_a_missing_part(prepared: Path, videos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_merge_refuses_a_missing_part(
+    prepared: Path, videos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "half"
     assert run(videos, out, "--shard", "1/2") == 0
     capsys.readouterr()
@@ -316,7 +349,9 @@ def test_train_and_evaluate_run_on_the_result(prepared: Path, tmp_path: Path) ->
     root = tmp_path / "data"
     shutil.copytree(prepared, root)
     boxes = {"clip_a": [0.1, 0.1, 0.9, 0.9], "clip_b": [0.0, 0.2, 0.7, 1.0], "clip_c": [0.3, 0.0, 1.0, 0.8]}
-    (root / "test.json").write_text(json.dumps([{"file": i, "class": f"c{n % 2}", "bbox": [box]} for n, (i, box) in enumerate(boxes.items())]))
+    (root / "test.json").write_text(
+        json.dumps([{"file": i, "class": f"c{n % 2}", "bbox": [box]} for n, (i, box) in enumerate(boxes.items())])
+    )
     micro = ["--preset", "tiny", *MICRO_FLAGS, "--epochs", "1"]
     assert train_main(["--data", str(root), "--out", str(tmp_path / "run"), "--device", "cpu", *micro]) == 0
     assert evaluate_main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--data", str(root), "--out",
@@ -329,7 +364,17 @@ def test_a_run_with_fewer_ids_says_what_it_leaves_out(prepared: Path, videos: Pa
     out = tmp_path / "fewer"
     shutil.copytree(prepared, out)
     (tmp_path / "two.txt").write_text("clip_a\nclip_b\n")
-    with pytest.warns(UserWarning, match=r"7 id\(s\) of the previous run in .* list only this run's ids \(their files stay\)"):
-        assert prepare_main([str(videos), "--out", str(out), "--ids", str(tmp_path / "two.txt"), "--seconds", str(SECONDS)]) == 0
-    assert list(manifest(out)) == ["clip_a", "clip_b"] and (out / "train.txt").read_text().split() == ["clip_a", "clip_b"]
+    with pytest.warns(
+        UserWarning, match=r"7 id\(s\) of the previous run in .* list only this run's ids \(their files stay\)"
+    ):
+        assert (
+            prepare_main(
+                [str(videos), "--out", str(out), "--ids", str(tmp_path / "two.txt"), "--seconds", str(SECONDS)]
+            )
+            == 0
+        )
+    assert list(manifest(out)) == ["clip_a", "clip_b"] and (out / "train.txt").read_text().split() == [
+        "clip_a",
+        "clip_b",
+    ]
     assert (out / "frames" / "clip_c.jpg").exists()

@@ -46,7 +46,20 @@ def test_the_paper_recipe_from_an_imagenet_file_is_recorded(world, tmp_path, cap
     weights = tmp_path / "resnet18-f37072fd.pth"
     torch.save(resnet18(weights=None).state_dict(), weights)
     out = tmp_path / "run"
-    flags = ["--data", str(world), "--out", str(out), "--device", "cpu", *MICRO_FLAGS, "--encoder-width", "64", "--epochs", "1", "--no-compile"]
+    flags = [
+        "--data",
+        str(world),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *MICRO_FLAGS,
+        "--encoder-width",
+        "64",
+        "--epochs",
+        "1",
+        "--no-compile",
+    ]
     assert train_main([*flags, "--pretrained", str(weights)]) == 0
     printed = capsys.readouterr().out
     assert "released augmentation; fp16" in printed and "unused: fc.bias, fc.weight" in printed
@@ -63,7 +76,11 @@ def test_the_paper_recipe_from_an_imagenet_file_is_recorded(world, tmp_path, cap
     assert load_checkpoint(out / "last.pt")["encoder_start"] == state["encoder_start"]
     # GradScaler's first scale (2^16) overflows this trunk's fp16 gradients: skipped, counted.
     counts = [record["skipped_steps"] for record in records(out, "epoch")]
-    assert len(counts) == 2 and counts == sorted(counts) and counts[-1] == load_checkpoint(out / "last.pt")["skipped_steps"]
+    assert (
+        len(counts) == 2
+        and counts == sorted(counts)
+        and counts[-1] == load_checkpoint(out / "last.pt")["skipped_steps"]
+    )
 
 
 def test_fp16_skips_and_counts_steps_whose_loss_or_gradients_overflow(world, tmp_path, monkeypatch):
@@ -92,8 +109,12 @@ def test_fp16_skips_and_counts_steps_whose_loss_or_gradients_overflow(world, tmp
 
 def test_fp16_stops_when_every_step_overflows(world, tmp_path, monkeypatch):
     real_loss = train_module.jsa_loss
-    monkeypatch.setattr(train_module, "jsa_loss", lambda out, cfg, **o: (t := real_loss(out, cfg, **o)) | {"loss": t["loss"] * math.nan})
-    with pytest.raises(RunError, match=r"fp16 steps keep overflowing \(17 skipped, loss scale now 0\.5\); try --amp bf16"):
+    monkeypatch.setattr(
+        train_module, "jsa_loss", lambda out, cfg, **o: (t := real_loss(out, cfg, **o)) | {"loss": t["loss"] * math.nan}
+    )
+    with pytest.raises(
+        RunError, match=r"fp16 steps keep overflowing \(17 skipped, loss scale now 0\.5\); try --amp bf16"
+    ):
         train(FP16.overridden(batch_size=2, k=2, epochs=4), str(world), tmp_path, torch.device("cpu"))
     state = load_checkpoint(tmp_path / "last.pt")  # the third epoch's end: its model never changed
     assert (state["step"], state["skipped_steps"]) == (15, 15)

@@ -220,7 +220,10 @@ def test_bad_input_raises_value_error_naming_the_argument(args, name):
         jsa(*args)
 
 
-@pytest.mark.parametrize("kwargs,name", [({"num_slots": 0}, "num_slots"), ({"iters": 0}, "iters"), ({"mask_prob": 1.0}, "mask_prob"), ({"dim": -1}, "dim")])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [({"num_slots": 0}, "num_slots"), ({"iters": 0}, "iters"), ({"mask_prob": 1.0}, "mask_prob"), ({"dim": -1}, "dim")],
+)
 def test_bad_constructor_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         JointSlotAttention(**kwargs)

@@ -17,11 +17,7 @@ SIZE = 64
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {
-        str(path.relative_to(root)): path.read_bytes()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +28,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_same_seed_gives_byte_identical_files(world: Path, tmp_path: Path) -> None:
-    again = generate_synthetic_dataset(
-        tmp_path / "again", 8, 12, seed=7, image_size=SIZE, audio_seconds=0.5
-    )
+    again = generate_synthetic_dataset(tmp_path / "again", 8, 12, seed=7, image_size=SIZE, audio_seconds=0.5)
     assert _files(again) == _files(world)
-    other = _files(
-        generate_synthetic_dataset(
-            tmp_path / "other", 8, 12, seed=8, image_size=SIZE, audio_seconds=0.5
-        )
-    )
+    other = _files(generate_synthetic_dataset(tmp_path / "other", 8, 12, seed=8, image_size=SIZE, audio_seconds=0.5))
     assert other.keys() == _files(world).keys()
     assert other["frames/train_000000.jpg"] != _files(world)["frames/train_000000.jpg"]
 
@@ -48,9 +38,7 @@ def test_same_seed_gives_byte_identical_files(world: Path, tmp_path: Path) -> No
 def test_layout_lists_and_formats(world: Path) -> None:
     train_ids = (world / "train.txt").read_text().split()
     test_ids = (world / "test.txt").read_text().split()
-    assert train_ids == [f"train_{i:06d}" for i in range(8)] and test_ids == [
-        f"test_{i:06d}" for i in range(12)
-    ]
+    assert train_ids == [f"train_{i:06d}" for i in range(8)] and test_ids == [f"test_{i:06d}" for i in range(12)]
     for name in train_ids + test_ids:
         with Image.open(world / "frames" / f"{name}.jpg") as image:
             assert image.size == (SIZE, SIZE) and image.mode == "RGB"
@@ -60,9 +48,7 @@ def test_layout_lists_and_formats(world: Path) -> None:
     assert [record["file"] for record in records] == test_ids
     assert {record["class"] for record in records} <= {cls.name for cls in CLASSES}
     for name in test_ids:
-        assert (world / "masks" / f"{name}.png").exists() and (
-            world / "Annotations" / f"{name}.xml"
-        ).exists()
+        assert (world / "masks" / f"{name}.png").exists() and (world / "Annotations" / f"{name}.xml").exists()
     assert not (world / "masks" / "train_000000.png").exists()
 
 
@@ -113,23 +99,15 @@ def test_each_class_sounds_at_its_own_fundamental(world: Path) -> None:
 
 
 def test_each_class_has_its_own_colour_shape_and_sound() -> None:
-    assert (
-        len({cls.color for cls in CLASSES}) == len({cls.shape for cls in CLASSES}) == len(CLASSES)
-    )
-    assert (
-        len({cls.fundamental_hz for cls in CLASSES})
-        == len({cls.modulation_hz for cls in CLASSES})
-        == 6
-    )
+    assert len({cls.color for cls in CLASSES}) == len({cls.shape for cls in CLASSES}) == len(CLASSES)
+    assert len({cls.fundamental_hz for cls in CLASSES}) == len({cls.modulation_hz for cls in CLASSES}) == 6
     for cls in CLASSES:
         silhouette = synth._shape_mask(cls.shape, 40, 30)
         assert silhouette.shape == (30, 40) and 0.2 < silhouette.mean() <= 1
 
 
 def test_num_classes_limits_the_classes_used(tmp_path: Path) -> None:
-    root = generate_synthetic_dataset(
-        tmp_path, 2, 10, seed=0, image_size=32, audio_seconds=0.1, num_classes=2
-    )
+    root = generate_synthetic_dataset(tmp_path, 2, 10, seed=0, image_size=32, audio_seconds=0.1, num_classes=2)
     assert {r["class"] for r in json.loads((root / "test.json").read_text())} <= {
         "red_disc",
         "green_square",
@@ -140,9 +118,7 @@ def test_num_classes_limits_the_classes_used(tmp_path: Path) -> None:
         generate_synthetic_dataset(tmp_path, 0, 2, seed=0)
 
 
-def test_ensure_builds_once_and_rebuilds_an_unfinished_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_ensure_builds_once_and_rebuilds_an_unfinished_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs = dict(n_train=2, n_test=2, seed=1, image_size=32, audio_seconds=0.1, num_classes=3)
     root = ensure_synthetic_dataset(tmp_path, **kwargs)
     assert (root / synth.COMPLETE_MARKER).exists() and (root / "train.txt").exists()

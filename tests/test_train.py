@@ -32,11 +32,31 @@ MICRO = PRESETS["tiny"].overridden(
     log_every=1,
 )
 MICRO_FLAGS = [
-    "--dim", "16", "--mlp-hidden", "32", "--encoder-width", "4", "--image-size", "64", "--train-resize", "72",
-    "--audio-seconds", "0.5", "--n-fft", "64", "--win-length", "64", "--k", "2", "--batch-size", "4",
-    "--num-workers", "0", "--log-every", "1",
+    "--dim",
+    "16",
+    "--mlp-hidden",
+    "32",
+    "--encoder-width",
+    "4",
+    "--image-size",
+    "64",
+    "--train-resize",
+    "72",
+    "--audio-seconds",
+    "0.5",
+    "--n-fft",
+    "64",
+    "--win-length",
+    "64",
+    "--k",
+    "2",
+    "--batch-size",
+    "4",
+    "--num-workers",
+    "0",
+    "--log-every",
+    "1",
 ]
-
 
 
 def run(cfg: RunConfig, world: Path, out: Path, resume: bool = False) -> dict[str, float]:
@@ -71,7 +91,17 @@ def test_training_writes_checkpoint_metrics_and_curves(world, tmp_path):
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and [r["epoch"] for r in epochs] == [0, 1]
     for record in records:
-        assert {"step", "epoch", "loss", "loss_ctr", "loss_match", "loss_div", "loss_recon", "lr", "samples_per_s"} <= set(record)
+        assert {
+            "step",
+            "epoch",
+            "loss",
+            "loss_ctr",
+            "loss_match",
+            "loss_div",
+            "loss_recon",
+            "lr",
+            "samples_per_s",
+        } <= set(record)
     assert epochs[1]["loss"] == pytest.approx(means["loss"])
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
     assert not list(tmp_path.glob(".last.pt.*"))  # no temporary checkpoint left behind
@@ -151,7 +181,9 @@ def test_preset_overrides_from_the_command_line():
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    args = parser.parse_args(["--preset", "tiny", "--lr", "0.5", "--augment", "released", "--pretrained-image", "w.pth"])
+    args = parser.parse_args(
+        ["--preset", "tiny", "--lr", "0.5", "--augment", "released", "--pretrained-image", "w.pth"]
+    )
     cfg = config_from_args(args, default_preset="paper")
     assert cfg == PRESETS["tiny"].overridden(lr=0.5, augment="released", pretrained_image="w.pth")
     assert config_from_args(parser.parse_args([]), default_preset="paper") == PRESETS["paper"]
@@ -166,7 +198,14 @@ def test_paper_preset_is_the_paper():
     assert (optim.batch_size, optim.lr, optim.weight_decay, optim.epochs, optim.amp) == (256, 5e-5, 0.01, None, "fp16")
     assert (paper.data.image.augment, paper.data.audio.spec_augment) == ("released", True)
     model = paper.model
-    assert (model.dim, model.num_slots, model.iters, model.mlp_hidden, model.spec_bins, model.spec_frames) == (512, 2, 5, 1024, 257, 501)
+    assert (model.dim, model.num_slots, model.iters, model.mlp_hidden, model.spec_bins, model.spec_frames) == (
+        512,
+        2,
+        5,
+        1024,
+        257,
+        501,
+    )
     assert model.image_grid == (7, 7) and model.audio_tokens == 16
     loss = paper.loss
     assert (loss.tau, loss.k, loss.weight_match, loss.weight_div, loss.weight_recon) == (0.03, 20, 100.0, 0.1, 0.1)
@@ -176,9 +215,28 @@ def test_train_and_evaluate_command_lines(world, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_main(["--data", str(world), "--out", str(out), "--preset", "tiny", "--epochs", "1", *MICRO_FLAGS]) == 0
     eval_dir = tmp_path / "eval"
-    assert evaluate_main(["--checkpoint", str(out / "last.pt"), "--out", str(eval_dir), "--overlays", "3", "--num-workers", "0"]) == 0
+    assert (
+        evaluate_main(
+            ["--checkpoint", str(out / "last.pt"), "--out", str(eval_dir), "--overlays", "3", "--num-workers", "0"]
+        )
+        == 0
+    )
     results = json.loads((eval_dir / "eval.json").read_text())
-    keys = {"ap50", "auc", "ap50_iqr", "auc_iqr", "r1_a2i", "r5_a2i", "r10_a2i", "r1_i2a", "r5_i2a", "r10_i2a", "n", "miou", "fscore"}
+    keys = {
+        "ap50",
+        "auc",
+        "ap50_iqr",
+        "auc_iqr",
+        "r1_a2i",
+        "r5_a2i",
+        "r10_a2i",
+        "r1_i2a",
+        "r5_i2a",
+        "r10_i2a",
+        "n",
+        "miou",
+        "fscore",
+    }
     assert keys <= set(results) and results["n"] == 6
     for key in keys - {"n"}:
         assert 0.0 <= results[key] <= 1.0, key
@@ -186,7 +244,23 @@ def test_train_and_evaluate_command_lines(world, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "AP50" in printed and "R@1" in printed
     fixed = tmp_path / "fixed"
-    assert evaluate_main(["--checkpoint", str(out / "last.pt"), "--out", str(fixed), "--threshold", "0.6", "--alpha", "0.4", "--num-workers", "0"]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(out / "last.pt"),
+                "--out",
+                str(fixed),
+                "--threshold",
+                "0.6",
+                "--alpha",
+                "0.4",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert json.loads((fixed / "eval.json").read_text())["threshold"] == 0.6
 
 
@@ -199,7 +273,21 @@ def test_evaluate_on_flickr_ground_truth(world, tmp_path):
     shutil.rmtree(flickr / "masks")
     out = tmp_path / "run"
     run(MICRO.overridden(epochs=1), world, out)
-    assert evaluate_main(["--checkpoint", str(out / "last.pt"), "--data", str(flickr), "--out", str(tmp_path / "eval"), "--num-workers", "0"]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(out / "last.pt"),
+                "--data",
+                str(flickr),
+                "--out",
+                str(tmp_path / "eval"),
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert results["n"] == 6 and 0.0 <= results["ap50"] <= 1.0
     assert results["r1_a2i"] is None and "miou" not in results  # Flickr carries no classes, no masks
@@ -226,7 +314,16 @@ def test_evaluate_with_the_dali_loader_on_cpu_matches_the_torch_loader(world, tm
     run(MICRO.overridden(epochs=1), world, out)
     results = {}
     for loader in ("torch", "dali"):
-        args = ["--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / loader), "--num-workers", "0", "--device", "cpu"]
+        args = [
+            "--checkpoint",
+            str(out / "last.pt"),
+            "--out",
+            str(tmp_path / loader),
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
         assert evaluate_main([*args, "--loader", loader]) == 0
         results[loader] = json.loads((tmp_path / loader / "eval.json").read_text())
     assert results["torch"]["n"] == results["dali"]["n"] == 6

@@ -61,8 +61,18 @@ def test_save_overlays_round_trip(tmp_path):
 def test_plot_loss_curves_writes_png(tmp_path):
     lines = []
     for step in range(1, 21):
-        lines.append({"kind": "step", "step": step, "epoch": step // 10, "loss": 2.0 / step,
-                      "loss_ctr": 1.0 / step, "loss_match": 0.01, "loss_div": 0.0, "loss_recon": 0.5})
+        lines.append(
+            {
+                "kind": "step",
+                "step": step,
+                "epoch": step // 10,
+                "loss": 2.0 / step,
+                "loss_ctr": 1.0 / step,
+                "loss_match": 0.01,
+                "loss_div": 0.0,
+                "loss_recon": 0.5,
+            }
+        )
     lines.append({"kind": "epoch", "step": 10, "epoch": 0, "loss": 0.3, "loss_ctr": 0.2})
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
