@@ -47,6 +47,7 @@ from jsa_fast.config import (
 from jsa_fast.data.dali import DALILoader, make_dali_loader, resolve_loader
 from jsa_fast.data.datasets import AudioVisualDataset, EpochSeededDataset, epoch_batches, make_loader
 from jsa_fast.distributed import World, convert_batchnorm, gather_with_grad, process_group, wrap_ddp
+from jsa_fast.evaluate import Validation
 from jsa_fast.losses import jsa_loss
 from jsa_fast.model import JSAModel, ModelConfig
 from jsa_fast.runtime import (
@@ -350,8 +351,6 @@ def start_run(
 
     validation = None
     if optim.val is not None or optim.val_fraction > 0:
-        from jsa_fast.evaluate import Validation  # here: jsa_fast.evaluate imports this module
-
         validation = Validation(cfg, data_root, on_bad_file)
     train_ids = validation.train_ids if validation is not None else None
     dataset = AudioVisualDataset(data_root, "train", cfg.data.image, cfg.data.audio, on_bad_file, subset=train_ids)
