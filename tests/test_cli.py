@@ -214,19 +214,14 @@ def bad_boxes(world: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     return root, [entry["file"] for entry in entries[:3]]
 
 
+def evaluate_args(run: Path, data: Path, out: Path) -> list[str]:
+    """Evaluate RUN's last.pt on DATA into OUT, in this process's loader."""
+    return ["--checkpoint", str(run / "last.pt"), "--data", str(data), "--out", str(out), "--num-workers", "0"]
+
+
 def test_3_bad_boxes_are_listed_together_before_the_model_runs(good_run, bad_boxes, tmp_path):
     root, bad_ids = bad_boxes
-    result = cli(
-        "evaluate",
-        "--checkpoint",
-        str(good_run / "last.pt"),
-        "--data",
-        str(root),
-        "--out",
-        str(tmp_path / "eval"),
-        "--num-workers",
-        "0",
-    )
+    result = cli("evaluate", *evaluate_args(good_run, root, tmp_path / "eval"))
     line = error_line(result.stderr, 2, result.returncode, "test.json", *bad_ids)
     assert "look like pixels" in line and "not ordered" in line and "covers no pixel at 64 x 64" in line
     assert not (tmp_path / "eval").exists()  # it stopped before the model ran
@@ -234,16 +229,7 @@ def test_3_bad_boxes_are_listed_together_before_the_model_runs(good_run, bad_box
 
 def test_3_skip_evaluates_the_items_with_good_boxes(good_run, bad_boxes, tmp_path, capsys):
     root, bad_ids = bad_boxes
-    args = [
-        "--checkpoint",
-        str(good_run / "last.pt"),
-        "--data",
-        str(root),
-        "--out",
-        str(tmp_path / "eval"),
-        "--num-workers",
-        "0",
-    ]
+    args = evaluate_args(good_run, root, tmp_path / "eval")
     with pytest.warns(UserWarning, match="skipping 3 id") as caught:
         status, err = in_process(evaluate_main, [*args, "--on-bad-file", "skip"], capsys)
     assert status == 0, err
