@@ -345,3 +345,38 @@ def test_fused_matches_reference_paper_shapes(dtype, out_atol, grad_rtol):
     reference, fused = make_pair(512, 2, 5, mlp_hidden=1024, dtype=dtype)
     inputs = make_inputs(64, 49, 16, 512, dtype=dtype)
     assert_fused_matches_reference(reference.train(), fused.train(), inputs, out_atol=out_atol, grad_rtol=grad_rtol)
+
+
+# ----------------------------------------------------------------------------------
+# Any strides
+# ----------------------------------------------------------------------------------
+
+
+def with_layout(t, layout):
+    """The same values as `t` in another memory layout: "sliced" (every other element of
+    a wider buffer along the last dimension), "transposed" (the first two dimensions
+    swapped in memory) or "expanded" (item 0 repeated with stride 0 over the batch)."""
+    if layout == "sliced":
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if layout == "transposed":
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    assert layout == "expanded"
+    return t[:1].expand(t.shape)
+
+
+@pytest.mark.parametrize("layout", ["sliced", "transposed", "expanded"])
+@pytest.mark.parametrize("which", ["masks", "tokens"])
+def test_fused_matches_reference_on_any_strides(layout, which):
+    reference, fused = make_pair(16, 2, 2)
+    x_img, x_aud, mask_img, mask_aud = make_inputs(3, 5, 4, 16)
+    if which == "masks":
+        mask_img, mask_aud = with_layout(mask_img, layout), with_layout(mask_aud, layout)
+        assert not mask_img.is_contiguous()
+    else:
+        x_img, x_aud = with_layout(x_img, layout), with_layout(x_aud, layout)
+        assert not x_img.is_contiguous()
+    assert_fused_matches_reference(
+        reference.train(), fused.train(), [x_img, x_aud, mask_img, mask_aud], out_atol=1e-4, grad_rtol=1e-4
+    )

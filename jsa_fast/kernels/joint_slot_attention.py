@@ -104,8 +104,9 @@ def _grid(rows: int, config: dict) -> tuple[int]:
 
 
 def _as_bytes(mask: Tensor | None, like: Tensor) -> Tensor:
-    """A bool mask as the uint8 the kernels load (a view), or a placeholder when None."""
-    return like if mask is None else mask.view(torch.uint8)
+    """A bool mask as the dense B x L uint8 the kernels load (b * L + l), or a placeholder
+    when None; a sliced, expanded or transposed mask is copied to that layout."""
+    return like if mask is None else mask.contiguous().view(torch.uint8)
 
 
 class _Shapes:
