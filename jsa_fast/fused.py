@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from jsa_fast.kernels import INTERPRET, joint_slot_attention
+from jsa_fast.kernels import INTERPRET, joint_slot_attention, registry
 from jsa_fast.kernels.joint_slot_attention import PARAMETERS
 from jsa_fast.reference import DIM, EPS, ITERS, MASK_PROB, MLP_HIDDEN, NUM_SLOTS, JointSlotAttention, JSAOutput
 
@@ -36,7 +36,7 @@ def _side_by_side(first: Tensor, second: Tensor) -> bool:
         and first.device == second.device
         and first.is_contiguous()
         and second.is_contiguous()
-        and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+        and first.untyped_storage()._cdata == second.untyped_storage()._cdata  # one storage (fake tensors too)
         and second.storage_offset() == first.storage_offset() + first.numel()
     )
 
@@ -111,7 +111,7 @@ class FusedJointSlotAttention(JointSlotAttention):
     def _uses_triton(self, x: Tensor) -> bool:
         if self.backend == "torch" or (self.backend == "auto" and not x.is_cuda):
             return False
-        if not x.is_cuda and not INTERPRET:
+        if not x.is_cuda and not INTERPRET and not registry.planning():
             raise RuntimeError(
                 f"backend='triton' got {x.device} tensors: the Triton kernels need CUDA tensors, or "
                 "TRITON_INTERPRET=1 set before jsa_fast is imported to run them on the CPU"

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from jsa_fast.kernels.gru import gru_bwd_kernel, gru_fwd_kernel
 from jsa_fast.kernels.layer_norm import ln_in_bwd_kernel, ln_in_fwd_kernel, residual_norm_kernel, slot_norm_bwd_kernel
-from jsa_fast.kernels.registry import INTERPRET, io_dtype, kernel_input, launcher, register_op
+from jsa_fast.kernels.registry import interpreting, io_dtype, kernel_input, launcher, register_op
 from jsa_fast.kernels.slot_attention import attention_bwd_kernel, attention_fwd_kernel
 
 __all__ = ["joint_slot_attention", "PARAMETERS", "attention_config", "row_config"]
@@ -72,23 +72,23 @@ ROW_ELEMENTS = 2048
 ATTENTION_PRODUCTS = {"forward": 8192, "backward": 4096}
 
 
-def row_config(dim: int, rows: int, interpret: bool = INTERPRET) -> dict:
+def row_config(dim: int, rows: int, interpret: bool | None = None) -> dict:
     """BLOCK_R rows of BLOCK_D (>= d) per program; under the interpreter, where a program
     costs the same whatever its size, as few programs as memory allows."""
     block_d = triton.next_power_of_2(dim)
-    if interpret:
+    if interpreting() if interpret is None else interpret:
         return {"BLOCK_R": min(triton.next_power_of_2(rows), max(1, 2**20 // block_d)), "BLOCK_D": block_d}
     return {"BLOCK_R": max(1, ROW_ELEMENTS // block_d), "BLOCK_D": block_d, "num_warps": GPU_NUM_WARPS}
 
 
 def attention_config(
-    length: int, dim: int, num_slots: int, direction: str, last: bool, interpret: bool = INTERPRET
+    length: int, dim: int, num_slots: int, direction: str, last: bool, interpret: bool | None = None
 ) -> dict:
     """All keys (BLOCK_L >= the longer modality's L) and slots of one item, d in strips;
     the last iteration's second set of logits halves the strip. direction: "forward" or
     "backward"."""
     block_l, block_s, block_d = (triton.next_power_of_2(n) for n in (length, num_slots, dim))
-    if interpret:
+    if interpreting() if interpret is None else interpret:
         return {"BLOCK_L": block_l, "BLOCK_S": block_s, "BLOCK_D": block_d}
     budget = ATTENTION_PRODUCTS[direction] // (2 if last else 1)
     return {

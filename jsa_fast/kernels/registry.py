@@ -11,8 +11,8 @@ there. Either way the op passes `torch.compile(fullgraph=True)` and
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -22,10 +22,37 @@ from triton import knobs
 INTERPRET: bool = bool(knobs.runtime.interpret)
 
 # Each op's Python body by "namespace::name", and context managers entered around every
-# kernel launch (given the kernel): what a launch census (bench/census.py) needs to count
-# an op by its contents.
+# kernel launch (given the kernel and the FLOPs of its products): what a launch census
+# (bench/census.py) needs to count an op by its contents.
 IMPLEMENTATIONS: dict[str, Callable[..., Any]] = {}
-LAUNCH_HOOKS: list[Callable[[Any], AbstractContextManager]] = []
+LAUNCH_HOOKS: list[Callable[[Any, int], AbstractContextManager]] = []
+
+# While planning (see `planning_gpu_launches`): the GPU path's dtypes and launch
+# configurations, launches reported to LAUNCH_HOOKS but not run.
+_planning = False
+
+
+def planning() -> bool:
+    """Whether op bodies run inside `planning_gpu_launches` now."""
+    return _planning
+
+
+def interpreting() -> bool:
+    """Whether op bodies take the interpreter's path (dtypes, launch configurations) now."""
+    return INTERPRET and not _planning
+
+
+@contextmanager
+def planning_gpu_launches() -> Iterator[None]:
+    """Run op bodies as they run on a GPU, without launching a kernel: io dtypes and launch
+    configurations of the GPU path, every launch reported to LAUNCH_HOOKS and skipped. For
+    a census on fake tensors (any shape, no GPU, no memory)."""
+    global _planning
+    previous, _planning = _planning, True
+    try:
+        yield
+    finally:
+        _planning = previous
 
 
 def register_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
@@ -48,30 +75,31 @@ def register_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., 
 class _Launcher:
     """`kernel[grid](...)` through wrap_triton on a GPU, telling LAUNCH_HOOKS first."""
 
-    def __init__(self, kernel: Any) -> None:
-        self.kernel = kernel
+    def __init__(self, kernel: Any, flops: int) -> None:
+        self.kernel, self.flops = kernel, flops
 
     def __getitem__(self, grid: Any) -> Callable[..., Any]:
-        launch = (self.kernel if INTERPRET else torch.library.wrap_triton(self.kernel))[grid]
-
         def run(*args: Any, **kwargs: Any) -> Any:
             with ExitStack() as stack:
                 for hook in LAUNCH_HOOKS:
-                    stack.enter_context(hook(self.kernel))
-                return launch(*args, **kwargs)
+                    stack.enter_context(hook(self.kernel, self.flops))
+                if _planning:
+                    return None
+                return (self.kernel if INTERPRET else torch.library.wrap_triton(self.kernel))[grid](*args, **kwargs)
 
         return run
 
 
-def launcher(kernel: Any) -> Any:
-    """What `kernel[grid](...)` must be called on inside an op body."""
-    return _Launcher(kernel)
+def launcher(kernel: Any, flops: int = 0) -> Any:
+    """What `kernel[grid](...)` must be called on inside an op body; `flops`: the
+    multiply-adds x 2 of the launch's products (what a census credits it with)."""
+    return _Launcher(kernel, flops)
 
 
 def io_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels read and write for a tensor of `dtype` (fp32 for half
     precision under the interpreter, which cannot handle bf16)."""
-    if INTERPRET and dtype in (torch.bfloat16, torch.float16):
+    if interpreting() and dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return dtype
 
