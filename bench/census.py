@@ -197,8 +197,10 @@ class Census(TorchDispatchMode):
             if _launches(func, name, args, out):
                 self.ops[name] += kernels_of(name, args)
                 self.flops += gemm_flops(name, args, out)
-        for t in _tensors(out):
-            self.storages.setdefault(_key(t), (StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes()))
+        inputs = {_key(t) for t in _tensors([*args, *kwargs.values()])}
+        for t in _tensors(out):  # storages this op created (a view of an older tensor is not new)
+            if _key(t) not in inputs:
+                self.storages.setdefault(_key(t), (StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes()))
         self.timeline.append([key for key, (ref, _) in self.storages.items() if not ref.expired()])
         return out
 

@@ -148,22 +148,15 @@ def test_fused_training_draws_masks_and_eval_does_not():
 
 
 def test_kernels_with_the_gpu_tiles_under_the_interpreter(monkeypatch):
-    # The interpreter normally runs one program over all rows and one strip over d; a GPU
-    # runs rows in blocks and d in strips. Here the GPU configurations run under the
-    # interpreter, tails included: d = 100 (strips of 64/32 and a tail; 16-row blocks), 36
-    # tokens and 2 x 9 slot rows (several row programs, the last one partial).
+    # The interpreter normally runs each product as one tile and each row kernel as one
+    # program over all rows and all of d; a GPU runs tiles, row blocks and d in strips.
+    # Here the GPU's launch configurations run under the interpreter, tails included:
+    # d = 100 (64-wide tiles and strips with a tail), 36 tokens, 2 x 9 slot rows (several
+    # row programs, the last one partial), several token-gradient programs.
     module = importlib.import_module("jsa_fast.kernels.joint_slot_attention")
-    for name in ("row_config", "attention_config"):
-        gpu_config = getattr(module, name)
-        monkeypatch.setattr(
-            module,
-            name,
-            lambda *args, _config=gpu_config: {
-                k: v for k, v in _config(*args, interpret=False).items() if k != "num_warps"
-            },
-        )
-    assert module.attention_config(7, 100, 3, "backward", True)["BLOCK_D"] < 100
-    assert module.row_config(100, 18)["BLOCK_R"] < 18
+    monkeypatch.setattr(module, "interpreting", lambda: False)
+    assert module.attention_config(7, 5, 100, 3, "backward", True)["BLOCK_D"] < 100
+    assert module.row_complete_config(18, 100, 24)["BLOCK_M"] < 18
     reference, fused = make_pair(100, 3, 2)
     assert_fused_matches_reference(
         reference.train(), fused.train(), make_inputs(3, 7, 5, 100), out_atol=1e-4, grad_rtol=1e-4
