@@ -419,12 +419,12 @@ def _backward_fake(
     ]
 
 
-def _stacked_grads(pair: tuple[Tensor | None, Tensor | None], like: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """The two modalities' output gradients as one 2 x ... tensor (zeros for a missing
-    one), or None when neither arrived."""
+def _stacked_grads(pair: tuple[Tensor | None, Tensor | None], like: Tensor) -> Tensor | None:
+    """The two modalities' output gradients as one 2 x rows x d tensor in their own dtype
+    (the kernels cast on load; zeros for a missing one), or None when neither arrived."""
     if pair[0] is None and pair[1] is None:
         return None
-    stacked = torch.stack([like.new_zeros(()).expand(like.shape) if g is None else g for g in pair]).to(dtype)
+    stacked = torch.stack([like.new_zeros(()).expand(like.shape) if g is None else g for g in pair])
     return stacked.view(2, -1, like.shape[-1])
 
 
@@ -453,10 +453,12 @@ def _backward(
     def new(*shape: int, dtype: torch.dtype = dtype) -> Tensor:
         return torch.empty(shape, device=device, dtype=dtype)
 
-    grad_s = _stacked_grads((g_slots_img, g_slots_aud), slots[0, 0].view(shapes.batch, s, d), dtype)
-    grad_s = slots.new_zeros(2, r, d) if grad_s is None else grad_s
-    grad_s_next = new(2, r, d)
-    g_query = _stacked_grads((g_q_img, g_q_aud), query[0].view(shapes.batch, s, d), dtype)
+    # dL/dS_n, two buffers taking turns; in the accumulation dtype (dS_0 is a sum over items)
+    like = torch.empty(shapes.batch, s, d, device=device, dtype=acc)
+    grad_s = _stacked_grads((g_slots_img, g_slots_aud), like)
+    grad_s = like.new_zeros(2, r, d) if grad_s is None else grad_s
+    grad_s_next = new(2, r, d, dtype=acc)
+    g_query = _stacked_grads((g_q_img, g_q_aud), like)
     has = {
         "attn": g_attn_img is not None or g_attn_aud is not None,
         "ia": g_ia_img is not None or g_ia_aud is not None,
@@ -530,7 +532,7 @@ def _backward(
             HAS_G_CA=last and has["ca"], FP64=fp64, **config,
         )  # fmt: skip
         if last and (has["ca"] or g_query is not None):
-            g_q_full = new(2, r, d)
+            g_q_full = new(2, r, d, dtype=acc)
             if has["ca"]:  # G' = Q [W_k | b_k] of the other modality
                 linear(g_q_full, Mat(grad_cross, grad_cross.stride(0), width, 1, r, d), w_kx, dot,
                        outer=(Vec(grad_cross[..., d], s_i=width), Vec(p["to_k.bias"]).swapped()),
