@@ -373,3 +373,104 @@ def test_fused_matches_reference_on_any_strides(layout, which):
     assert_fused_matches_reference(
         reference.train(), fused.train(), [x_img, x_aud, mask_img, mask_aud], out_atol=1e-4, grad_rtol=1e-4
     )
+
+
+# ----------------------------------------------------------------------------------
+# The GPU registration's body, traced as torch.compile lowers it
+# ----------------------------------------------------------------------------------
+
+TRACE_GPU_BODIES = """
+import json, sys
+import torch, triton
+from collections import Counter
+from functorch.compile import aot_function
+from torch._subclasses.fake_tensor import FakeTensorMode
+from triton.backends.compiler import GPUTarget
+import jsa_fast.kernels as kernels
+from jsa_fast import JointSlotAttention
+from jsa_fast.kernels.joint_slot_attention import PARAMETERS
+
+class Sm90:  # what Inductor's analysis of which kernel arguments are written needs of a driver
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cuda")
+
+triton.runtime.driver.set_active(Sm90())
+assert not kernels.INTERPRET  # the ops are triton_op's
+shape = json.loads(sys.argv[1])
+reference = JointSlotAttention(dim=shape["dim"], num_slots=shape["slots"], iters=shape["iters"], mlp_hidden=shape["hidden"])
+stacked = [torch.stack([reference.image.get_parameter(n), reference.audio.get_parameter(n)]).detach() for n in PARAMETERS]
+graphs = []
+
+def capture(gm, inputs):
+    graphs.append(gm)
+    return gm
+
+args = (shape["iters"], 1e-8, [1e-5] * 3)
+
+def forward(x_img, x_aud, mask_img, mask_aud, slots_init, *params):
+    return torch.ops.jsa_fast.joint_slot_attention(x_img, x_aud, mask_img, mask_aud, slots_init, list(params), *args,
+        torch.float32, torch.float32)
+
+def backward(x_img, x_aud, mask_img, mask_aud, slots_init, *rest):
+    grads, params, saved = rest[:10], rest[10:10 + len(PARAMETERS)], rest[10 + len(PARAMETERS):]
+    return torch.ops.jsa_fast.joint_slot_attention_backward(list(grads), x_img, x_aud, mask_img, mask_aud, slots_init,
+        list(params), list(saved), *args)
+
+# Each operator traced on its own (the autograd engine's CUDA paths need a real device).
+with FakeTensorMode(allow_non_fake_inputs=True):
+    b, d = shape["batch"], shape["dim"]
+    inputs = (torch.empty(b, shape["l_img"], d, device="cuda"), torch.empty(b, shape["l_aud"], d, device="cuda"),
+              torch.zeros(b, shape["l_img"], device="cuda", dtype=torch.bool),
+              torch.zeros(b, shape["l_aud"], device="cuda", dtype=torch.bool),
+              torch.empty(shape["slots"], d, device="cuda"))
+    params = [p.to("cuda") for p in stacked]
+    out = aot_function(forward, fw_compiler=capture)(*inputs, *params)
+    grads = aot_function(backward, fw_compiler=capture)(*inputs, *[torch.empty_like(o) for o in out[:10]], *params,
+                                                         *out[10:])
+report = {
+    "outputs": [[list(o.shape), list(o.stride()), str(o.dtype)] for o in out[:10]],
+    "grads": [[list(g.shape), str(g.dtype)] for g in grads[:3]],
+    "graphs": [dict(Counter(str(n.target) for n in g.graph.nodes if n.op == "call_function")) for g in graphs],
+}
+print(json.dumps(report))
+"""
+
+
+def test_gpu_registration_traces_into_kernels_without_view_mutation():
+    # On a GPU the operators are triton_op's that torch.compile traces into their kernels.
+    # AOT autograd does that here to both operators on fake CUDA tensors (Inductor's
+    # analysis of which kernel arguments are written compiles each kernel's IR for sm_90,
+    # no GPU needed): every kernel writes only whole buffers, so functionalization adds no
+    # scatter; the outputs and gradients have the interpreter's shapes, strides and dtypes.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shape = dict(batch=3, l_img=7, l_aud=5, dim=16, slots=2, iters=2, hidden=24)
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", TRACE_GPU_BODIES, json.dumps(shape)],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    forward_graph, backward_graph = report["graphs"]
+    for graph in (forward_graph, backward_graph):
+        assert graph.get("triton_kernel_wrapper_functional", 0) > 0
+        assert not any("scatter" in op or "copy_" in op for op in graph), graph
+    assert "jsa_fast.joint_slot_attention.default" not in forward_graph  # traced into its kernels
+
+    reference, fused = make_pair(shape["dim"], shape["slots"], shape["iters"], mlp_hidden=shape["hidden"])
+    x_img, x_aud, mask_img, mask_aud = make_inputs(shape["batch"], shape["l_img"], shape["l_aud"], shape["dim"])
+    x_img.requires_grad_(), x_aud.requires_grad_()
+    out = fused(x_img, x_aud, torch.zeros_like(mask_img), torch.zeros_like(mask_aud))
+    assert report["outputs"] == [[list(o.shape), list(o.stride()), str(o.dtype)] for o in out]
+    sum(o.sum() for o in out).backward()
+    assert report["grads"] == [[list(t.grad.shape), str(t.grad.dtype)] for t in (x_img, x_aud)] + [
+        [[shape["slots"], shape["dim"]], "torch.float32"]
+    ]
