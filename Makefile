@@ -44,7 +44,8 @@ test-all: $(STAMP) $(DALI_STAMP)
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
 # On a GPU machine: the GPU-marked tests, then every benchmark at the issues' sizes
-# (JSON to bench/results/). Each benchmark stays within a few minutes on an H100.
+# (JSON to bench/results/). bench/slot_attn.py runs each of its ~32 variants in a process of
+# its own (8 of them max-autotune compiles): the longest; the others take a few minutes.
 test-gpu: $(STAMP) $(DALI_STAMP)
 	$(PY) -m pytest -m gpu -ra $(PYTEST_ARGS)
 

@@ -218,15 +218,21 @@ class Census(TorchDispatchMode):
         return max((sum(self.storages[k][1] for k in alive if k not in excluded) for alive in self.timeline), default=0)
 
 
-def needed_gflop(batch: int, dim: int, num_slots: int, iters: int, mlp_hidden: int) -> float:
-    """The GEMM work of the K/V-free algorithm, forward + backward: per modality and
-    iteration 2 R (d (d+1) + 6 d^2 + 2 d H) with R = B S (logit projection, GRU input and
-    hidden gates, MLP), times 3, plus the weight folds W_q^T [W_k | b_k] and W_ih W_v
-    (3x their forward); the last queries and cross-modal logits are not included."""
+def needed_forward_flops(batch: int, dim: int, num_slots: int, iters: int, mlp_hidden: int) -> int:
+    """The GEMM work of the K/V-free algorithm's forward: per modality and iteration
+    2 R (d (d+1) + 6 d^2 + 2 d H) with R = B S (logit projection, GRU input and hidden
+    gates, MLP), plus the weight folds W_q^T [W_k | b_k] and W_ih W_v; the last queries,
+    the cross-modal logits and the attention products are not included. Forward +
+    backward needs 3 times as much."""
     rows = batch * num_slots
     per_iteration = 2 * rows * (dim * (dim + 1) + 6 * dim**2 + 2 * dim * mlp_hidden)
     folds = 2 * dim * dim * (dim + 1) + 2 * 3 * dim * dim * dim
-    return 2 * 3 * (iters * per_iteration + folds) / 1e9
+    return 2 * (iters * per_iteration + folds)
+
+
+def needed_gflop(batch: int, dim: int, num_slots: int, iters: int, mlp_hidden: int) -> float:
+    """needed_forward_flops of forward + backward, in GFLOP (95.0 at the paper's shape)."""
+    return 3 * needed_forward_flops(batch, dim, num_slots, iters, mlp_hidden) / 1e9
 
 
 IMPLEMENTATIONS = {
@@ -275,6 +281,8 @@ def census_one(impl: str, batch: int, mode: str, args: argparse.Namespace) -> di
         "bwd_kernels": backward.total(),
         "total_kernels": forward.total() + backward.total(),
         "triton_launches": sum(n for op, n in (forward.ops + backward.ops).items() if op.startswith("triton::")),
+        "fwd_gflop": forward.flops / 1e9,
+        "bwd_gflop": backward.flops / 1e9,
         "gemm_gflop": (forward.flops + backward.flops) / 1e9,
         "needed_gflop": needed_gflop(batch, **sizes),
         "kept_mib": kept / 2**20,

@@ -1,12 +1,17 @@
-"""Shared benchmark helpers: timing (CUDA events on GPU, perf_counter on CPU), peak
-memory, and the JSON record every benchmark writes under bench/results/."""
+"""Shared benchmark helpers: timing (CUDA events on GPU, perf_counter on CPU) and the
+spread of repeated times, peak memory, the environment a result was measured in
+(versions, GPU, driver, commit, host CPU), and the JSON record every benchmark writes
+under bench/results/."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,22 +30,57 @@ def device_name(device: torch.device) -> str:
 
 def median_time_ms(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 20) -> float:
     """Median wall time of fn() in milliseconds after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
+    return statistics.median(time_repeats_ms(fn, device, warmup, repeats))
+
+
+def time_repeats_ms(
+    fn: Callable[[], Any],
+    device: torch.device,
+    warmup: int = 3,
+    repeats: int = 20,
+    before: Callable[[], Any] | None = None,
+) -> list[float]:
+    """Wall time of each of `repeats` fn() calls in milliseconds, after `warmup` calls.
+    `before()` (e.g. setting gradients to None) runs before every call, warm-up included,
+    outside the timed region. On CUDA each call is timed by events on the current stream
+    after a synchronize, so the time includes the host's launch gaps (what bounds a
+    launch-bound op)."""
     times = []
-    for _ in range(repeats):
+    for i in range(warmup + repeats):
+        if before is not None:
+            before()
         if device.type == "cuda":
+            torch.cuda.synchronize(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
+            elapsed = start.elapsed_time(end)
         else:
             began = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
+            elapsed = (time.perf_counter() - began) * 1e3
+        if i >= warmup:
+            times.append(elapsed)
+    return times
+
+
+def spread(times: list[float]) -> dict[str, float]:
+    """median, min, max, first and third quartiles and IQR of `times` (quartiles by
+    statistics.quantiles' inclusive method; with one time they all equal it)."""
+    if len(times) == 1:
+        q1 = q3 = times[0]
+    else:
+        q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return {
+        "median": statistics.median(times),
+        "min": min(times),
+        "max": max(times),
+        "q1": q1,
+        "q3": q3,
+        "iqr": q3 - q1,
+    }
 
 
 def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
@@ -55,11 +95,79 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+def _run(command: list[str]) -> str | None:
+    """A read-only command's stripped stdout, None if it cannot run or fails."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def host_cpu() -> str:
+    """The host CPU's model name (/proc/cpuinfo on Linux) and its logical core count."""
+    model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model or platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a result was measured with: Python, torch, Triton, CUDA and cuDNN versions,
+    the NVIDIA driver and GPU (None on CPU), the git commit (and whether the working
+    tree had changes), the host CPU and the matmul precision settings."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    root = Path(__file__).resolve().parents[1]
+    # --no-optional-locks: git status must not refresh (write) the index.
+    status = _run(["git", "-C", str(root), "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"])
+    gpu = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu = {
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "memory_gib": props.total_memory / 2**30,
+            "multiprocessors": props.multi_processor_count,
+        }
+    driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "driver": driver.splitlines()[0] if driver else None,
+        "gpu": gpu,
+        "commit": _run(["git", "-C", str(root), "rev-parse", "HEAD"]),
+        "commit_dirty": None if status is None else bool(status),
+        "host_cpu": host_cpu(),
+        "torch_threads": torch.get_num_threads(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+    }
+
+
 def write_results(
-    name: str, device: torch.device, config: dict[str, Any], rows: list[dict[str, Any]], path: str | None
+    name: str,
+    device: torch.device,
+    config: dict[str, Any],
+    rows: list[dict[str, Any]],
+    path: str | None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write {benchmark, device, versions, config, rows} as JSON; default path
-    bench/results/<name>-<device>-<UTC time>.json."""
+    """Write {benchmark, device, versions, config, rows} as JSON, plus the keys of
+    `extra`; default path bench/results/<name>-<device>-<UTC time>.json."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     target = Path(path) if path else RESULTS / f"{name}-{device.type}-{stamp}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +179,7 @@ def write_results(
         "utc": stamp,
         "config": config,
         "rows": rows,
+        **(extra or {}),
     }
     target.write_text(json.dumps(record, indent=2) + "\n")
     return target

@@ -42,16 +42,97 @@ def test_kreciprocal_benchmark(tmp_path):
     assert all(row["identical"] for row in record["rows"])  # extension == reference, bit for bit
 
 
-def test_slot_attention_benchmark(tmp_path):
+def test_slot_attention_benchmark_dry_run(tmp_path):
+    """bench/slot_attn.py --dry-run: every variant a CPU can run is checked against the fp32
+    reference and timed (one job in a worker process, the rest in this one), the CUDA-graph
+    variants are listed as skipped with the reason, and the record carries what the GPU
+    run will be judged by."""
+    bench = load_benchmark("slot_attn")
     out = tmp_path / "slot_attn.json"
-    args = ["--device", "cpu", "--batch", "2", "--dim", "16", "--mlp-hidden", "32", "--l-img", "4", "--l-aud", "3", "--iters", "2",
-            "--dtype", "fp32", "--impl", "reference eager", "fused eager", "--warmup", "1", "--repeats", "1", "--json", str(out)]  # fmt: skip
-    assert load_benchmark("slot_attn").main(args) == 0
-    rows = read_record(out)["rows"]
-    assert {row["impl"] for row in rows} == {"reference eager", "fused eager"}
-    reference = [row for row in rows if row["impl"] == "reference eager"]
-    assert all(row["vs_best_reference"] == 1.0 for row in reference)  # the only reference variant is the best
-    assert all(row["vs_best_reference"] > 0 and row["gflop"] > 0 for row in rows)
+    assert bench.main(["--dry-run", "--json", str(out)]) == 0
+    record = read_record(out)
+    rows = {(row["impl"], row["mode"], row["dtype"]): row for row in record["rows"]}
+    assert set(rows) == {(v.name, m, d) for v in bench.VARIANTS for m in bench.MODES for d in bench.DTYPES}
+    assert {row["batch"] for row in rows.values()} == {2}
+
+    # Run: every variant without CUDA graphs, but the max-autotune one (a mode of inductor,
+    # which the dry run does not compile with), at bf16; the eager ones under autocast; the
+    # reference at fp32.
+    expected = {
+        (v.name, m, d)
+        for v in bench.VARIANTS
+        for m in bench.MODES
+        for d in bench.DTYPES
+        if not v.needs_cuda
+        and v.compile_mode in (None, "default")
+        and (d == "bf16" or v.name == "reference eager" or (d == "autocast" and v.how == "eager"))
+    }
+    ran = {key for key, row in rows.items() if row["status"] == "ok"}
+    parameters = len(list(bench.JointSlotAttention().named_parameters()))
+    assert ran == expected, {key: rows[key].get("reason") for key in expected ^ ran}
+    for key, row in rows.items():
+        if key not in ran:
+            assert row["status"] == "skipped" and row["reason"], key
+            if bench.BY_NAME[key[0]].needs_cuda:
+                assert row["reason"].startswith("needs CUDA"), key
+            continue
+        check = row["parity"]
+        assert check["passed"] and check["checked"] == 10 + 2 + parameters, (key, check)  # outputs, inputs' grads
+        assert 0 <= check["max_error"] <= check["tolerance"]
+        assert len(row["times_ms"]) == 2 and row["ms_min"] <= row["ms"] <= row["ms_max"] and row["ms_iqr"] >= 0
+        assert row["gflop_needed"] > 0 and row["gflop_executed"] > 0 and row["tflops"] > 0
+        assert row["peak_mib"] is None and row["pct_of_peak"] is None  # no GPU: no memory, no peak
+        assert row["vs_best_reference"] > 0 and row["best_reference"].startswith("reference")
+        if row["how"] == "compiled":
+            compiled = row["compile"]
+            assert compiled["fullgraph"] and compiled["graphs"] == 1, compiled
+            assert compiled["graph_breaks"] == 0 and compiled["recompiles"] == 0, compiled
+    for mode in bench.MODES:
+        for dtype in bench.DTYPES:
+            references = [k for k in ran if k[0].startswith("reference") and k[1:] == (mode, dtype)]
+            best = [rows[k]["vs_best_reference"] for k in references]
+            assert max(best) == 1.0 and all(0 < speed <= 1.0 for speed in best)
+    assert {rows[key]["ran_in"] for key in ran} == {"a worker", "this process"}
+
+    # FLOPs: the algorithm's need, the same for both modules; what each executes, its own.
+    for mode in bench.MODES:
+        reference, fused = rows[("reference eager", mode, "bf16")], rows[("fused eager", mode, "bf16")]
+        assert reference["gflop_needed"] == fused["gflop_needed"]
+        assert reference["gflop_executed"] != fused["gflop_executed"]
+    for module in ("reference", "fused"):
+        counted = record["executed_flops"][module]["2"]
+        assert counted["fwd"] > 0 and counted["bwd"] > 0
+    assert sum(record["executed_flops"]["fused"]["2"]["triton_launches"].values()) > 0
+    environment = record["environment"]
+    assert environment["torch"] and environment["triton"] and environment["host_cpu"]
+    assert environment["commit"] is None or len(environment["commit"]) == 40
+    assert record["acceptance"] == [] and record["targets"]["vs_best_reference_min"] == 3.0  # B = 2: not judged
+
+
+def test_slot_attention_benchmark_checks_and_acceptance():
+    """The parity check fails on a wrong, missing or non-finite result; `acceptance` judges
+    the fused bf16 forward+backward rows at B = 256 and 4,096 against the targets."""
+    import torch
+
+    bench = load_benchmark("slot_attn")
+    want = {"out": torch.tensor([1.0, -2.0, 4.0]), "grad": torch.tensor([0.5, 0.25])}
+    assert bench.parity(dict(want), want, 1e-6)["passed"]
+    assert not bench.parity({**want, "out": want["out"] * 1.01}, want, 1e-3)["passed"]
+    assert not bench.parity({**want, "grad": None}, want, 0.1)["passed"]
+    assert not bench.parity({**want, "grad": torch.tensor([float("nan"), 0.25])}, want, 0.1)["passed"]
+    args = bench.parse_args(["--dry-run"])
+    assert (
+        bench.tolerance("fp32", args) < 1e-4 < 0.1 < bench.tolerance("bf16", args) == bench.tolerance("autocast", args)
+    )
+
+    def row(batch, speed, memory, pct):
+        return {"module": "fused", "impl": "fused eager+graph", "mode": "fwd+bwd", "dtype": "bf16", "batch": batch,
+                "vs_best_reference": speed, "memory_vs_best_reference": memory, "pct_of_peak": pct}  # fmt: skip
+
+    checks = bench.acceptance([row(256, 3.2, 0.4, 5.0), row(4096, 2.0, 0.6, 30.0), row(64, 9.0, 0.1, 90.0)])
+    assert [(c["batch"], c["passed"]) for c in checks] == [(256, True), (4096, False)]
+    assert not bench.acceptance([row(256, 2.9, 0.4, 5.0)])[0]["passed"]
+    assert not bench.acceptance([row(256, 3.5, 0.51, 5.0)])[0]["passed"]
 
 
 def test_train_step_benchmark_eager(tmp_path):

@@ -4,7 +4,6 @@ small programs whose counts are known, then the modules at the paper's shape are
 to issue #21's bounds (fake tensors cost no memory or arithmetic, so B = 4,096 is cheap)."""
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,15 +16,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def load_census():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_census", BENCH / "census.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-census = load_census()
+sys.path.insert(0, str(BENCH))
+import census  # noqa: E402  (one module, as bench/slot_attn.py imports it: its op overrides register once)
 
 
 def tiny(**widths):
