@@ -131,6 +131,28 @@ def test_fused_under_autocast_matches_reference(monkeypatch):
         torch.testing.assert_close(g, w, atol=0.05, rtol=0.05)
 
 
+class UnderAutocast(nn.Module):
+    """A module's forward under bf16 autocast, as training runs it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            return self.module(*inputs)
+
+
+def test_fused_under_autocast_gradients_close_to_fp32_reference():
+    # Forward and backward under autocast (fp32 parameters, bf16 products); bf16's
+    # 8 significant bits bound the error as in the half-precision test.
+    reference, fused = make_pair(16, 2, 2)
+    inputs = make_inputs(2, 4, 3, 16)
+    assert_fused_matches_reference(
+        reference.train(), UnderAutocast(fused).train(), inputs, out_atol=0.1, grad_rtol=0.08
+    )
+
+
 def test_fused_training_draws_masks_and_eval_does_not():
     reference, fused = make_pair(16, 2, 1)
     x_img, x_aud, mask_img, _ = make_inputs(2, 6, 4, 16)
