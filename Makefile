@@ -7,7 +7,7 @@ STAMP := $(VENV)/.jsa-fast-installed
 DALI_STAMP := $(VENV)/.jsa-fast-dali
 PYTEST_ARGS ?=
 
-.PHONY: setup demo lint test test-all test-gpu bench-gpu clean
+.PHONY: setup demo lint test test-numeric-default test-all test-gpu bench-gpu clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,38 @@ lint: $(STAMP)
 # The default suite after lint (CI runs this); slow tests are deselected in pyproject.toml.
 test: lint $(DALI_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The tests that compare numbers (marked numeric: kernels and ops against the reference,
+# 1 against 2 processes, resumes) once more on ATen's portable kernels (no AVX2/AVX-512),
+# where a tolerance fitted to one instruction set fails first; CI runs it after `make test`.
+# Left out to keep it to a few minutes (all run in `make test`): the k-reciprocal parities
+# at B >= 300 (those at B <= 64 stay), the fused operator's runs on other layouts and GPU
+# tile sizes (the fp32 parity's comparison again, which stays), its fp64 gradcheck,
+# opcheck, fake-tensor trace and compile, its half-precision runs (tolerances of 1e-2 and
+# more), and the Ctrl-C resume (bit-exact, as test_resume_continues_exactly, which stays).
+NUMERIC_SKIPPED := \
+	tests/test_k_reciprocal.py::test_kernel_matches_reference_on_exact_ties[300- \
+	tests/test_k_reciprocal.py::test_kernel_matches_reference_on_random_rows[300- \
+	tests/test_k_reciprocal.py::test_kernel_on_tight_clusters \
+	tests/test_k_reciprocal.py::test_kernel_general_path_for_rows_with_many_candidates \
+	tests/test_k_reciprocal.py::test_kernel_with_many_tiles_and_chunks \
+	tests/test_k_reciprocal.py::test_kernel_large_k_takes_the_general_path \
+	tests/test_k_reciprocal.py::test_kernel_matches_reference_on_collapsed_exact_rows \
+	tests/test_k_reciprocal.py::test_kernel_on_collapsed_rows_without_ties \
+	tests/test_k_reciprocal.py::test_kernel_on_a_batch_dominated_by_one_class \
+	tests/test_k_reciprocal.py::test_kernel_skips_the_filter_after_a_crowded_first_tile \
+	tests/test_fused.py::test_operator_gradcheck_fp64 \
+	tests/test_fused.py::test_operator_opcheck \
+	tests/test_fused.py::test_gpu_registration_traces_into_kernels_without_view_mutation \
+	tests/test_fused.py::test_kernels_with_the_gpu_tiles_under_the_interpreter \
+	tests/test_fused.py::test_torch_compile_fullgraph \
+	tests/test_fused.py::test_fused_matches_reference_on_any_strides \
+	tests/test_fused.py::test_fused_half_precision_close_to_fp32_reference \
+	tests/test_train.py::test_ctrl_c_saves_and_resume_is_exact_mid_epoch
+
+test-numeric-default: $(STAMP) $(DALI_STAMP)
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -m "numeric and not slow and not gpu" \
+		$(foreach test,$(NUMERIC_SKIPPED),--deselect '$(test)') $(PYTEST_ARGS)
 
 test-all: $(STAMP) $(DALI_STAMP)
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)

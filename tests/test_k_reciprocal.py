@@ -273,6 +273,7 @@ def assert_matches_exact_similarities(z_img: torch.Tensor, z_aud: torch.Tensor, 
     assert torch.equal(packed, reference.pack_mask(expected))
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("batch", BATCH_SIZES)
@@ -283,6 +284,7 @@ def test_kernel_matches_reference_on_exact_ties(batch, dtype, device):
             assert_matches_reference(z_img, z_aud, k, device)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("width", [32, 512])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -299,6 +301,7 @@ def test_kernel_matches_reference_on_random_rows(batch, dtype, width, device):
             assert_matches_reference(z_img, z_aud, k, device)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("clusters", [40, 4])
 def test_kernel_on_tight_clusters(device, clusters):
@@ -323,6 +326,7 @@ def filter_values(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x.bfloat16().float() * y.bfloat16().float()).sum(dim=1).bfloat16().float()
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
 def test_filter_margin_keeps_neighbours_that_the_filter_misorders(device):
     # Rows q, a, b (searched for among random triples): a is q's nearest other row and q
@@ -358,6 +362,7 @@ def test_filter_margin_keeps_neighbours_that_the_filter_misorders(device):
     assert_matches_reference(z, z, 2, device)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernel_general_path_for_rows_with_many_candidates(device):
     # 2,100 copies of one direction (scaled) tie with each other: each has 2,100 candidates,
@@ -372,6 +377,7 @@ def test_kernel_general_path_for_rows_with_many_candidates(device):
         assert_matches_reference(z_img, z_aud, k, device)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernel_with_many_tiles_and_chunks(device, monkeypatch):
     # A 0.05 MiB scratch bound: filter tiles of ~12 rows, general-path block rows of 1-4
@@ -391,6 +397,7 @@ def test_bad_scratch_bound_is_named(monkeypatch):
         torch.ops.jsa_fast.k_reciprocal_mask(GOOD, GOOD, 2)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [128, 129, 256, 299])
 def test_kernel_large_k_takes_the_general_path(device, k):
@@ -437,6 +444,7 @@ def crowded(z: torch.Tensor, k: int) -> torch.Tensor:
     return (sim >= kth).sum(dim=1) > max(z.shape[0] // 8, 128)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("flips", [1, 2, 4])
 def test_kernel_matches_reference_on_collapsed_exact_rows(device, flips):
@@ -448,6 +456,7 @@ def test_kernel_matches_reference_on_collapsed_exact_rows(device, flips):
         assert_matches_reference(z_img, z_aud, k, device)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spread", [0.03, 0.01, 1e-3])
 def test_kernel_on_collapsed_rows_without_ties(device, spread):
@@ -461,6 +470,7 @@ def test_kernel_on_collapsed_rows_without_ties(device, spread):
         assert_matches_exact_similarities(z_img, z_aud, k, device)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernel_on_a_batch_dominated_by_one_class(device, monkeypatch):
     # Half the rows collapsed (general path), half spread (filter), shuffled: the general
@@ -477,6 +487,7 @@ def test_kernel_on_a_batch_dominated_by_one_class(device, monkeypatch):
         assert_matches_reference(z_img, z_img.flip(0), k, device)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernel_skips_the_filter_after_a_crowded_first_tile(device):
     # The first tile's B / 16 = 63 rows are collapsed: the rest of the batch goes to the
@@ -570,6 +581,7 @@ def test_cuda_kernel_on_collapsed_rows_at_a_large_global_batch():
         assert torch.equal(ops.unpack_mask(words[start : start + 4096], batch), expected)
 
 
+@pytest.mark.numeric
 def test_kernel_matches_reference_on_strided_input():
     base = tied_rows(64, 7, torch.float32).T.contiguous()
     z_img = base.T  # 64 x 32, column-major

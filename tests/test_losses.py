@@ -10,6 +10,7 @@ from jsa_fast.model import ModelOutput
 from jsa_fast.reference import JSAOutput, divergence_loss, info_nce_loss, match_loss, reconstruction_loss
 
 
+@pytest.mark.numeric
 def test_info_nce_orthogonal_pairs():
     # logits = I / tau with tau = 1: every row's CE is -log(e / (e + 1)) = log(1 + 1/e),
     # averaged over B = 2, summed over the two directions.
@@ -19,6 +20,7 @@ def test_info_nce_orthogonal_pairs():
     torch.testing.assert_close(info_nce_loss(p, p, tau=1.0, directions="mean"), torch.tensor(expected / 2))
 
 
+@pytest.mark.numeric
 def test_info_nce_removes_predicted_false_negatives_from_both_denominators():
     # B = 3, unit vectors; cos(i, j) = 0 for i != j except cos(0, 1) = cos(1, 0) = 0.6 (tau = 1).
     p_img = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
@@ -39,6 +41,7 @@ def test_info_nce_removes_predicted_false_negatives_from_both_denominators():
     )
 
 
+@pytest.mark.numeric
 def test_info_nce_normalises_and_uses_tau():
     p_img = torch.tensor([[2.0, 0.0], [0.0, 5.0]])
     p_aud = torch.tensor([[3.0, 0.0], [0.0, 0.5]])
@@ -53,6 +56,7 @@ def test_info_nce_bad_arguments():
         info_nce_loss(torch.eye(2), torch.eye(2), false_negatives=torch.zeros(3, 3, dtype=torch.bool))
 
 
+@pytest.mark.numeric
 def test_match_loss_is_mse_with_stop_gradient():
     ca_img = torch.tensor([[0.5, 0.5]], requires_grad=True)
     ia_img = torch.tensor([[1.0, 0.0]], requires_grad=True)
@@ -66,6 +70,7 @@ def test_match_loss_is_mse_with_stop_gradient():
     torch.testing.assert_close(ca_img.grad, torch.tensor([[-0.5, 0.5]]))
 
 
+@pytest.mark.numeric
 def test_divergence_loss_hand_computed():
     # image: cos(p, r) = 1/sqrt(2) for pair 0, -1 for pair 1 (relu -> 0): mean 1/(2 sqrt 2).
     slots_img = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[1.0, 0.0], [-2.0, 0.0]]])
@@ -79,6 +84,7 @@ def test_divergence_loss_one_slot_is_zero():
     assert divergence_loss(torch.randn(2, 1, 4), torch.randn(2, 1, 4)).item() == 0.0
 
 
+@pytest.mark.numeric
 def test_reconstruction_loss_hand_computed_and_detached_targets():
     x_img = torch.zeros(1, 2, 2, requires_grad=True)
     recon_img = torch.tensor([[[1.0, 1.0], [1.0, 1.0]]])
@@ -112,6 +118,7 @@ def _model_output(jsa, tokens_img, tokens_aud, recon_img, recon_aud):
     return ModelOutput(tokens_img, tokens_aud, jsa, recon_img, recon_aud, jsa.ca_img[..., None], jsa.ca_aud[..., None])
 
 
+@pytest.mark.numeric
 def test_jsa_loss_weights_the_terms():
     out = _fake_output()
     tokens_img, tokens_aud = torch.randn(4, 5, 3), torch.randn(4, 3, 3)

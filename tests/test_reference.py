@@ -19,6 +19,7 @@ def small_jsa(dim=8, **kwargs):
     return JointSlotAttention(dim=dim, mlp_hidden=16, **kwargs)
 
 
+@pytest.mark.numeric
 def test_slot_attention_hand_computed():
     # d = 1, so M = K Q^T. Row 0: logits (0, 0) -> (1/2, 1/2); row 1: (ln 3, 0) -> (3/4, 1/4).
     # Column sums (1.25, 0.75) -> Â = [[0.4, 2/3], [0.6, 1/3]].
@@ -28,6 +29,7 @@ def test_slot_attention_hand_computed():
     torch.testing.assert_close(slot_attention(q, k, eps=0.0), expected)
 
 
+@pytest.mark.numeric
 def test_slot_attention_eps_is_added_before_key_normalisation():
     # Softmax of logits (100, -100) is (1, ~0): slot 1's column is eps everywhere, so
     # after normalisation over L = 4 keys it is uniform (1/4) instead of 0/0.
@@ -37,6 +39,7 @@ def test_slot_attention_eps_is_added_before_key_normalisation():
     torch.testing.assert_close(attn[0, :, 1], torch.full((4,), 0.25))
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("num_slots,iters,l_img,l_aud", [(2, 5, 5, 4), (1, 1, 1, 1), (3, 2, 7, 3), (4, 3, 49, 16)])
 def test_shapes_and_attention_columns_sum_to_one(num_slots, iters, l_img, l_aud):
     jsa = small_jsa(num_slots=num_slots, iters=iters).eval()
@@ -53,6 +56,7 @@ def test_shapes_and_attention_columns_sum_to_one(num_slots, iters, l_img, l_aud)
         torch.testing.assert_close(attention_map.sum(dim=1), torch.ones(2))
 
 
+@pytest.mark.numeric
 def test_last_queries_and_maps_follow_the_equations():
     jsa = small_jsa(iters=3).eval()
     x_img, x_aud = make_inputs()
@@ -78,6 +82,7 @@ def test_last_queries_and_maps_follow_the_equations():
     torch.testing.assert_close(out.ca_aud, slot_attention(out.q_img, k_aud, jsa.eps)[..., 0])
 
 
+@pytest.mark.numeric
 def test_shared_initial_slots_start_both_modalities():
     jsa = small_jsa(iters=1).eval()
     x_img, x_aud = make_inputs()
@@ -87,6 +92,7 @@ def test_shared_initial_slots_start_both_modalities():
     torch.testing.assert_close(out.q_aud, jsa.audio.to_q(jsa.audio.norm_slots(s0)))
 
 
+@pytest.mark.numeric
 def test_masked_tokens_are_replaced_before_layernorm():
     jsa = small_jsa().eval()
     x_img, x_aud = make_inputs()
@@ -107,6 +113,7 @@ def test_masked_tokens_are_replaced_before_layernorm():
     torch.testing.assert_close(jsa(scrambled, x_aud, mask_img, mask_aud).slots_img, out.slots_img)
 
 
+@pytest.mark.numeric
 def test_eval_mode_does_not_mask_and_training_does():
     jsa = small_jsa(mask_prob=0.5)
     x_img, x_aud = make_inputs()
@@ -172,6 +179,7 @@ def test_parameter_count_matches_the_paper():
     assert round(count / 1e6, 2) == 6.84
 
 
+@pytest.mark.numeric
 def test_fused_and_reference_state_dicts_are_interchangeable():
     reference = small_jsa().eval()
     fused = FusedJointSlotAttention(dim=8, mlp_hidden=16, backend="torch").eval()
@@ -190,6 +198,7 @@ def test_fused_backend_choice():
         FusedJointSlotAttention(dim=8, backend="cuda")
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_other_float_inputs_give_outputs_of_their_dtype(dtype):
     jsa = small_jsa().eval()

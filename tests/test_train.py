@@ -107,6 +107,7 @@ def test_training_writes_checkpoint_metrics_and_curves(world, tmp_path):
     assert not list(tmp_path.glob(".last.pt.*"))  # no temporary checkpoint left behind
 
 
+@pytest.mark.numeric
 def test_resume_continues_exactly(world, tmp_path):
     straight = tmp_path / "straight"
     run(MICRO, world, straight)
@@ -117,6 +118,7 @@ def test_resume_continues_exactly(world, tmp_path):
     assert metric_lines(straight) == metric_lines(split)
 
 
+@pytest.mark.numeric
 def test_ctrl_c_saves_and_resume_is_exact_mid_epoch(world, tmp_path, monkeypatch):
     cfg = MICRO.overridden(batch_size=3)  # 3 batches per epoch
     straight = tmp_path / "straight"
