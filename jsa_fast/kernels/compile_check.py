@@ -1,22 +1,36 @@
 """Compile every Triton kernel for a GPU without one, and report what it needs:
-`python -m jsa_fast.kernels.compile_check [--arch 80 90 100] [--shapes paper|all] [--json PATH]`.
+`python -m jsa_fast.kernels.compile_check [--arch 80 90 100 | --arch sm_80,sm_90,sm_100]
+[--shapes paper|all] [--batch 256 4096] [--precisions ...] [--kernels NAME ...] [--json PATH]`.
 
-For each kernel, precision and shape, the launch configuration the operator uses on a
-GPU (`row_config` / `attention_config` with interpret=False), with the argument
-specialisations a launch gets (alignment and divisibility hints, sizes of 1 as
-constants), is compiled by Triton for each sm_<arch> (Triton ships ptxas and cuobjdump, so no
-GPU or CUDA toolkit is needed) and cuobjdump reports registers per thread, spill stack
-bytes and shared memory. The exit status is 1 when a kernel spills registers in any
-precision but fp64 (there for gradcheck, reported only) or needs more shared memory than
-the architecture offers; a spill costs local-memory traffic on every use, so the tile
-sizes are chosen to avoid one.
+The launches are those the operators make: their GPU bodies (registry.IMPLEMENTATIONS,
+forward and backward) run on fake CUDA tensors with the GPU's dtypes and launch
+configurations (registry.planning_gpu_launches), and every launch is recorded with its
+arguments instead of run. Each launch is specialised by Triton's JIT binder as a GPU
+launch would be (dtypes; 16-byte alignment of pointers, from the tensors' offsets in
+their allocations; integers divisible by 16, equal to 1, past i32) and each distinct
+specialisation compiled by Triton for each sm_<arch> (Triton ships ptxas, so no GPU or
+CUDA toolkit is needed). The `ptxas -v` report of the ptxas run that made the cubin
+gives registers per thread, spill stores and loads, the stack frame and static shared
+memory. Each call is traced twice: with token masks and a gradient for every output,
+and without masks with the slots' gradients only.
 
-Precisions: each kernel pointer plays a role (token inputs, parameters, the products'
-buffers, outputs, fp32 accumulators, byte masks), and a precision gives each role its
-dtype: fp32, bf16 and fp16 (all alike), fp64, and "autocast" (fp32 inputs, parameters
-and outputs; bf16 buffers: what bf16 autocast runs over an fp32 model).
+The exit status is 1 when a kernel spills (ptxas reports spill stores or loads: local
+memory traffic, which the tile sizes are chosen to avoid) in any precision but fp64
+(there for gradcheck, reported only), or needs more shared memory than the architecture
+offers. A stack frame alone is reported, never failed on: ptxas keeps one for other
+things than spills (printf's arguments, a call's saved registers), so cuobjdump's STACK
+and LOCAL, sizes of the frame, say nothing of traffic.
 
-`--precisions` restricts the precisions (default: all).
+Precisions: fp32, bf16, fp16 and fp64 (inputs, parameters, products and outputs in
+one dtype) and "autocast" (fp32 inputs, parameters and outputs, bf16 products: what
+bf16 autocast runs over an fp32 model).
+
+`--precisions` and `--kernels` restrict the precisions and kernels (default: all; a
+kernel by its @triton.jit name, e.g. linear_kernel); `--arch` defaults to the
+extension's architectures, `--shapes` to the paper's (`all` adds odd widths, one and
+three slots, 256 and 512 image tokens), `--batch` to the paper's B = 256 and B = 4,096.
+A batch size reaches a compile only through the launches' configurations and
+specialisations, so one whose launches specialise as another's reuses those compiles.
 
 Run with TRITON_INTERPRET unset: under the interpreter there is nothing to compile.
 """
@@ -24,230 +38,325 @@ Run with TRITON_INTERPRET unset: under the interpreter there is nothing to compi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import json
 import re
-import subprocess
 import sys
-import tempfile
-from dataclasses import dataclass
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import FakeTensorMode
+from triton import knobs
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
-from jsa_fast.kernels.gru import gru_bwd_kernel, gru_fwd_kernel
-from jsa_fast.kernels.joint_slot_attention import attention_config, row_config
-from jsa_fast.kernels.layer_norm import ln_in_bwd_kernel, ln_in_fwd_kernel, residual_norm_kernel, slot_norm_bwd_kernel
-from jsa_fast.kernels.registry import INTERPRET
-from jsa_fast.kernels.slot_attention import attention_bwd_kernel, attention_fwd_kernel
+from jsa_fast.kernels import registry
+from jsa_fast.kernels.joint_slot_attention import PARAMETERS
+from jsa_fast.reference import MLP_HIDDEN, JointSlotAttention
 
+# The extension's architectures (setup.py).
+ARCHITECTURES = [80, 90, 100]
+# The paper's batch size and the large one bench/slot_attn.py runs.
+BATCH_SIZES = [256, 4096]
 # Shared memory one block may use (opt-in maximum), by compute capability.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
-TRITON_TYPES = {
-    torch.float32: "fp32",
-    torch.bfloat16: "bf16",
-    torch.float16: "fp16",
-    torch.float64: "fp64",
-    torch.uint8: "u8",
-}
-F32, B16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
-# Role -> dtype, by precision (module docstring).
+# Precision -> (dtype of inputs, parameters and outputs; dtype of the products).
 PRECISIONS = {
-    "fp32": {"input": F32, "param": F32, "buffer": F32, "output": F32, "acc": F32},
-    "bf16": {"input": B16, "param": B16, "buffer": B16, "output": B16, "acc": F32},
-    "fp16": {"input": F16, "param": F16, "buffer": F16, "output": F16, "acc": F32},
-    "autocast": {"input": F32, "param": F32, "buffer": B16, "output": F32, "acc": F32},
-    "fp64": {"input": F64, "param": F64, "buffer": F64, "output": F64, "acc": F64},
+    "fp32": (torch.float32, torch.float32),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "fp16": (torch.float16, torch.float16),
+    "autocast": (torch.float32, torch.bfloat16),
+    "fp64": (torch.float64, torch.float64),
 }
+FORWARD, BACKWARD = "jsa_fast::joint_slot_attention", "jsa_fast::joint_slot_attention_backward"
+EPS, LN_EPS = 1e-8, [1e-5] * 3
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One JSA configuration: image and audio tokens, width, slots, iterations, batch."""
+    """One JSA configuration: image and audio tokens, width, slots, MLP width,
+    iterations, batch."""
 
     name: str
     l_img: int
     l_aud: int
     dim: int
     slots: int
+    hidden: int = MLP_HIDDEN
     iters: int = 5
     batch: int = 256
 
     def __str__(self) -> str:
-        return f"{self.name}: Lv={self.l_img} La={self.l_aud} d={self.dim} S={self.slots}"
+        return f"{self.name}: Lv={self.l_img} La={self.l_aud} d={self.dim} S={self.slots} B={self.batch}"
 
 
 SHAPES = {
     "paper": [Shape("paper", 49, 16, 512, 2)],
     "all": [
         Shape("paper", 49, 16, 512, 2),
-        Shape("odd", 7, 5, 100, 3),
-        Shape("one slot", 100, 10, 96, 1),
+        Shape("odd", 7, 5, 100, 3, hidden=200),
+        Shape("one slot", 100, 10, 96, 1, hidden=192),
         Shape("16x16 image", 256, 16, 512, 2),
         Shape("512 tokens", 512, 16, 512, 2),
     ],
 }
-# Pointer roles (module docstring); pointers not named are "buffer".
-ROLES = {
-    "ln_in_fwd_kernel": {"X_IMG": "input", "X_AUD": "input", "MASK_IMG": "mask", "MASK_AUD": "mask", "TOKEN": "param", "W": "param", "B": "param"},
-    "ln_in_bwd_kernel": {"X_IMG": "input", "X_AUD": "input", "MASK_IMG": "mask", "MASK_AUD": "mask", "TOKEN": "param", "W": "param",
-                         "G_OUT": "acc", "GX_IMG": "input", "GX_AUD": "input", "PARTIAL": "acc"},
-    "residual_norm_kernel": {"BIAS": "param", "SLOTS_IMG": "output", "SLOTS_AUD": "output"},
-    "attention_fwd_kernel": {name: "output" for name in ("ATTN_IMG", "ATTN_AUD", "IA_IMG", "IA_AUD", "CA_IMG", "CA_AUD", "Q_IMG", "Q_AUD")},
-    "attention_bwd_kernel": {"GRAD_X": "acc"} | {name: "output" for name in
-                             ("G_ATTN_IMG", "G_ATTN_AUD", "G_IA_IMG", "G_IA_AUD", "G_CA_IMG", "G_CA_AUD")},
-}  # fmt: skip
 
 
-def size_arguments(shape: Shape) -> dict[str, int]:
-    """The integer arguments of the kernels at `shape` (their values give the
-    divisibility hints a launch would get)."""
-    r, d = shape.batch * shape.slots, shape.dim
+class Pointer:
+    """A tensor argument as the JIT's binder sees it: its dtype and address. Allocations
+    are aligned (the CUDA caching allocator's 512 bytes), so a view's alignment is that
+    of its offset."""
+
+    def __init__(self, dtype: torch.dtype, offset: int = 0) -> None:
+        self.dtype, self.offset = dtype, offset
+
+    def data_ptr(self) -> int:
+        return 2**32 + self.offset
+
+
+@dataclass
+class Launch:
+    """One kernel launch of an op body: the kernel, the line of the body that made it,
+    and its arguments (tensors as Pointers)."""
+
+    kernel: Any
+    site: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+
+
+@contextlib.contextmanager
+def recording_launches() -> Iterator[list[Launch]]:
+    """Op bodies' launches recorded, not run, while inside (GPU dtypes and configurations:
+    registry.planning_gpu_launches)."""
+    launches: list[Launch] = []
+    kernels_folder, this_file = Path(registry.__file__).parent, Path(__file__).resolve()
+
+    def pointer(arg: Any) -> Any:
+        return Pointer(arg.dtype, arg.storage_offset() * arg.element_size()) if isinstance(arg, torch.Tensor) else arg
+
+    class Recording(registry._Launcher):
+        def __getitem__(self, grid: Any) -> Any:
+            def run(*args: Any, **kwargs: Any) -> None:
+                # The outermost frame in jsa_fast/kernels but this file: the op body's line.
+                site = next(
+                    f
+                    for f in traceback.extract_stack()
+                    if Path(f.filename).parent == kernels_folder and Path(f.filename).resolve() != this_file
+                )
+                launches.append(
+                    Launch(
+                        self.kernel,
+                        f"{Path(site.filename).name}:{site.lineno}",
+                        [pointer(arg) for arg in args],
+                        {name: pointer(value) for name, value in kwargs.items()},
+                    )
+                )
+
+            return run
+
+    launcher = registry._Launcher
+    registry._Launcher = Recording
+    try:
+        with registry.planning_gpu_launches():
+            yield launches
+    finally:
+        registry._Launcher = launcher
+
+
+@functools.cache
+def parameter_shapes(dim: int, slots: int, iters: int, hidden: int) -> list[tuple[int, ...]]:
+    """Each modality's parameter shapes, in PARAMETERS' order."""
+    with torch.device("meta"):
+        module = JointSlotAttention(dim=dim, num_slots=slots, iters=iters, mlp_hidden=hidden)
+    return [tuple(module.image.get_parameter(name).shape) for name in PARAMETERS]
+
+
+def traced_launches(shape: Shape, precision: str) -> list[Launch]:
+    """The launches of a forward and a backward at `shape` (module docstring: twice)."""
+    dtype, compute = PRECISIONS[precision]
+    b, d = shape.batch, shape.dim
+    with recording_launches() as launches, FakeTensorMode():
+
+        def new(*size: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+            return torch.empty(size, device="cuda", dtype=dtype)
+
+        x_img, x_aud, slots_init = new(b, shape.l_img, d), new(b, shape.l_aud, d), new(shape.slots, d)
+        params = [new(2, *size) for size in parameter_shapes(d, shape.slots, shape.iters, shape.hidden)]
+        for masks, every_output in (((new(b, shape.l_img, dtype=torch.bool), new(b, shape.l_aud, dtype=torch.bool)), True),
+                                    ((None, None), False)):  # fmt: skip
+            inputs = (x_img, x_aud, *masks, slots_init, params)
+            out = registry.IMPLEMENTATIONS[FORWARD](*inputs, shape.iters, EPS, LN_EPS, compute, dtype)
+            grads = [torch.empty_like(o) if every_output or i < 2 else None for i, o in enumerate(out[:10])]
+            registry.IMPLEMENTATIONS[BACKWARD](grads, *inputs, out[10:], shape.iters, EPS, LN_EPS)
+    return launches
+
+
+@functools.cache
+def binder(kernel: Any, arch: int) -> tuple[Any, Any]:
+    """The CUDA backend for sm_<arch> and the kernel's argument binder (what
+    JITFunction.create_binder makes for the current GPU)."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    return backend, create_function_from_signature(kernel.signature, kernel.params, backend)
+
+
+def specialise(launch: Launch, arch: int) -> tuple[ASTSource, Any]:
+    """The source and options Triton's JIT compiles for this launch (JITFunction.run)."""
+    backend, bind = binder(launch.kernel, arch)
+    bound, specialization, options = bind(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = launch.kernel._pack_args(
+        backend, launch.kwargs, bound, specialization, options
+    )
+    return ASTSource(launch.kernel, signature, constexprs, attrs), options
+
+
+# ptxas -v: per function "N bytes stack frame, N bytes spill stores, N bytes spill loads"
+# (the kernel and any function it calls), then "Used N registers, ...[, N bytes smem], ...".
+PTXAS_FUNCTION = re.compile(
+    r"Function properties for (\S+)\s+(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+)
+PTXAS_USED = re.compile(r"Used (\d+) registers[^\n]*")
+
+
+def parse_ptxas_report(report: str) -> dict[str, int]:
+    """Registers, stack frame, spill stores and loads and static shared memory from the
+    `ptxas -v` report of one kernel. Spills of the functions it calls are its own traffic,
+    so they add up; the stack is the cumulative size where ptxas gives one (the kernel's
+    frame and its callees'), else the largest frame."""
+    functions = PTXAS_FUNCTION.findall(report)
+    used = PTXAS_USED.search(report)
+    if not functions or used is None:
+        raise RuntimeError(f"ptxas reported no resource usage:\n{report}")
+    cumulative = re.search(r"(\d+) bytes cumulative stack size", used.group(0))
+    smem = re.search(r"(\d+) bytes smem", used.group(0))
     return {
-        "D": d, "S": shape.slots, "batch": shape.batch, "l_img": shape.l_img, "l_aud": shape.l_aud,
-        "n_img_rows": shape.batch * shape.l_img, "n_rows": 2 * r, "rows_per_m": r,
-        "stride_g_m": r * (d + 1), "stride_ctx_m": shape.iters * r * 2 * d, "stride_ctx_r": 2 * d,
-        "stride_gctx_m": r * 2 * d, "stride_gctx_r": 2 * d, "stride_dg_m": shape.iters * r * (d + 1),
-        "stride_out_m": shape.iters * r * 2 * d, "stride_out_r": 2 * d, "stride_norm_m": shape.iters * r * d,
-        "stride_z_m": r * 4 * d, "stride_h_m": shape.iters * r * 2 * d, "stride_h_r": 2 * d,
-        "stride_gs_m": shape.iters * r * d, "stride_gz_m": shape.iters * r * 4 * d,
-        "stride_s_m": shape.iters * r * 2 * d, "stride_s_r": 2 * d, "stride_gh_r": 2 * d,
-    }  # fmt: skip
+        "registers": int(used.group(1)),
+        "stack_bytes": int(cumulative.group(1)) if cumulative else max(int(f[1]) for f in functions),
+        "spill_store_bytes": sum(int(f[2]) for f in functions),
+        "spill_load_bytes": sum(int(f[3]) for f in functions),
+        "static_shared_bytes": int(smem.group(1)) if smem else 0,
+    }
 
 
-def specialise(
-    kernel: Any, dtypes: dict[str, torch.dtype], roles: dict[str, str], config: dict[str, Any], sizes: dict[str, int]
-) -> ASTSource:
-    """The kernel as a launch on a GPU compiles it: Triton's JIT gives tensor pointers
-    (16-byte aligned) and integers divisible by 16 a divisibility hint, and makes integers
-    equal to 1 constants. Pointers take their role's dtype, integers are i32, floats fp32;
-    config holds the constexprs."""
-    constants = {name: value for name, value in config.items() if name != "num_warps"}
-    constants |= {name: 1 for name in kernel.arg_names if sizes.get(name) == 1}
-    types, attrs = {}, {}
-    for position, name in enumerate(kernel.arg_names):
-        if name in constants:
-            types[name] = "constexpr"
-        elif name in sizes:
-            types[name] = "i32"
-            if sizes[name] % 16 == 0:
-                attrs[(position,)] = [["tt.divisibility", 16]]
-        elif name in ("eps", "scale"):
-            types[name] = "fp32"
-        else:
-            role = roles.get(name, "buffer")
-            types[name] = "*" + TRITON_TYPES[torch.uint8 if role == "mask" else dtypes[role]]
-            attrs[(position,)] = [["tt.divisibility", 16]]
-    return ASTSource(fn=kernel, signature=types, constexprs=constants, attrs=attrs)
+def compile_reporting(source: ASTSource, arch: int, options: dict[str, Any]) -> tuple[Any, str]:
+    """Triton's compile and the `ptxas -v` report of the ptxas run that made its cubin
+    (Triton prints it when asked; a cached kernel would skip ptxas, so every compile runs)."""
+    report = io.StringIO()
+    with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(report):
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return compiled, report.getvalue()
 
 
-def resource_usage(cubin: bytes) -> dict[str, int]:
-    """Registers, spill stack and static shared memory of a one-kernel cubin (cuobjdump)."""
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        report = subprocess.run(
-            [str(cuobjdump), "-res-usage", file.name], capture_output=True, text=True, check=True
-        ).stdout
-    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", report)
-    if match is None:
-        raise RuntimeError(f"cuobjdump reported no resource usage:\n{report}")
-    registers, stack, shared, local = map(int, match.groups())
-    return {"registers": registers, "spill_bytes": stack + local, "static_shared_bytes": shared}
+def resources(launch: Launch, arch: int, compiled_before: dict) -> dict[str, Any]:
+    """What the launch's kernel needs on sm_<arch>; compiled_before keeps it by
+    specialisation, for the launches, batch sizes and shapes that compile alike."""
+    source, options = specialise(launch, arch)
+    key = (source.hash(), options.hash(), arch)
+    if key not in compiled_before:
+        compiled, report = compile_reporting(source, arch, options.__dict__)
+        usage = parse_ptxas_report(report)
+        # Triton's shared memory (compiled.metadata.shared) is what it allocates dynamically.
+        usage["shared_bytes"] = usage.pop("static_shared_bytes") + compiled.metadata.shared
+        usage["num_warps"] = compiled.metadata.num_warps
+        compiled_before[key] = usage
+    return compiled_before[key] | {"specialisation": key[0][:12]}
 
 
-def compile_kernel(
-    kernel: Any, precision: str, config: dict[str, Any], sizes: dict[str, int], arch: int
-) -> dict[str, Any]:
-    options = {"num_warps": config["num_warps"]} if "num_warps" in config else {}
-    roles = ROLES.get(kernel.fn.__name__, {})
-    source = specialise(kernel, PRECISIONS[precision], roles, config, sizes)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    usage = resource_usage(compiled.asm["cubin"])
-    # Triton's shared memory (compiled.metadata.shared) is what it allocates dynamically.
-    usage["shared_bytes"] = max(usage.pop("static_shared_bytes"), compiled.metadata.shared)
-    usage["num_warps"] = compiled.metadata.num_warps
-    return usage
+def architectures(text: str) -> list[int]:
+    """Compute capabilities x 10 from `90`, `sm_90`, `sm_90a` or a comma-separated list."""
+    parts = [re.fullmatch(r"(?:sm_?)?(\d+)a?", part.strip()) for part in text.split(",") if part.strip()]
+    if not parts or None in parts:
+        raise argparse.ArgumentTypeError(f"not an architecture list: {text!r} (e.g. 90, sm_90, sm_80,sm_90,sm_100)")
+    return [int(part.group(1)) for part in parts]
 
 
-def launches(shapes: str, precisions: list[str]) -> list[tuple[str, Any, str, Shape, dict[str, Any]]]:
-    """(launch name, kernel, precision, shape, constexpr config) for every launch the
-    operator makes, by distinct configuration."""
-    rows = []
-    for precision in precisions:
-        fp64 = {"FP64": precision == "fp64"}
-        for shape in SHAPES[shapes]:
-            row_cfg = row_config(shape.dim, 2 * shape.batch * shape.slots, interpret=False) | fp64
-            length = max(shape.l_img, shape.l_aud)
-            for name, kernel, config in (
-                ("ln_in forward", ln_in_fwd_kernel, row_cfg | {"HAS_MASK": True}),
-                ("ln_in backward", ln_in_bwd_kernel, row_cfg | {"HAS_MASK": True}),
-                ("residual + LN_slots", residual_norm_kernel, row_cfg | {"MODE": 1}),
-                ("residual, last", residual_norm_kernel, row_cfg | {"MODE": 2}),
-                ("LN_slots backward", slot_norm_bwd_kernel, row_cfg),
-                ("gru + LN_ff forward", gru_fwd_kernel, row_cfg | {"STORE_BAR": True}),
-                ("gru + LN_ff backward", gru_bwd_kernel, row_cfg),
-            ):
-                rows.append((name, kernel, precision, shape, config))
-            for last in (False, True):
-                suffix = ", last" if last else ""
-                forward = attention_config(length, shape.dim, shape.slots, "forward", last, interpret=False)
-                backward = attention_config(length, shape.dim, shape.slots, "backward", last, interpret=False)
-                flags = {"HAS_G_ATTN": last, "HAS_G_IA": last, "HAS_G_CA": last, "ACCUMULATE": not last}
-                rows.append(
-                    (
-                        f"attention forward{suffix}",
-                        attention_fwd_kernel,
-                        precision,
-                        shape,
-                        forward | fp64 | {"LAST": last},
-                    )
-                )
-                rows.append(
-                    (
-                        f"attention backward{suffix}",
-                        attention_bwd_kernel,
-                        precision,
-                        shape,
-                        backward | fp64 | {"LAST": last} | flags,
-                    )
-                )
-    return rows
+def problems(usage: dict[str, Any], precision: str, arch: int) -> list[str]:
+    """What fails a launch: spill traffic (but in fp64, there for gradcheck) and more
+    shared memory than the architecture offers. A stack frame alone fails nothing."""
+    found = []
+    if usage["spill_store_bytes"] + usage["spill_load_bytes"] > 0 and precision != "fp64":
+        found.append(f"spills ({usage['spill_store_bytes']} B stores, {usage['spill_load_bytes']} B loads)")
+    limit = SHARED_MEMORY_LIMIT.get(arch)
+    if limit is not None and usage["shared_bytes"] > limit:
+        found.append(f"{usage['shared_bytes']} B shared > {limit} B")
+    return found
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """The largest figures over rows, and how many of them spill."""
+    spilling = sum(row["spill_store_bytes"] + row["spill_load_bytes"] > 0 for row in rows)
+    return (
+        f"{len(rows)} launches, at most {max(row['registers'] for row in rows)} registers, "
+        f"{max(row['spill_store_bytes'] for row in rows)} B spill stores, {max(row['spill_load_bytes'] for row in rows)} B "
+        f"spill loads ({spilling} spilling), stack frame at most {max(row['stack_bytes'] for row in rows)} B, "
+        f"shared at most {max(row['shared_bytes'] for row in rows)} B"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--arch",
-        type=int,
+        type=architectures,
         nargs="+",
-        default=[90],
-        help="compute capabilities x 10 (80: Ampere, 90: Hopper, 100: Blackwell; the extension's list)",
+        default=[ARCHITECTURES],
+        help="compute capabilities x 10, or sm_<arch>, comma- or space-separated (80: Ampere, 90: Hopper, "
+        "100: Blackwell; default: the extension's list, 80 90 100)",
     )
-    parser.add_argument("--shapes", choices=sorted(SHAPES), default="all")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="paper", help="default: the paper's")
+    parser.add_argument("--batch", type=int, nargs="+", default=BATCH_SIZES, help="batch sizes (default: 256 4096)")
     parser.add_argument("--precisions", choices=list(PRECISIONS), nargs="+", default=list(PRECISIONS))
+    parser.add_argument("--kernels", nargs="+", default=None, help="only these kernels' launches (default: all)")
     parser.add_argument("--json", default=None, help="write the rows here as JSON")
     args = parser.parse_args(argv)
-    if INTERPRET:
+    if registry.INTERPRET:
         print("TRITON_INTERPRET is set: the kernels are interpreted, not compiled; unset it", file=sys.stderr)
         return 2
-    rows, failures = [], []
-    for arch in args.arch:
-        limit = SHARED_MEMORY_LIMIT.get(arch)
-        for name, kernel, precision, shape, config in launches(args.shapes, args.precisions):
-            usage = compile_kernel(kernel, precision, config, size_arguments(shape), arch)
-            row = {"arch": arch, "kernel": name, "precision": precision, "shape": str(shape), "config": config} | usage
-            rows.append(row)
-            print(f"sm_{arch} {name:26s} {precision:8s} {str(shape):44s} warps {usage['num_warps']}  registers {usage['registers']:3d}  "
-                  f"spill {usage['spill_bytes']:4d} B  shared {usage['shared_bytes']:6d} B")  # fmt: skip
-            if usage["spill_bytes"] > 0 and precision != "fp64":
-                failures.append(f"sm_{arch} {name} {precision} {shape}: spills {usage['spill_bytes']} bytes")
-            if limit is not None and usage["shared_bytes"] > limit:
-                failures.append(f"sm_{arch} {name} {precision} {shape}: {usage['shared_bytes']} B shared > {limit} B")
+    rows, failures, compiled_before = [], [], {}
+    archs = list(dict.fromkeys(arch for group in args.arch for arch in group))
+    shapes = [replace(base, batch=batch) for base in SHAPES[args.shapes] for batch in args.batch]
+    traced = {
+        (precision, shape): traced_launches(shape, precision) for precision in args.precisions for shape in shapes
+    }
+    if args.kernels:
+        launched = {launch.kernel.fn.__name__ for launches in traced.values() for launch in launches}
+        if unknown := set(args.kernels) - launched:
+            parser.error(f"no launch of {sorted(unknown)}; the operators launch {sorted(launched)}")
+        traced = {
+            key: [la for la in launches if la.kernel.fn.__name__ in args.kernels] for key, launches in traced.items()
+        }
+    for arch in archs:
+        for (precision, shape), launches in traced.items():
+            # One row per distinct specialisation: the iterations repeat the same launches.
+            distinct: dict[str, dict[str, Any]] = {}
+            for launch in launches:
+                usage = resources(launch, arch, compiled_before)
+                row = distinct.setdefault(usage["specialisation"], {
+                    "arch": arch, "kernel": launch.kernel.fn.__name__, "site": launch.site, "precision": precision,
+                    "shape": str(shape), "batch": shape.batch, "launches": 0} | usage)  # fmt: skip
+                row["launches"] += 1
+            for row in distinct.values():
+                rows.append(row)
+                print(f"sm_{arch} {row['kernel']:22s} {row['site']:28s} {precision:8s} {str(shape):46s} x{row['launches']:<3d} "
+                      f"warps {row['num_warps']}  registers {row['registers']:3d}  spill stores {row['spill_store_bytes']:4d} B "
+                      f"loads {row['spill_load_bytes']:4d} B  stack {row['stack_bytes']:4d} B  shared {row['shared_bytes']:6d} B")  # fmt: skip
+                where = f"sm_{arch} {row['kernel']} ({row['site']}) {precision} {shape}"
+                failures += [f"{where}: {problem}" for problem in problems(row, precision, arch)]
+    for arch in archs:
+        for fp64, label in ((False, ""), (True, ", fp64 (reported only)")):
+            chosen = [row for row in rows if row["arch"] == arch and (row["precision"] == "fp64") == fp64]
+            if chosen:
+                print(f"sm_{arch}{label}: {summary(chosen)}")
     if args.json:
         Path(args.json).write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1))
     for failure in failures:

@@ -47,6 +47,15 @@ def _tanh(x):
 
 
 @triton.jit
+def _blend(gates, h_rows, mask, D, ACC: tl.constexpr):
+    """S̄ = n + z (h - n) from the kept gates [r | z | n | Z_hn] and h."""
+    z = tl.load(gates + D, mask=mask, other=0.0).to(ACC)
+    n = tl.load(gates + 2 * D, mask=mask, other=0.0).to(ACC)
+    h = tl.load(h_rows, mask=mask, other=0.0).to(ACC)
+    return tl.where(mask, n + z * (h - n), 0.0)
+
+
+@triton.jit
 def gru_fwd_kernel(
     CTX, H, W_IV, W_HH, B_IH, B_HH, GATES, S_BAR,
     R, D, s_ctx_m, s_ctx_r, s_h_m, s_h_r, s_wiv_m, s_wiv_r, s_whh_m, s_bias_m, s_gates_m, s_gates_r, gates_off,
@@ -153,17 +162,15 @@ def gru_bwd_kernel(
         )
         acc = dot_tile(acc, dy, w1, DOT)
 
+    # Few whole-row tiles live at once (registers): the gates are read again where needed.
     gates = GATES + m * s_gates_m + rows[:, None] * s_gates_r + cols[None, :]
-    r = tl.load(gates, mask=mask, other=0.0).to(ACC)
-    z = tl.load(gates + D, mask=mask, other=0.0).to(ACC)
-    n = tl.load(gates + 2 * D, mask=mask, other=0.0).to(ACC)
-    pre_hn = tl.load(gates + 3 * D, mask=mask, other=0.0).to(ACC)
-    h = tl.load(H + m * s_h_m + rows[:, None] * s_h_r + cols[None, :], mask=mask, other=0.0).to(ACC)
-    s_bar = tl.where(mask, n + z * (h - n), 0.0)
+    h_rows = H + m * s_h_m + rows[:, None] * s_h_r + cols[None, :]
+    s_bar = _blend(gates, h_rows, mask, D, ACC)
     mean = tl.sum(s_bar, axis=1) / D
     centred = tl.where(mask, s_bar - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)
     s_norm = centred * rstd[:, None]
+    tl.store(S_BAR + m * R * D + rows[:, None] * D + cols[None, :], s_bar.to(S_BAR.dtype.element_ty), mask=mask)
     partial = PARTIAL + pid.to(tl.int64) * s_partial_p + m * s_partial_m + cols
     tl.store(partial, tl.load(partial, mask=mask_d, other=0.0) + tl.sum(acc * s_norm, axis=0), mask=mask_d)
     tl.store(partial + D, tl.load(partial + D, mask=mask_d, other=0.0) + tl.sum(acc, axis=0), mask=mask_d)
@@ -172,16 +179,18 @@ def gru_bwd_kernel(
     mean_gy = tl.sum(g_norm * s_norm, axis=1) / D
     g_bar = tl.where(mask, (g_norm - mean_g[:, None] - s_norm * mean_gy[:, None]) * rstd[:, None], 0.0)
     g_bar += tl.load(G_S + m * s_gs_m + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-    g_in = g_bar * (1.0 - z) * (1.0 - n * n)
-    g_r = g_in * pre_hn * r * (1.0 - r)
-    g_z = g_bar * (h - n) * z * (1.0 - z)
     gz = G_Z + m * R * 4 * D + rows[:, None] * 4 * D + cols[None, :]
     ty = G_Z.dtype.element_ty
-    tl.store(gz, g_r.to(ty), mask=mask)
-    tl.store(gz + D, g_z.to(ty), mask=mask)
-    tl.store(gz + 2 * D, g_in.to(ty), mask=mask)
-    tl.store(gz + 3 * D, (g_in * r).to(ty), mask=mask)
+    z = tl.load(gates + D, mask=mask, other=0.0).to(ACC)
     tl.store(G_H + m * R * D + rows[:, None] * D + cols[None, :], (g_bar * z).to(G_H.dtype.element_ty), mask=mask)
-    tl.store(S_BAR + m * R * D + rows[:, None] * D + cols[None, :], s_bar.to(S_BAR.dtype.element_ty), mask=mask)
+    n = tl.load(gates + 2 * D, mask=mask, other=0.0).to(ACC)
+    h = tl.load(h_rows, mask=mask, other=0.0).to(ACC)
+    tl.store(gz + D, (g_bar * (h - n) * z * (1.0 - z)).to(ty), mask=mask)
+    g_in = g_bar * (1.0 - z) * (1.0 - n * n)
+    tl.store(gz + 2 * D, g_in.to(ty), mask=mask)
+    r = tl.load(gates, mask=mask, other=0.0).to(ACC)
+    tl.store(gz + 3 * D, (g_in * r).to(ty), mask=mask)
+    pre_hn = tl.load(gates + 3 * D, mask=mask, other=0.0).to(ACC)
+    tl.store(gz, (g_in * pre_hn * r * (1.0 - r)).to(ty), mask=mask)
     tl.store(STATS + m * s_stats_m + rows, mean.to(STATS.dtype.element_ty), mask=mask_m)
     tl.store(STATS + m * s_stats_m + R + rows, rstd.to(STATS.dtype.element_ty), mask=mask_m)

@@ -82,15 +82,21 @@ PARAMETERS = (
 )  # fmt: skip
 
 # On a GPU: row kernels take ROW_ELEMENTS elements a program, the kernels that hold whole
-# rows of a product (GRU and LN_slots backward) ROW_COMPLETE_M rows, the attention kernels
-# ATTENTION_PRODUCTS L x S x BLOCK_D products a strip, the token-gradient kernel
-# TOKEN_PROGRAMS programs at most; all with GPU_NUM_WARPS. Checked by
-# `python -m jsa_fast.kernels.compile_check`.
+# rows of a product (GRU and LN_slots backward) ROW_COMPLETE_M rows with their own warps,
+# the GRU forward GRU_TILE (BLOCK_M, BLOCK_N, BLOCK_K, warps) for its four accumulators,
+# the attention kernels ATTENTION_PRODUCTS L x S x BLOCK_D products a strip, the
+# token-gradient kernel TOKEN_PROGRAMS programs at most and d in strips of
+# TOKEN_STRIP[precision]; GPU_NUM_WARPS otherwise. Chosen with
+# `python -m jsa_fast.kernels.compile_check`: no spills on sm_80, sm_90 and sm_100 in fp32,
+# bf16, fp16 and the autocast mix at the paper's shape (B = 256 and 4,096).
 GPU_NUM_WARPS = 8
 ROW_ELEMENTS = 2048
 ROW_COMPLETE_M = 16
+ROW_COMPLETE_WARPS = {"gru": 16, "slot_norm": 8}
+GRU_TILE = (32, 64, 16, 8)
 ATTENTION_PRODUCTS = {"forward": 8192, "backward": 4096}
 TOKEN_PROGRAMS = 1024
+TOKEN_STRIP = {"half": 64, "full": 16}
 _DOT = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -112,8 +118,9 @@ def row_config(dim: int, rows: int, interpret: bool | None = None) -> dict:
     return {"BLOCK_R": max(1, ROW_ELEMENTS // block_d), "BLOCK_D": block_d, "num_warps": GPU_NUM_WARPS}
 
 
-def row_complete_config(rows: int, dim: int, k: int, interpret: bool | None = None) -> dict:
-    """BLOCK_M whole rows (BLOCK_D >= d) of a product over K in BLOCK_K steps."""
+def row_complete_config(rows: int, dim: int, k: int, kernel: str, interpret: bool | None = None) -> dict:
+    """BLOCK_M whole rows (BLOCK_D >= d) of a product over K in BLOCK_K steps; kernel:
+    "gru" or "slot_norm" (ROW_COMPLETE_WARPS)."""
     block_d = max(16, triton.next_power_of_2(dim))
     if _interpret(interpret):
         return {
@@ -121,7 +128,15 @@ def row_complete_config(rows: int, dim: int, k: int, interpret: bool | None = No
             "BLOCK_D": block_d,
             "BLOCK_K": max(16, min(128, triton.next_power_of_2(k))),
         }
-    return {"BLOCK_M": ROW_COMPLETE_M, "BLOCK_D": block_d, "BLOCK_K": 16, "num_warps": GPU_NUM_WARPS}
+    return {"BLOCK_M": ROW_COMPLETE_M, "BLOCK_D": block_d, "BLOCK_K": 16, "num_warps": ROW_COMPLETE_WARPS[kernel]}
+
+
+def gru_config(rows: int, dim: int, interpret: bool | None = None) -> dict:
+    """The GRU forward's tiles (GRU_TILE on a GPU; one tile under the interpreter)."""
+    if _interpret(interpret):
+        return tile_config(rows, dim, dim, True, True)
+    block_m, block_n, block_k, warps = GRU_TILE
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}
 
 
 def attention_config(
@@ -138,7 +153,9 @@ def attention_config(
     return config | {"BLOCK_D": strip, "num_warps": GPU_NUM_WARPS}
 
 
-def token_config(l_img: int, l_aud: int, dim: int, n_coef: int, pairs: int, interpret: bool | None = None) -> dict:
+def token_config(
+    l_img: int, l_aud: int, dim: int, n_coef: int, pairs: int, full_precision: bool, interpret: bool | None = None
+) -> dict:
     """One (modality, item) pair's tokens at a time (BLOCK_L), d in strips of BLOCK_D, the
     coefficients in BLOCK_C columns; `programs` programs loop over the 2B pairs."""
     config = {
@@ -147,7 +164,8 @@ def token_config(l_img: int, l_aud: int, dim: int, n_coef: int, pairs: int, inte
     }
     if _interpret(interpret):
         return config | {"BLOCK_D": max(16, triton.next_power_of_2(dim)), "programs": min(pairs, 2)}
-    return config | {"BLOCK_D": 64, "programs": min(pairs, TOKEN_PROGRAMS), "num_warps": GPU_NUM_WARPS}
+    strip = TOKEN_STRIP["full" if full_precision else "half"]
+    return config | {"BLOCK_D": strip, "programs": min(pairs, TOKEN_PROGRAMS), "num_warps": GPU_NUM_WARPS}
 
 
 class _Shapes:
@@ -224,7 +242,7 @@ def linear(
     n_cols = b.cols + (1 if b_extra is not None else 0)
     s_c = out_strides or out.stride()[-3:]
     n_store = max(n_cols, padded_to)
-    config = tile_config(m_rows, n_store, k, interpreting())
+    config = tile_config(m_rows, n_store, k, interpreting(), dot in (tl.float32, tl.float64))
     grid = (triton.cdiv(m_rows, config["BLOCK_M"]) * triton.cdiv(n_store, config["BLOCK_N"]), 2)
     a2, b2 = second if second is not None else (a, b)
     flops = 2 * 2 * m_rows * n_cols * (k + (a2.cols if second is not None else 0))
@@ -344,8 +362,8 @@ def _forward(
     )
     ln_slots = (Vec(p["norm_slots.weight"]), Vec(p["norm_slots.bias"]), eps_slots)
     w_mlp1, w_mlp2 = Mat.of(p["mlp.0.weight"], transpose=True), Mat.of(p["mlp.2.weight"], transpose=True)
-    gru_config = tile_config(r, d, d, interpreting())
-    gru_grid = (triton.cdiv(r, gru_config["BLOCK_M"]) * triton.cdiv(d, gru_config["BLOCK_N"]), 2)
+    gru_tiles = gru_config(r, d)
+    gru_grid = (triton.cdiv(r, gru_tiles["BLOCK_M"]) * triton.cdiv(d, gru_tiles["BLOCK_N"]), 2)
     for n in range(iters):
         last = n == iters - 1
         prev = Mat.of(slots[:, n])
@@ -369,7 +387,7 @@ def _forward(
         launcher(gru_fwd_kernel, 2 * 2 * r * d * 6 * d)[gru_grid](
             context[:, n], slots[:, n], w_iv, p["gru.weight_hh"], p["gru.bias_ih"], p["gru.bias_hh"], gates, s_bar, r, d,
             context.stride(0), d, slots.stride(0), d, w_iv.stride(0), width, p["gru.weight_hh"].stride(0),
-            p["gru.bias_ih"].stride(0), gates.stride(0), 4 * d, n * gates.stride(1), DOT=dot, **gru_config,
+            p["gru.bias_ih"].stride(0), gates.stride(0), 4 * d, n * gates.stride(1), DOT=dot, **gru_tiles,
         )  # fmt: skip
         linear(mlp, Mat.of(s_bar), w_mlp1, dot, a_norm=(Vec(p["norm_pre_ff.weight"]), Vec(p["norm_pre_ff.bias"]), eps_ff),
                bias=Vec(p["mlp.0.bias"]), relu=True, out_offset=n * mlp.stride(1), out_strides=_skip_iteration(mlp))  # fmt: skip
@@ -486,9 +504,12 @@ def _backward(
         "gru.weight_hh": new(2, 3 * d, d, dtype=pdtype), "gru.bias_hh": new(2, 3 * d, dtype=pdtype),
         "w_logit_t": new(2, d + 1, d, dtype=pdtype),
     }  # fmt: skip
-    rc_config = row_complete_config(r, d, max(hid, 3 * d))
-    rc_grid = (triton.cdiv(r, rc_config["BLOCK_M"]), 2)
-    tok_config = token_config(shapes.l_img, shapes.l_aud, d, shapes.n_coef, 2 * shapes.batch)
+    gru_rows = row_complete_config(r, d, hid, "gru")
+    norm_rows = row_complete_config(r, d, 3 * d, "slot_norm")
+    rc_grid = (triton.cdiv(r, gru_rows["BLOCK_M"]), 2)  # both kernels' (the same BLOCK_M): a partial row each
+    tok_config = token_config(
+        shapes.l_img, shapes.l_aud, d, shapes.n_coef, 2 * shapes.batch, dtype in (torch.float32, torch.float64)
+    )
     token_programs = tok_config.pop("programs")
     partial = torch.zeros(max(rc_grid[0], token_programs), 2, len(_LAYER_NORMS), d, device=device, dtype=acc)
     ones = _ones(slots)
@@ -507,7 +528,7 @@ def _backward(
             grad_mlp, p["mlp.0.weight"], gates[:, n], slots[:, n], grad_s, p["norm_pre_ff.weight"], grad_gates, grad_direct,
             s_bar, stats_ff, partial, r, d, hid, grad_mlp.stride(0), p["mlp.0.weight"].stride(0), gates.stride(0), 4 * d,
             slots.stride(0), d, grad_s.stride(0), p["norm_pre_ff.weight"].stride(0), stats_ff.stride(0), partial.stride(0),
-            partial.stride(1), eps_ff, DOT=dot, **rc_config,
+            partial.stride(1), eps_ff, DOT=dot, **gru_rows,
         )  # fmt: skip
         linear(grad["mlp.0.weight"], Mat.of(grad_mlp, transpose=True), Mat.of(s_bar), dot, b_extra=ones,
                b_norm=(stats_ff, *ln_ff), bias_out=grad["mlp.0.bias"], accumulate=not first)  # fmt: skip
@@ -548,7 +569,7 @@ def _backward(
             grad_direct, slots[:, n], p["norm_slots.weight"], target, stats, partial, r, d, d + 1, grad_logits.stride(0),
             width, w_logit.stride(0), width, g_q_full.stride(0) if with_q else 0, p["to_q.weight"].stride(0), p["gru.weight_hh"].stride(0),
             slots.stride(0), d, p["norm_slots.weight"].stride(0), target.stride(0), stats.stride(0), partial.stride(0),
-            partial.stride(1), eps_slots, LAST=with_q, DOT=dot, **rc_config,
+            partial.stride(1), eps_slots, LAST=with_q, DOT=dot, **norm_rows,
         )  # fmt: skip
         linear(grad["w_logit_t"], Mat(grad_logits, grad_logits.stride(0), 1, width, d + 1, r), h, dot,
                b_norm=(stats, *ln_slots), accumulate=not first)  # fmt: skip
