@@ -180,7 +180,7 @@ def test_kernels_with_the_gpu_tiles_under_the_interpreter(monkeypatch):
     module = importlib.import_module("jsa_fast.kernels.joint_slot_attention")
     monkeypatch.setattr(module, "interpreting", lambda: False)
     assert module.attention_config(7, 5, 100, 3, "backward", True)["BLOCK_D"] < 100
-    assert module.row_complete_config(18, 100, 24, "gru")["BLOCK_M"] < 18
+    assert module.row_complete_config(18, 100, 24, "gru", True)["BLOCK_M"] < 18
     reference, fused = make_pair(100, 3, 2)
     assert_fused_matches_reference(
         reference.train(), fused.train(), make_inputs(3, 7, 5, 100), out_atol=1e-4, grad_rtol=1e-4

@@ -82,21 +82,25 @@ PARAMETERS = (
 )  # fmt: skip
 
 # On a GPU: row kernels take ROW_ELEMENTS elements a program, the kernels that hold whole
-# rows of a product (GRU and LN_slots backward) ROW_COMPLETE_M rows with their own warps,
+# rows of a product (GRU and LN_slots backward) ROW_COMPLETE_M rows with warps and pipeline
+# stages by kernel and precision (half: bf16/fp16 products; full: fp32/fp64),
 # the GRU forward GRU_TILE (BLOCK_M, BLOCK_N, BLOCK_K, warps) for its four accumulators,
 # the attention kernels ATTENTION_PRODUCTS L x S x BLOCK_D products a strip, the
-# token-gradient kernel TOKEN_PROGRAMS programs at most and d in strips of
-# TOKEN_STRIP[precision]; GPU_NUM_WARPS otherwise. Chosen with
+# token-gradient kernel TOKEN_PROGRAMS programs at most, d in strips of
+# TOKEN_STRIP[precision] and TOKEN_STAGES pipeline stages; GPU_NUM_WARPS otherwise. Chosen with
 # `python -m jsa_fast.kernels.compile_check`: no spills on sm_80, sm_90 and sm_100 in fp32,
 # bf16, fp16 and the autocast mix at the paper's shape (B = 256 and 4,096).
 GPU_NUM_WARPS = 8
 ROW_ELEMENTS = 2048
 ROW_COMPLETE_M = 16
-ROW_COMPLETE_WARPS = {"gru": 16, "slot_norm": 8}
+ROW_COMPLETE = {  # (num_warps, num_stages)
+    ("gru", "half"): (16, 3), ("gru", "full"): (8, 1), ("slot_norm", "half"): (8, 3), ("slot_norm", "full"): (8, 3),
+}  # fmt: skip
 GRU_TILE = (32, 64, 16, 8)
 ATTENTION_PRODUCTS = {"forward": 8192, "backward": 4096}
 TOKEN_PROGRAMS = 1024
 TOKEN_STRIP = {"half": 64, "full": 16}
+TOKEN_STAGES = 2
 _DOT = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -118,9 +122,11 @@ def row_config(dim: int, rows: int, interpret: bool | None = None) -> dict:
     return {"BLOCK_R": max(1, ROW_ELEMENTS // block_d), "BLOCK_D": block_d, "num_warps": GPU_NUM_WARPS}
 
 
-def row_complete_config(rows: int, dim: int, k: int, kernel: str, interpret: bool | None = None) -> dict:
+def row_complete_config(
+    rows: int, dim: int, k: int, kernel: str, full_precision: bool, interpret: bool | None = None
+) -> dict:
     """BLOCK_M whole rows (BLOCK_D >= d) of a product over K in BLOCK_K steps; kernel:
-    "gru" or "slot_norm" (ROW_COMPLETE_WARPS)."""
+    "gru" or "slot_norm" (ROW_COMPLETE)."""
     block_d = max(16, triton.next_power_of_2(dim))
     if _interpret(interpret):
         return {
@@ -128,7 +134,8 @@ def row_complete_config(rows: int, dim: int, k: int, kernel: str, interpret: boo
             "BLOCK_D": block_d,
             "BLOCK_K": max(16, min(128, triton.next_power_of_2(k))),
         }
-    return {"BLOCK_M": ROW_COMPLETE_M, "BLOCK_D": block_d, "BLOCK_K": 16, "num_warps": ROW_COMPLETE_WARPS[kernel]}
+    warps, stages = ROW_COMPLETE[kernel, "full" if full_precision else "half"]
+    return {"BLOCK_M": ROW_COMPLETE_M, "BLOCK_D": block_d, "BLOCK_K": 16, "num_warps": warps, "num_stages": stages}
 
 
 def gru_config(rows: int, dim: int, interpret: bool | None = None) -> dict:
@@ -165,7 +172,8 @@ def token_config(
     if _interpret(interpret):
         return config | {"BLOCK_D": max(16, triton.next_power_of_2(dim)), "programs": min(pairs, 2)}
     strip = TOKEN_STRIP["full" if full_precision else "half"]
-    return config | {"BLOCK_D": strip, "programs": min(pairs, TOKEN_PROGRAMS), "num_warps": GPU_NUM_WARPS}
+    programs = min(pairs, TOKEN_PROGRAMS)
+    return config | {"BLOCK_D": strip, "programs": programs, "num_warps": GPU_NUM_WARPS, "num_stages": TOKEN_STAGES}
 
 
 class _Shapes:
@@ -504,8 +512,9 @@ def _backward(
         "gru.weight_hh": new(2, 3 * d, d, dtype=pdtype), "gru.bias_hh": new(2, 3 * d, dtype=pdtype),
         "w_logit_t": new(2, d + 1, d, dtype=pdtype),
     }  # fmt: skip
-    gru_rows = row_complete_config(r, d, hid, "gru")
-    norm_rows = row_complete_config(r, d, 3 * d, "slot_norm")
+    full_precision = dtype in (torch.float32, torch.float64)
+    gru_rows = row_complete_config(r, d, hid, "gru", full_precision)
+    norm_rows = row_complete_config(r, d, 3 * d, "slot_norm", full_precision)
     rc_grid = (triton.cdiv(r, gru_rows["BLOCK_M"]), 2)  # both kernels' (the same BLOCK_M): a partial row each
     tok_config = token_config(
         shapes.l_img, shapes.l_aud, d, shapes.n_coef, 2 * shapes.batch, dtype in (torch.float32, torch.float64)

@@ -36,11 +36,11 @@ import triton.language as tl
 __all__ = ["linear_kernel", "dot_tile", "tile_config"]
 
 
-# GPU tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) by the products' precision: half
-# precision runs on tensor cores; fp32 and fp64 products in IEEE precision are FMA loops
-# whose operands live in registers, so their K step is shorter and their warps more.
-# Chosen with `python -m jsa_fast.kernels.compile_check` (no spills on sm_80/90/100).
-GPU_TILES = {"half": (64, 64, 32, 4), "full": (64, 64, 16, 8)}
+# GPU tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by the products' precision:
+# half precision runs on tensor cores; fp32 and fp64 products in IEEE precision are FMA
+# loops whose operands live in registers, so their tiles are smaller. Chosen with
+# `python -m jsa_fast.kernels.compile_check` (no spills on sm_80, sm_90 and sm_100).
+GPU_TILES = {"half": (64, 64, 32, 8, 2), "full": (32, 64, 16, 8, 3)}
 
 
 def tile_config(m: int, n: int, k: int, interpret: bool, full_precision: bool) -> dict:
@@ -53,8 +53,8 @@ def tile_config(m: int, n: int, k: int, interpret: bool, full_precision: bool) -
             "BLOCK_N": max(16, min(128, triton.next_power_of_2(n))),
             "BLOCK_K": max(16, min(128, triton.next_power_of_2(k))),
         }
-    block_m, block_n, block_k, warps = GPU_TILES["full" if full_precision else "half"]
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}
+    block_m, block_n, block_k, warps, stages = GPU_TILES["full" if full_precision else "half"]
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages}
 
 
 @triton.jit
