@@ -199,11 +199,6 @@ def test_compile_check_reports_every_architecture(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the kernels of edd4582 spill at the paper's shape on every architecture (gru_fwd_kernel, gru_bwd_kernel, "
-    "token_grad_kernel and linear_kernel launches; docs/build.md quotes compile_check's figures)",
-)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kernels_compile_without_spills_at_the_papers_shape(tmp_path, arch):
     # Every launch at B = 256 and 4,096 in fp32, bf16, fp16, the autocast mix and fp64
