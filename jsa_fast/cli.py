@@ -109,8 +109,10 @@ def bounded(kind: type, low: float | None = None, high: float | None = None) -> 
 
 
 def _debug_requested(argv: list[str] | None) -> bool:
+    """--debug on the command line, or JSA_FAST_DEBUG set to 1, true, yes or on (any case);
+    0, false, no, off or unset leave tracebacks off."""
     arguments = sys.argv[1:] if argv is None else argv
-    return "--debug" in arguments or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    return "--debug" in arguments or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - warnings' signature

@@ -412,6 +412,17 @@ def test_7_debug_shows_the_traceback(world, tmp_path, capsys, monkeypatch):
     assert status == 2 and "Traceback" in err
 
 
+@pytest.mark.parametrize(
+    "value,shown",
+    [("1", True), ("true", True), ("On", True), ("0", False), ("false", False), ("no", False), ("", False)],
+)
+def test_7_debug_environment_values(world, tmp_path, capsys, monkeypatch, value, shown):
+    # JSA_FAST_DEBUG=false must not turn tracebacks on (it did: any value but "" and "0" did).
+    monkeypatch.setenv(DEBUG_ENV, value)
+    status, err = in_process(train_main, train_args(world, tmp_path / "out", "--batch-size", "0"), capsys)
+    assert status == 2 and ("Traceback" in err) == shown
+
+
 # ---------------------------------------------------------------- 8. interrupted writes, full disk, resumed metrics
 
 
