@@ -256,6 +256,8 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     source = Path(args.input)
+    if source.is_dir():
+        raise UsageError(f"{source} is a folder: give one video or image (localize takes one input)")
     if not source.is_file():
         raise UsageError(f"{source}: no such file")
     is_image = source.suffix.lower() in IMAGE_SUFFIXES

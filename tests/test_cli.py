@@ -391,6 +391,8 @@ def test_7_other_bad_input_is_one_line_too(world, good_run, tmp_path, capsys):
 
     status, err = in_process(evaluate_main, ["--checkpoint", str(tmp_path / "missing.pt")], capsys)
     error_line(err, 2, status, "missing.pt does not exist")
+    status, err = in_process(evaluate_main, ["--checkpoint", str(tmp_path)], capsys)
+    error_line(err, 2, status, "is a folder, not a checkpoint file")
 
     (tmp_path / "garbage.pt").write_bytes(b"garbage")
     status, err = in_process(evaluate_main, ["--checkpoint", str(tmp_path / "garbage.pt")], capsys)

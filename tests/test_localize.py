@@ -151,6 +151,7 @@ def test_bad_input_ends_in_one_line(
         ([str(image), *out], "is an image: give its sound with --audio WAV"),
         ([str(silent), "--audio", str(image), *out], "--audio applies to an image INPUT"),
         ([str(tmp_path / "absent.mp4"), *out], "absent.mp4: no such file"),
+        ([str(tmp_path), *out], "is a folder: give one video or image"),
         ([str(silent), "--fps", "0", *out], "--fps: must be a finite number >= 0.001"),
     ]
     for arguments, message in cases:
@@ -158,6 +159,8 @@ def test_bad_input_ends_in_one_line(
         assert message in _error_line(capsys)
     assert localize_main(["--checkpoint", str(tmp_path / "none.pt"), str(silent), *out]) == 2
     assert "none.pt does not exist" in _error_line(capsys)
+    assert localize_main(["--checkpoint", str(tmp_path), str(silent), *out]) == 2
+    assert "is a folder, not a checkpoint file" in _error_line(capsys)
     assert not (tmp_path / "out" / "silent_heatmap.mp4").exists()
 
 
