@@ -76,7 +76,7 @@ def kernels_of(name: str, args: tuple) -> int:
     return KERNELS_PER_OP.get(name, 1)
 
 
-def gemm_flops(name: str, args: tuple, out: Any) -> int:
+def gemm_flops(name: str, args: tuple) -> int:
     """2 M N K of an aten matrix product (0 for any other op)."""
     if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"):
         a, b = (args[0], args[1]) if name in ("aten::mm", "aten::bmm") else (args[1], args[2])
@@ -196,7 +196,7 @@ class Census(TorchDispatchMode):
             out = func(*args, **kwargs)
             if _launches(func, name, args, out):
                 self.ops[name] += kernels_of(name, args)
-                self.flops += gemm_flops(name, args, out)
+                self.flops += gemm_flops(name, args)
         inputs = {_key(t) for t in _tensors([*args, *kwargs.values()])}
         for t in _tensors(out):  # storages this op created (a view of an older tensor is not new)
             if _key(t) not in inputs:
