@@ -32,10 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results  # noqa: E402
 
-from jsa_fast.checkpoint import save_checkpoint  # noqa: E402
+from jsa_fast.checkpoint import (
+    load_trained_model,  # noqa: E402
+    save_checkpoint,  # noqa: E402
+)
 from jsa_fast.config import PRESETS  # noqa: E402
 from jsa_fast.data.synth import render_moving_clip, write_moving_clip  # noqa: E402
-from jsa_fast.localize import Localizer, load_model, localize_video  # noqa: E402
+from jsa_fast.localize import Localizer, localize_video  # noqa: E402
 from jsa_fast.model import JSAModel  # noqa: E402
 from jsa_fast.prepare import PrepareSettings, prepare  # noqa: E402
 
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"tool": "prepare", "workers": workers, "items": args.clips, "seconds": seconds,
                          "per_s": args.clips / seconds, "per_cpu_s": args.clips / cpu if workers == 1 else None, "start_up_s": start_up})  # fmt: skip
         checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(args.preset, work / "model.pt")
-        localizer = Localizer(*load_model(checkpoint, device), device)
+        trained = load_trained_model(checkpoint, device)
+        localizer = Localizer(trained.model, trained.cfg, device)
         localize_video(
             localizer, videos / "clip_0000.mp4", work / "warm-up", 1.0, args.batch_size
         )  # first calls' set-up

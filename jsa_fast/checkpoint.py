@@ -1,33 +1,30 @@
-"""Checkpoints: written atomically, read as untrusted input (`weights_only=True`)."""
+"""Checkpoints: written atomically, read as untrusted input (`weights_only=True`), and the
+one way a trained model is loaded from one (evaluate, localize and a resumed training)."""
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from jsa_fast.cli import DataError, RunError
+from jsa_fast.config import RunConfig, saved_config
+from jsa_fast.errors import DataError, RunError, is_disk_full
+from jsa_fast.model import JSAModel
 
-__all__ = ["save_checkpoint", "load_checkpoint", "remove_stale_temporaries", "non_finite_tensors", "is_disk_full"]
-
-
-def is_disk_full(error: BaseException) -> bool:
-    """Whether `error`, or an error it was raised from or during, is ENOSPC / EDQUOT
-    (torch.save reports a full disk as a RuntimeError raised during the OSError)."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "remove_stale_temporaries",
+    "non_finite_tensors",
+    "TrainedModel",
+    "trained_model",
+    "load_trained_model",
+]
 
 
 def _temporary_pattern(path: Path) -> str:
@@ -103,3 +100,44 @@ def non_finite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
         for name, tensor in state_dict.items()
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
     ]
+
+
+class TrainedModel(NamedTuple):
+    """A checkpoint's model (in eval mode on the device asked for), its run configuration,
+    its --data (None: the synthetic world) and the whole state it was read from."""
+
+    model: JSAModel
+    cfg: RunConfig
+    data: str | None
+    state: dict[str, Any]
+
+
+def trained_model(state: Mapping[str, Any], cfg: RunConfig, source: str | Path) -> JSAModel:
+    """A JSAModel of `cfg`'s architecture holding the weights of the checkpoint `state` (read
+    from `source`): DataError naming `source` when they are not finite or do not fit."""
+    broken = non_finite_tensors(state["model"]) if isinstance(state["model"], Mapping) else []
+    if broken:
+        raise DataError(
+            f"checkpoint {source} holds non-finite weights ({len(broken)} tensors, e.g. {broken[0]}): "
+            "it was saved from a run that diverged"
+        )
+    model = JSAModel(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError, ValueError) as error:
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise DataError(f"checkpoint {source}: its weights do not fit its configuration ({first[:300]})") from None
+    return model
+
+
+def load_trained_model(path: str | Path, device: torch.device) -> TrainedModel:
+    """The trained model `path` holds (`load_checkpoint`, `saved_config`, `trained_model`),
+    in eval mode on `device`."""
+    state = load_checkpoint(path)
+    if not isinstance(state["config"], Mapping):
+        raise DataError(
+            f"checkpoint {path} holds a configuration of type {type(state['config']).__name__}, not a mapping"
+        )
+    cfg = saved_config(state["config"], str(path))
+    model = trained_model(state, cfg, path).to(device).eval()
+    return TrainedModel(model, cfg, state.get("data"), state)

@@ -6,7 +6,8 @@ a run that stops on its own (a non-finite loss, a full disk) in one such line an
 status 1. No traceback, unless `--debug` is on the command line or JSA_FAST_DEBUG=1 is in
 the environment; then the traceback comes first and the same line and status follow.
 
-    from jsa_fast.cli import ArgumentParser, DataError, UsageError, command
+    from jsa_fast.cli import ArgumentParser, command
+    from jsa_fast.errors import UsageError
 
     @command("jsa_fast.prepare")
     def main(argv: list[str] | None = None) -> int:
@@ -16,8 +17,9 @@ the environment; then the traceback comes first and the same line and status fol
         ...
         return 0
 
-What counts as bad input: `CLIError` and its subclasses, and any ValueError or OSError
-(the library's argument and file checks raise those, naming what they saw).
+What counts as bad input: `jsa_fast.errors.JsaFastError` and its subclasses, and any
+ValueError or OSError (the library's argument and file checks raise those, naming what
+they saw).
 """
 
 from __future__ import annotations
@@ -32,11 +34,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from jsa_fast.errors import JsaFastError, UsageError
+
 __all__ = [
-    "CLIError",
-    "UsageError",
-    "DataError",
-    "RunError",
     "ArgumentParser",
     "bounded",
     "command",
@@ -46,27 +46,6 @@ __all__ = [
 
 DEBUG_ENV = "JSA_FAST_DEBUG"
 INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
-
-
-class CLIError(Exception):
-    """An error a command line reports in one line; `exit_code` is its exit status."""
-
-    exit_code = 2
-
-
-class UsageError(CLIError, ValueError):
-    """A flag, a combination of flags or an output folder that cannot be used."""
-
-
-class DataError(CLIError, ValueError):
-    """A file or data set whose content cannot be used (named in the message)."""
-
-
-class RunError(CLIError, RuntimeError):
-    """A run that had to stop although its input was accepted: a non-finite loss, a full
-    disk. Exit status 1."""
-
-    exit_code = 1
 
 
 def one_line(error: BaseException) -> str:
@@ -138,11 +117,32 @@ def command(prog: str) -> Callable[[Callable[[list[str] | None], int]], Callable
                     traceback.print_exc()
                 print(f"{prog}: interrupted", file=sys.stderr)
                 return INTERRUPTED
-            except (CLIError, ValueError, OSError) as error:
+            except ModuleNotFoundError as error:
+                # A package of an optional extra (pyproject.toml) that this command needs:
+                # name the extra that installs it. Any other missing module is a bug.
+                extras = {
+                    **dict.fromkeys(("torchvision", "torchaudio", "soundfile", "PIL", "tqdm", "matplotlib"), "train"),
+                    "av": "video",
+                    "nvidia.dali": "dali",
+                }
+                missing = error.name or ""
+                # Without any nvidia-* wheel (a CPU torch), `import nvidia.dali` misses "nvidia".
+                module = "nvidia.dali" if missing == "nvidia" else missing
+                module = next((m for m in extras if module == m or module.startswith(f"{m}.")), None)
+                if module is None:
+                    raise
+                if debug:
+                    traceback.print_exc()
+                print(
+                    f"{prog}: error: {module} is not installed: pip install 'jsa-fast[{extras[module]}]'",
+                    file=sys.stderr,
+                )
+                return 2
+            except (JsaFastError, ValueError, OSError) as error:
                 if debug:
                     traceback.print_exc()
                 print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
-                return error.exit_code if isinstance(error, CLIError) else 2
+                return error.exit_code if isinstance(error, JsaFastError) else 2
             finally:
                 warnings.formatwarning = previous_format
 

@@ -2,40 +2,53 @@
 
 A run (`RunConfig`) is the architecture (`ModelConfig`), the loss (`LossConfig`), the
 preprocessing (`DataConfig`: `ImageConfig` and `AudioConfig`), the optimisation
-(`OptimConfig`) and the bundled synthetic world (`SynthConfig`). Each default is written once,
-in the config class that owns it; the presets are overrides of those defaults.
+(`OptimConfig`) and the bundled synthetic world (`jsa_fast.data.synth.SynthConfig`).
+
+Each setting is declared once, on the config class that owns it (`jsa_fast.settings.setting`:
+its default, help, check, flag name, aliases and former names); this module builds from
+those declarations the flags, the range checks (`check_settings`) and the reading of older
+checkpoints (`saved_config`). The presets are overrides of the defaults.
 
 Every setting is a flag `--setting-name VALUE` (`SETTINGS` maps each name to its place in
 the nested config; a boolean also takes `--setting-name` alone and `--no-setting-name`).
 What a run derives (the model's input sizes from the preprocessing, the spectrogram masks
-from --augment) is no setting of its own.
+from --augment) is no setting of its own: its field carries no declaration.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from jsa_fast.cli import DataError, UsageError
 from jsa_fast.data.audio import AudioConfig
-from jsa_fast.data.image import AUGMENTS, ImageConfig
-from jsa_fast.data.synth import ensure_synthetic_dataset
+from jsa_fast.data.image import ImageConfig
+from jsa_fast.data.synth import SynthConfig
 from jsa_fast.encoders import IMAGENET_WEIGHTS
-from jsa_fast.fused import BACKENDS
-from jsa_fast.losses import DIRECTIONS, LossConfig
+from jsa_fast.errors import DataError, UsageError
+from jsa_fast.losses import LossConfig
 from jsa_fast.model import ModelConfig
 from jsa_fast.runtime import AMP_DTYPES
+from jsa_fast.settings import (
+    Setting,
+    boolean,
+    check_fields,
+    declared_setting,
+    integer,
+    number,
+    one_of,
+    optional,
+    parse_bool,
+    path_or_none,
+    setting,
+)
 
 __all__ = [
     "RunConfig",
     "DataConfig",
     "OptimConfig",
-    "SynthConfig",
     "SETTINGS",
     "PRESETS",
     "add_config_arguments",
@@ -64,41 +77,55 @@ class DataConfig:
 class OptimConfig:
     """How the model is trained and selected; defaults are the released recipe's."""
 
-    # None: by the training set's size (`released_epochs`)
-    epochs: int | None = None
-    batch_size: int = 256  # the global batch: pairs per optimiser step over all processes
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    amp: str = "fp16"
-    compile: bool = True
-    num_workers: int = 8
-    seed: int = 0
+    epochs: int | None = setting(
+        None, "default: by the training set's size, as the released scripts (`released_epochs`)", optional(integer(1))
+    )
+    batch_size: int = setting(
+        256, "the GLOBAL batch: pairs per optimiser step over all processes (each of N takes B / N)", integer(1)
+    )
+    lr: float = setting(5e-5, "AdamW learning rate", number(0, include_low=False))
+    weight_decay: float = setting(0.01, "AdamW weight decay", number(0))
+    amp: str = setting(
+        "fp16",
+        "training autocast: fp16 (with a GradScaler, as released), bf16 or none (fp32); evaluation runs fp32 unless given --amp",
+        one_of(tuple(AMP_DTYPES)),
+    )
+    compile: bool = setting(
+        True, "torch.compile the model and losses (pays off for long runs, not tiny ones)", boolean()
+    )
+    num_workers: int = setting(8, "data loader worker processes", integer(0))
+    seed: int = setting(0, "seed of the initialisation, the data order, the augmentation and the masks", integer())
     # The encoders' start: None not chosen (training refuses to start), "none" random
     # weights, else a local torchvision ResNet-18 state dict.
-    pretrained_image: str | None = None
-    pretrained_audio: str | None = None
+    pretrained_image: str | None = setting(
+        None,
+        f"the image encoder's start: a local torchvision ResNet-18 state dict (the paper's: {IMAGENET_WEIGHTS}) or none (random)",
+        path_or_none(none_word=True),
+        aliases=("--pretrained",),
+        # an older checkpoint's None meant random weights
+        formerly={"pretrained_image": lambda choice: "none" if choice is None else choice},
+    )
+    pretrained_audio: str | None = setting(
+        None,
+        "a local torchvision ResNet-18 state dict for the audio encoder (conv1 summed over RGB), or none",
+        path_or_none(none_word=True),
+    )
     # model selection: best.pt by validation AP50 on `val` (VGG-SS style JSON of ids in
     # --data), or by validation loss on `val_fraction` of train.txt (no boxes there)
-    val: str | None = None
-    val_fraction: float = 0.0
-    log_every: int = 10
+    val: str | None = setting(
+        None,
+        "validation split: a VGG-SS style JSON (file, class, bbox) of ids in --data; best.pt by its AP50",
+        path_or_none(none_word=False),
+    )
+    val_fraction: float = setting(
+        0.0,
+        "validation split: this fraction of train.txt (test ids excluded), held out; best.pt by its loss",
+        number(0, 1, include_high=False),
+    )
+    log_every: int = setting(10, "write a metrics line every this many steps", integer(1))
 
-
-def _synth_default(name: str) -> Any:
-    return inspect.signature(ensure_synthetic_dataset).parameters[name].default
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    """The bundled synthetic world, used when no --data is given: the arguments of
-    `jsa_fast.data.synth.ensure_synthetic_dataset`, whose defaults these are."""
-
-    n_train: int = _synth_default("n_train")
-    n_test: int = _synth_default("n_test")
-    seed: int = _synth_default("seed")
-    image_size: int = _synth_default("image_size")
-    audio_seconds: float = _synth_default("audio_seconds")
-    num_classes: int = _synth_default("num_classes")
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -161,34 +188,19 @@ def _sections(cls: type, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str
             yield (*path, option.name), option
 
 
-# Leaves that are no setting: derived by the run, or fixed.
-_NOT_SETTINGS = {
-    ("model", "image_size"), ("model", "spec_bins"), ("model", "spec_frames"), ("model", "eps"),
-    ("model", "pretrained_image"), ("model", "pretrained_audio"),
-    ("data", "audio", "sample_rate"), ("data", "audio", "spec_augment"),
-}  # fmt: skip
-# A setting is named by its field, except these (and the synthetic world's, prefixed "synth_").
-_RENAMED = {
-    ("data", "image", "size"): "image_size",
-    ("data", "audio", "seconds"): "audio_seconds",
-    ("synth", "n_train"): "synth_train",
-    ("synth", "n_test"): "synth_test",
-    ("synth", "num_classes"): "synth_classes",
-}
-
-
-def _setting_name(path: tuple[str, ...]) -> str:
-    if path in _RENAMED:
-        return _RENAMED[path]
-    return f"synth_{path[-1]}" if path[0] == "synth" else path[-1]
-
-
+# Every setting by name, e.g. "mlp_hidden": (("model", "mlp_hidden"), its declaration).
+# A leaf field without a declaration is no setting: derived by the run, or fixed.
+_DECLARED: dict[str, tuple[tuple[str, ...], Setting]] = {}
+for _path, _option in _sections(RunConfig):
+    _declaration = declared_setting(_option)
+    if _declaration is not None:
+        _name = _declaration.name or _option.name
+        if _name in _DECLARED:
+            raise TypeError(f"two settings are named {_name}: {_DECLARED[_name][0]} and {_path}")
+        _DECLARED[_name] = (_path, _declaration)
 # setting name -> its path in RunConfig, e.g. "mlp_hidden" -> ("model", "mlp_hidden")
-SETTINGS: dict[str, tuple[str, ...]] = {
-    _setting_name(path): path for path, _ in _sections(RunConfig) if path not in _NOT_SETTINGS
-}
-_FIELDS = {name: option for path, option in _sections(RunConfig) for name in [_setting_name(path)] if name in SETTINGS}
-assert len(SETTINGS) == len({path for path, _ in _sections(RunConfig)} - _NOT_SETTINGS), "two settings share a name"
+SETTINGS: dict[str, tuple[str, ...]] = {name: path for name, (path, _) in _DECLARED.items()}
+_NAMES = {path: name for name, path in SETTINGS.items()}
 
 
 def _get(config: Any, path: tuple[str, ...]) -> Any:
@@ -204,9 +216,13 @@ def _replaced(config: Any, path: tuple[str, ...], values: Mapping[str, Any]) -> 
         place = (*path, option.name)
         if dataclasses.is_dataclass(option.default_factory):
             changes[option.name] = _replaced(getattr(config, option.name), place, values)
-        elif place not in _NOT_SETTINGS:
-            changes[option.name] = values[_setting_name(place)]
+        elif place in _NAMES:
+            changes[option.name] = values[_NAMES[place]]
     return dataclasses.replace(config, **changes)
+
+
+def _field(path: tuple[str, ...]) -> dataclasses.Field:
+    return next(option for place, option in _sections(RunConfig) if place == path)
 
 
 def _weights_file(choice: str | None) -> str | None:
@@ -229,81 +245,14 @@ PRETRAINED_HINT = (
 )
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _non_negative_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# Settings with a fixed set of values: each is a flag's choices and its range check.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "backend": BACKENDS,
-    "amp": tuple(AMP_DTYPES),
-    "directions": DIRECTIONS,
-    "augment": AUGMENTS,
-}
-
-# setting -> (what it must be, the check)
-_CHECKS: dict[str, tuple[str, Any]] = {
-    **dict.fromkeys(
-        (
-            "dim",
-            "iters",
-            "mlp_hidden",
-            "encoder_width",
-            "image_size",
-            "train_resize",
-            "n_fft",
-            "win_length",
-            "hop_length",
-            "batch_size",
-            "log_every",
-            "synth_train",
-            "synth_test",
-            "synth_image_size",
-        ),
-        ("an integer >= 1", _positive_int),
-    ),
-    "epochs": ("an integer >= 1", lambda v: v is None or _positive_int(v)),
-    **dict.fromkeys(("k", "num_workers"), ("an integer >= 0", _non_negative_int)),
-    **dict.fromkeys(("seed", "synth_seed"), ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))),
-    **dict.fromkeys(
-        ("tau", "lr", "audio_seconds", "synth_audio_seconds"), ("a finite number > 0", lambda v: _number(v) and v > 0)
-    ),
-    **dict.fromkeys(
-        ("weight_decay", "weight_match", "weight_div", "weight_recon"),
-        ("a finite number >= 0", lambda v: _number(v) and v >= 0),
-    ),
-    "mask_prob": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
-    # a target slot and an off-target one at least (the divergence term)
-    **dict.fromkeys(("targets", "off_targets"), ("an integer >= 1", _positive_int)),
-    "synth_classes": ("an integer >= 2", lambda v: _positive_int(v) and v >= 2),
-    **{name: (f"one of {', '.join(values)}", lambda v, values=values: v in values) for name, values in CHOICES.items()},
-    "compile": ("true or false", lambda v: isinstance(v, bool)),
-    **dict.fromkeys(
-        ("pretrained_image", "pretrained_audio"),
-        ("a path or none", lambda v: v is None or (isinstance(v, str) and v != "")),
-    ),
-    "val": ("a path or none", lambda v: v is None or isinstance(v, str)),
-    "val_fraction": ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
-}
-assert _CHECKS.keys() == SETTINGS.keys(), "every setting has a range check"
-
-
 def check_settings(values: Mapping[str, Any]) -> None:
     """UsageError naming every flag of `values` (setting name -> value) that is out of range,
     or that conflicts with another, so that a bad flag is named when parsed and never
     reaches the training loop as a ZeroDivisionError or a NaN."""
     problems = [
-        f"--{name.replace('_', '-')} must be {expected}, got {values[name]!r}"
-        for name, (expected, check) in _CHECKS.items()
-        if not check(values[name])
+        f"--{name.replace('_', '-')} must be {declaration.check.expected}, got {values[name]!r}"
+        for name, (_, declaration) in _DECLARED.items()
+        if not declaration.check.valid(values[name])
     ]
     if problems:
         raise UsageError("; ".join(problems))
@@ -361,70 +310,6 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 PRESETS: dict[str, RunConfig] = {name: RunConfig().overridden(**changes) for name, changes in PRESET_OVERRIDES.items()}
 
-_HELP: dict[str, str] = {
-    "dim": "d: the token and slot width",
-    "targets": "T: the first T slots are targets (S = T + O)",
-    "off_targets": "O: off-target slots",
-    "iters": "slot-attention iterations",
-    "mlp_hidden": "hidden width of the slot update MLP",
-    "mask_prob": "probability that a token is replaced by the mask token in training",
-    "encoder_width": "ResNet-18 base width of both encoders (64: torchvision's network)",
-    "backend": "joint slot attention: auto (Triton on CUDA, else PyTorch), triton or torch",
-    "tau": "InfoNCE temperature",
-    "k": "k-reciprocal neighbours of the false-negative mask (0: no mitigation)",
-    "weight_match": "weight of L_match",
-    "weight_div": "weight of L_div",
-    "weight_recon": "weight of L_recon",
-    "directions": "InfoNCE directions: sum (the released code) or mean",
-    "image_size": "square image side",
-    "train_resize": "training resizes the short side to this before the random crop",
-    "augment": "training augmentation of images and spectrograms: released (the released code's), flip (crop and flip) or none",
-    "audio_seconds": "clip length in seconds (the middle of the audio)",
-    "n_fft": "FFT size of the spectrogram",
-    "win_length": "window length of the spectrogram (<= --n-fft)",
-    "hop_length": "hop between spectrogram frames, in samples",
-    "epochs": "default: by the training set's size, as the released scripts (`released_epochs`)",
-    "batch_size": "the GLOBAL batch: pairs per optimiser step over all processes (each of N takes B / N)",
-    "lr": "AdamW learning rate",
-    "weight_decay": "AdamW weight decay",
-    "amp": "training autocast: fp16 (with a GradScaler, as released), bf16 or none (fp32); evaluation runs fp32 unless given --amp",
-    "compile": "torch.compile the model and losses (pays off for long runs, not tiny ones)",
-    "num_workers": "data loader worker processes",
-    "seed": "seed of the initialisation, the data order, the augmentation and the masks",
-    "pretrained_image": f"the image encoder's start: a local torchvision ResNet-18 state dict (the paper's: {IMAGENET_WEIGHTS}) or none (random)",
-    "pretrained_audio": "a local torchvision ResNet-18 state dict for the audio encoder (conv1 summed over RGB), or none",
-    "val": "validation split: a VGG-SS style JSON (file, class, bbox) of ids in --data; best.pt by its AP50",
-    "val_fraction": "validation split: this fraction of train.txt (test ids excluded), held out; best.pt by its loss",
-    "log_every": "write a metrics line every this many steps",
-    "synth_train": "synthetic world: training items",
-    "synth_test": "synthetic world: test items",
-    "synth_classes": "synthetic world: sounding object classes",
-    "synth_seed": "synthetic world: the seed it is drawn from",
-    "synth_image_size": "synthetic world: image side",
-    "synth_audio_seconds": "synthetic world: clip length in seconds",
-}
-assert _HELP.keys() == SETTINGS.keys(), "every setting has a help text"
-_ALIASES = {"pretrained_image": ("--pretrained",)}
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
-
-
-def _parse_optional_str(text: str) -> str | None:
-    return None if text.lower() in ("", "none") else text
-
-
-# How a flag's text becomes a value: by the type of its default, except these (whose
-# default is None; "none" stays a word for the pretrained choices, see OptimConfig).
-_PARSERS: dict[Any, Any] = {int: int, float: float, bool: _parse_bool, str: str}
-_PARSE = {"epochs": int, "pretrained_image": str, "pretrained_audio": str, "val": _parse_optional_str}
-
 
 def _preset_defaults(name: str) -> str:
     values = {preset: cfg.settings()[name] for preset, cfg in PRESETS.items()}
@@ -437,23 +322,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `--preset` and one `--setting-name` option per setting (default: the preset's)."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="configuration preset")
     group = parser.add_argument_group("preset overrides")
-    defaults = RunConfig().settings()
-    for name in SETTINGS:
-        parse = _PARSE.get(name) or _PARSERS[type(defaults[name])]
+    for name, (path, declaration) in _DECLARED.items():
+        check = declaration.check
         flag = f"--{name.replace('_', '-')}"
-        help_text = f"{_HELP[name]} [{_preset_defaults(name)}]".replace("%", "%%")
-        if parse is _parse_bool:
+        help_text = f"{declaration.help} [{_preset_defaults(name)}]".replace("%", "%%")
+        if check.parse is parse_bool:
             group.add_argument(
-                flag, dest=name, type=parse, nargs="?", const=True, default=None, metavar="BOOL", help=help_text
+                flag, dest=name, type=check.parse, nargs="?", const=True, default=None, metavar="BOOL", help=help_text
             )
             group.add_argument(
                 f"--no-{flag[2:]}", dest=name, action="store_const", const=False, help=f"the same as {flag} false"
             )
         else:
             # The choices are shown, and checked with the other ranges (`check_settings`).
-            metavar = "{" + ",".join(CHOICES[name]) + "}" if name in CHOICES else str(_FIELDS[name].type)
+            metavar = "{" + ",".join(check.choices) + "}" if check.choices else str(_field(path).type)
             group.add_argument(
-                flag, *_ALIASES.get(name, ()), dest=name, type=parse, default=None, metavar=metavar, help=help_text
+                flag, *declaration.aliases, dest=name, type=check.parse, default=None, metavar=metavar, help=help_text
             )
 
 
@@ -476,7 +360,7 @@ def saved_config(saved: Mapping[str, Any], source: str) -> RunConfig:
     takes its default."""
     try:
         if _is_nested(saved):
-            return _from_dict(RunConfig, saved, (), source)
+            return RunConfig().overridden(**_nested_settings(saved, RunConfig, (), source))
         return RunConfig().overridden(**_migrated_flat(saved, source))
     except DataError:
         raise
@@ -488,37 +372,40 @@ def _is_nested(saved: Mapping[str, Any]) -> bool:
     return isinstance(saved.get("model"), Mapping)
 
 
-def _from_dict(cls: type, saved: Mapping[str, Any], path: tuple[str, ...], source: str) -> Any:
+def _nested_settings(saved: Mapping[str, Any], cls: type, path: tuple[str, ...], source: str) -> dict[str, Any]:
+    """The settings (by name) of a nested configuration `saved` (`RunConfig.to_dict` of the
+    config class `cls` at `path`); what it stores of fields that are no setting (derived by
+    the run) is recomputed, not read."""
     fields = {option.name: option for option in dataclasses.fields(cls)}
     unknown = sorted(set(saved) - set(fields))
     if unknown:
         raise DataError(
             f"{source} was written by another version of jsa-fast: it holds settings unknown here, {['.'.join((*path, name)) for name in unknown]}"
         )
-    values = {
-        name: _from_dict(fields[name].default_factory, value, (*path, name), source)
-        if dataclasses.is_dataclass(fields[name].default_factory) and isinstance(value, Mapping) else value
-        for name, value in saved.items()
-    }  # fmt: skip
-    return cls(**values)
+    values: dict[str, Any] = {}
+    for name, value in saved.items():
+        place, factory = (*path, name), fields[name].default_factory
+        if dataclasses.is_dataclass(factory):
+            if not isinstance(value, Mapping):
+                raise DataError(f"{source} holds a configuration whose {'.'.join(place)} is {value!r}, not a section")
+            values |= _nested_settings(value, factory, place, source)  # type: ignore[arg-type]
+        elif place in _NAMES:
+            values[_NAMES[place]] = value
+    return values
 
 
 def _migrated_flat(saved: Mapping[str, Any], source: str) -> dict[str, Any]:
     """A flat checkpoint configuration (the settings by name, as versions before the nested
-    configs stored it) in today's settings."""
-    if "num_slots" in saved:  # written before --targets/--off-targets: slot 0 the target
-        saved = {key: value for key, value in saved.items() if key != "num_slots"} | {
-            "off_targets": saved["num_slots"] - 1 if _positive_int(saved["num_slots"]) else saved["num_slots"]
-        }
-    if "color_augment" in saved:  # written before --augment: colour on top of crop and flip, no audio masks
-        saved = {key: value for key, value in saved.items() if key != "color_augment"} | {
-            "augment": "released" if saved["color_augment"] is True else "flip"
-        }
-    if "pretrained_image" in saved and saved["pretrained_image"] is None:  # written before "none": random weights
-        saved = dict(saved) | {"pretrained_image": "none"}
-    unknown = sorted(set(saved) - set(SETTINGS))
+    configs stored it) in today's settings, by each setting's `formerly`."""
+    migrated = dict(saved)
+    for name, (_, declaration) in _DECLARED.items():
+        for old_name, convert in declaration.formerly.items():
+            if old_name in migrated:
+                value = convert(migrated.pop(old_name))
+                migrated[name] = value
+    unknown = sorted(set(migrated) - set(SETTINGS))
     if unknown:
         raise DataError(
             f"{source} was written by another version of jsa-fast: it holds settings unknown here, {unknown}"
         )
-    return dict(saved)
+    return migrated

@@ -26,7 +26,6 @@ __all__ = ["ResNet18Trunk", "ImageEncoder", "AudioEncoder", "resnet_output_size"
 # What the paper and the released code fine-tune the image encoder from: torchvision's
 # ResNet18_Weights.IMAGENET1K_V1 (nothing is downloaded here).
 IMAGENET_WEIGHTS = "resnet18-f37072fd.pth"
-IMAGENET_WEIGHTS_URL = f"https://download.pytorch.org/models/{IMAGENET_WEIGHTS}"
 RANDOM_START = {"weights": "random"}  # an encoder's `started_from` without pretrained weights
 
 

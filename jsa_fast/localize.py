@@ -19,7 +19,7 @@ The map is ca^{a,v} (docs/model.md "Inference"), or the IQR map with --map iqr; 
 local ImageNet ResNet-18 state dict) the OGL map (the default then) or the object map
 alone (--map obj). --protocol chooses the upsampling to the model's image size, IQR's
 alpha and the inference temperature as jsa_fast.evaluate does (field: bilinear, 0.6, 1;
-released: bicubic, 0.4, 0.1); --alpha and --temperature override them.
+released: bicubic, 0.4, 0.1); --upsample, --alpha, --temperature and --ogl-alpha override them.
 """
 
 from __future__ import annotations
@@ -35,43 +35,25 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from jsa_fast.checkpoint import load_checkpoint, non_finite_tensors
-from jsa_fast.cli import ArgumentParser, DataError, UsageError, bounded, command
-from jsa_fast.config import RunConfig, saved_config
+from jsa_fast.checkpoint import load_trained_model
+from jsa_fast.cli import ArgumentParser, bounded, command
+from jsa_fast.config import RunConfig
 from jsa_fast.data.audio import AudioConfig, load_audio, log_spectrogram, middle_clip
 from jsa_fast.data.image import eval_transform, load_image
 from jsa_fast.data.video import decode_audio, iter_frames, mono_resampled, probe_video, write_video
-from jsa_fast.evaluate import (
-    PROTOCOLS,
-    Protocol,
-    load_object_saliency,
-    protocol_from_args,
-    scored_maps,
-    temperature_value,
-)
+from jsa_fast.errors import DataError, UsageError
+from jsa_fast.evaluation import add_protocol_arguments, load_object_saliency, protocol_from_args
 from jsa_fast.maps import upsample_map
 from jsa_fast.model import JSAModel, ObjectSaliency
+from jsa_fast.protocol import PROTOCOLS, Protocol, scored_maps
 from jsa_fast.runtime import autocast_context, resolve_device
 from jsa_fast.viz import overlay_heatmap
 
-__all__ = ["load_model", "output_times", "centred_window", "Localizer", "localize_video", "localize_image", "main"]
+__all__ = ["output_times", "centred_window", "Localizer", "localize_video", "localize_image", "main"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-MAPS = {"ca": "av", "iqr": "iqr", "ogl": "ogl", "obj": "obj"}  # --map -> jsa_fast.evaluate.scored_maps' name
+MAPS = {"ca": "av", "iqr": "iqr", "ogl": "ogl", "obj": "obj"}  # --map -> jsa_fast.protocol.scored_maps' name
 OVERLAY_ALPHA = 0.5
-
-
-def load_model(checkpoint: str | Path, device: torch.device) -> tuple[JSAModel, RunConfig]:
-    """The model a jsa_fast.train checkpoint holds, in eval mode on `device`, and its run
-    configuration; DataError for a checkpoint of another version or with non-finite weights."""
-    state = load_checkpoint(checkpoint)
-    cfg = saved_config(state["config"], str(checkpoint))
-    broken = non_finite_tensors(state["model"])
-    if broken:
-        raise DataError(f"checkpoint {checkpoint} holds non-finite weights ({len(broken)} tensors, e.g. {broken[0]})")
-    model = JSAModel(cfg.model)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg
 
 
 def output_times(duration_s: float, fps: float) -> np.ndarray:
@@ -107,10 +89,10 @@ class Localizer:
         amp: str = "none",
     ) -> None:
         if which not in MAPS:
-            raise UsageError(f"--map must be one of {', '.join(MAPS)}, got {which!r}")
+            raise ValueError(f"which must be one of {', '.join(MAPS)}, got {which!r}")
         if (which in ("ogl", "obj")) != (saliency is not None):
-            raise UsageError(
-                f"--map {which} {'needs' if saliency is None else 'does not use'} --ogl R18.pth (the object map's ResNet-18)"
+            raise ValueError(
+                f"which={which!r} {'needs' if saliency is None else 'does not use'} a saliency network (the object map's ResNet-18)"
             )
         self.protocol, self.saliency = protocol, saliency
         self.model, self.cfg, self.device, self.which, self.amp = model, cfg, device, which, amp
@@ -220,24 +202,7 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="ca^{a,v} (default), IQR, OGL (default with --ogl) or the object map",
     )
-    parser.add_argument(
-        "--protocol",
-        choices=sorted(PROTOCOLS),
-        default="field",
-        help="as jsa_fast.evaluate: field (default) or released",
-    )
-    parser.add_argument(
-        "--alpha",
-        type=bounded(float, low=0, high=1),
-        default=None,
-        help="IQR weight on ca^{a,v} (field 0.6, released 0.4)",
-    )
-    parser.add_argument(
-        "--temperature",
-        type=temperature_value,
-        default=None,
-        help="factor on the inference logits (field 1, released 0.1)",
-    )
+    add_protocol_arguments(parser, scoring=False)
     parser.add_argument(
         "--ogl",
         default=None,
@@ -268,12 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
-    device = resolve_device(args.device)
     which = args.map or ("ogl" if args.ogl is not None else "ca")
+    if (which in ("ogl", "obj")) != (args.ogl is not None):
+        raise UsageError(
+            f"--map {which} {'needs' if args.ogl is None else 'does not use'} --ogl R18.pth (the object map's ResNet-18)"
+        )
+    device = resolve_device(args.device)
     saliency = load_object_saliency(args.ogl, device) if args.ogl is not None else None
-    localizer = Localizer(
-        *load_model(args.checkpoint, device), device, which, protocol_from_args(args), saliency, args.amp
-    )
+    trained = load_trained_model(args.checkpoint, device)
+    localizer = Localizer(trained.model, trained.cfg, device, which, protocol_from_args(args), saliency, args.amp)
     if is_image:
         written = localize_image(localizer, source, Path(args.audio), out)
     else:

@@ -23,6 +23,7 @@ from torch import Tensor
 from jsa_fast.model import ModelOutput, target_embedding
 from jsa_fast.ops import k_reciprocal_mask
 from jsa_fast.reference import info_nce_loss, match_loss, reconstruction_loss
+from jsa_fast.settings import check_fields, integer, number, one_of, setting
 
 __all__ = ["LossConfig", "DIRECTIONS", "jsa_loss", "target_divergence"]
 
@@ -37,20 +38,15 @@ class LossConfig:
     "mean" averages them. k: 0 disables false-negative mitigation.
     """
 
-    tau: float = 0.03
-    k: int = 20
-    weight_match: float = 100.0
-    weight_div: float = 0.1
-    weight_recon: float = 0.1
-    directions: str = "sum"
+    tau: float = setting(0.03, "InfoNCE temperature", number(0, include_low=False))
+    k: int = setting(20, "k-reciprocal neighbours of the false-negative mask (0: no mitigation)", integer(0))
+    weight_match: float = setting(100.0, "weight of L_match", number(0))
+    weight_div: float = setting(0.1, "weight of L_div", number(0))
+    weight_recon: float = setting(0.1, "weight of L_recon", number(0))
+    directions: str = setting("sum", "InfoNCE directions: sum (the released code) or mean", one_of(DIRECTIONS))
 
     def __post_init__(self) -> None:
-        if not self.tau > 0:
-            raise ValueError(f"tau must be > 0, got {self.tau!r}")
-        if self.k < 0:
-            raise ValueError(f"k must be >= 0 (0 disables false-negative mitigation), got {self.k!r}")
-        if self.directions not in DIRECTIONS:
-            raise ValueError(f"directions must be one of {DIRECTIONS}, got {self.directions!r}")
+        check_fields(self)
 
 
 def target_divergence(slots: Tensor, targets: int) -> Tensor:

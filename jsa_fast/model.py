@@ -26,7 +26,7 @@ from jsa_fast.data.audio import AudioConfig
 from jsa_fast.data.image import ImageConfig
 from jsa_fast.decoders import SlotDecoder
 from jsa_fast.encoders import AudioEncoder, ImageEncoder, ResNet18Trunk, resnet_output_size
-from jsa_fast.fused import BACKEND, FusedJointSlotAttention
+from jsa_fast.fused import BACKEND, BACKENDS, FusedJointSlotAttention
 from jsa_fast.maps import localization_maps
 from jsa_fast.reference import (
     DIM,
@@ -39,6 +39,7 @@ from jsa_fast.reference import (
     ModalitySlotAttention,
     slot_attention,
 )
+from jsa_fast.settings import check_fields, integer, number, one_of, setting
 
 __all__ = [
     "ModelConfig",
@@ -63,26 +64,32 @@ class ModelConfig:
     jsa_fast.reference's (DIM, MLP_HIDDEN, ...).
     """
 
-    dim: int = DIM
-    targets: int = 1
-    off_targets: int = NUM_SLOTS - 1
-    iters: int = ITERS
-    mlp_hidden: int = MLP_HIDDEN
-    mask_prob: float = MASK_PROB
+    dim: int = setting(DIM, "d: the token and slot width", integer(1))
+    targets: int = setting(1, "T: the first T slots are targets (S = T + O)", integer(1))
+    off_targets: int = setting(
+        NUM_SLOTS - 1,
+        "O: off-target slots",
+        integer(1),  # the divergence term needs one at least
+        formerly={"num_slots": lambda slots: slots - 1 if isinstance(slots, int) and slots >= 1 else slots},
+    )
+    iters: int = setting(ITERS, "slot-attention iterations", integer(1))
+    mlp_hidden: int = setting(MLP_HIDDEN, "hidden width of the slot update MLP", integer(1))
+    mask_prob: float = setting(
+        MASK_PROB, "probability that a token is replaced by the mask token in training", number(0, 1)
+    )
     eps: float = EPS
     image_size: int = ImageConfig.size
     spec_bins: int = AudioConfig().spectrogram_shape[1]
     spec_frames: int = AudioConfig().spectrogram_shape[2]
-    encoder_width: int = 64
-    backend: str = BACKEND
+    encoder_width: int = setting(64, "ResNet-18 base width of both encoders (64: torchvision's network)", integer(1))
+    backend: str = setting(
+        BACKEND, "joint slot attention: auto (Triton on CUDA, else PyTorch), triton or torch", one_of(BACKENDS)
+    )
     pretrained_image: str | None = None
     pretrained_audio: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("targets", "off_targets"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_fields(self)
 
     @property
     def num_slots(self) -> int:

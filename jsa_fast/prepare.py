@@ -55,7 +55,8 @@ import soundfile
 from PIL import Image
 from tqdm import tqdm
 
-from jsa_fast.cli import ArgumentParser, DataError, UsageError, bounded, command, one_line
+from jsa_fast.cli import ArgumentParser, bounded, command, one_line
+from jsa_fast.data.audio import SAMPLE_RATE
 from jsa_fast.data.datasets import read_id_list, read_vggss_json
 from jsa_fast.data.video import (
     MissingStreamError,
@@ -65,6 +66,7 @@ from jsa_fast.data.video import (
     mono_resampled,
     probe_video,
 )
+from jsa_fast.errors import DataError, UsageError
 
 __all__ = ["PrepareSettings", "prepare", "merge_parts", "read_ids", "shard_of", "main"]
 
@@ -96,7 +98,7 @@ class PrepareSettings:
     frame_time: float | None = None
     frame_index: int | None = None
     seconds: float | None = 10.0
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
     audio_format: str = "pcm16"
 
     def __post_init__(self) -> None:

@@ -1,10 +1,9 @@
 """What every command runs on, apart from what it computes: the device and its autocast and
-memory format, derived seeds and the process RNG state, Ctrl-C between steps, the metrics
+memory format, the process RNG state, Ctrl-C between steps, the metrics
 file, and where the synthetic world is cached."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -13,27 +12,22 @@ import signal
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from jsa_fast.checkpoint import is_disk_full
-from jsa_fast.cli import RunError
-
-if TYPE_CHECKING:
-    from jsa_fast.config import SynthConfig
+from jsa_fast.data.synth import SynthConfig, cached_synthetic_dataset
+from jsa_fast.errors import RunError, is_disk_full
 
 __all__ = [
     "AMP_DTYPES",
     "resolve_device",
     "autocast_context",
     "memory_format",
-    "derived_seed",
     "rng_state",
     "restore_rng_state",
     "DeferredInterrupt",
     "MetricsLog",
-    "default_cache_dir",
     "resolve_data_root",
 ]
 
@@ -62,16 +56,6 @@ def memory_format(device: torch.device) -> torch.memory_format:
     """Channels-last on CUDA, where cuDNN runs convolutions fastest in it (NHWC tensor-core
     kernels, no layout transposes); NCHW on the CPU."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-
-def derived_seed(*parts: int, bits: int = 63) -> int:
-    """A seed that is a function of the integers `parts` alone (e.g. run seed, epoch, item),
-    `bits` wide: 63 for torch.manual_seed, 31 where the consumer takes an int32 (DALI) or
-    where an existing order must stay as it was (`epoch_order`). Python hashes a tuple of
-    ints the same in every process and run (PYTHONHASHSEED salts only str and bytes)."""
-    if not 1 <= bits <= 63:
-        raise ValueError(f"bits must be in [1, 63], got {bits!r}")
-    return hash(parts) & ((1 << bits) - 1)
 
 
 def rng_state() -> dict[str, Any]:
@@ -158,20 +142,11 @@ def _logged_by_checkpoint(line: str, step: int, epochs_done: int) -> bool:
     return record.get("step", step + 1) <= step
 
 
-def default_cache_dir() -> Path:
-    """Where the synthetic world is built: $JSA_FAST_CACHE or ~/.cache/jsa-fast."""
-    return Path(os.environ.get("JSA_FAST_CACHE", Path.home() / ".cache" / "jsa-fast"))
-
-
 def resolve_data_root(data: str | None, synth: SynthConfig) -> Path:
-    """--data when given, else the synthetic world `synth` (built on first use)."""
-    # Imported here: the data path imports this module, and `python -m jsa_fast.data.synth`
-    # must find that module unimported.
-    from jsa_fast.data.synth import ensure_synthetic_dataset
-
+    """--data when given, else the synthetic world `synth` (built on first use, cached)."""
     if data is not None:
         root = Path(data)
         if not root.is_dir():
             raise FileNotFoundError(f"--data {root} is not a folder")
         return root
-    return ensure_synthetic_dataset(default_cache_dir() / "synth", **dataclasses.asdict(synth))
+    return cached_synthetic_dataset(synth)

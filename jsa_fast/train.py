@@ -3,7 +3,7 @@
 With no --data the bundled synthetic world is built once in a cache folder and the `tiny`
 preset is trained on it. Writes OUT/last.pt (atomically, every epoch and on Ctrl-C),
 OUT/metrics.jsonl (a line per logged step and per epoch) and OUT/loss_curves.png; with a
-validation split (--val FILE or --val-fraction F, see `jsa_fast.evaluate.Validation`)
+validation split (--val FILE or --val-fraction F, see `jsa_fast.evaluation.Validation`)
 OUT/best.pt, the epoch that scored best there (the test split is never used to select).
 `--resume` continues exactly where OUT/last.pt stopped, mid-epoch included, with its
 configuration (flags given must not change it, nor --data its training items, unless
@@ -28,14 +28,20 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from jsa_fast.checkpoint import load_checkpoint, non_finite_tensors, remove_stale_temporaries, save_checkpoint
-from jsa_fast.cli import ArgumentParser, DataError, RunError, UsageError, command, one_line
+from jsa_fast.checkpoint import (
+    load_checkpoint,
+    non_finite_tensors,
+    remove_stale_temporaries,
+    save_checkpoint,
+    trained_model,
+)
+from jsa_fast.cli import ArgumentParser, command, one_line
 from jsa_fast.config import (
     PRETRAINED_HINT,
     RunConfig,
@@ -47,24 +53,22 @@ from jsa_fast.config import (
 from jsa_fast.data.dali import DALILoader, make_dali_loader, resolve_loader
 from jsa_fast.data.datasets import AudioVisualDataset, EpochSeededDataset, epoch_batches, make_loader
 from jsa_fast.distributed import World, convert_batchnorm, gather_with_grad, process_group, wrap_ddp
-from jsa_fast.evaluate import Validation
+from jsa_fast.errors import DataError, RunError, UsageError
+from jsa_fast.evaluation import Validation
 from jsa_fast.losses import jsa_loss
 from jsa_fast.model import JSAModel, ModelConfig
 from jsa_fast.runtime import (
     DeferredInterrupt,
     MetricsLog,
     autocast_context,
-    derived_seed,
     memory_format,
     resolve_data_root,
     resolve_device,
     restore_rng_state,
     rng_state,
 )
+from jsa_fast.seeds import derived_seed
 from jsa_fast.viz import plot_loss_curves
-
-if TYPE_CHECKING:
-    from jsa_fast.evaluate import Validation
 
 __all__ = [
     "main",
@@ -168,15 +172,18 @@ def data_fingerprint(ids: list[str]) -> dict[str, Any]:
     return {"items": len(ids), "sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
 
 
-def resumed_run(out: Path, args: argparse.Namespace, default_preset: str) -> tuple[RunConfig, str | None]:
+def resumed_run(
+    out: Path, args: argparse.Namespace, default_preset: str
+) -> tuple[RunConfig, str | None, dict[str, Any]]:
     """What --resume continues: OUT/last.pt's configuration with the flags given (and
-    --preset, when given) applied over it, and its --data unless one is given. `train`
-    refuses a configuration or data set that changes the run unless --allow-changes."""
+    --preset, when given) applied over it, its --data unless one is given, and last.pt's
+    state. `train` refuses a configuration or data set that changes the run unless
+    --allow-changes."""
     checkpoint_path = out / "last.pt"
     state = load_checkpoint(checkpoint_path)
     saved = saved_config(state["config"], str(checkpoint_path))
     data = args.data if args.data is not None else state.get("data")
-    return config_from_args(args, default_preset, saved=saved), data
+    return config_from_args(args, default_preset, saved=saved), data, state
 
 
 def _config_changes(saved: RunConfig, cfg: RunConfig) -> list[str]:
@@ -242,10 +249,10 @@ class TrainState:
     saved_step: tuple[int, int] | None = None
 
     def load(self, saved: dict[str, Any], checkpoint_path: Path, cfg: RunConfig) -> None:
-        """Continue from the checkpoint `saved` (read from `checkpoint_path`) with `cfg`'s
-        learning rate and weight decay; the process RNG is set to the saved one."""
+        """Continue from the checkpoint `saved` (read from `checkpoint_path`, whose weights
+        the model holds already: `trained_model`) with `cfg`'s learning rate and weight
+        decay; the process RNG is set to the saved one."""
         try:
-            self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
         except (RuntimeError, ValueError) as error:
             raise UsageError(
@@ -325,9 +332,11 @@ def start_run(
     loader: str,
     overwrite: bool,
     allow_changes: bool,
+    saved: dict[str, Any] | None = None,
 ) -> tuple[TrainRun, TrainState]:
     """Check the run's flags, folder and data, build its data set, model and optimiser,
-    and continue OUT/last.pt's state when `resume` (see `train`)."""
+    and continue OUT/last.pt's state when `resume` (`saved`: that state when the caller
+    has read it already; see `train`)."""
     optim = cfg.optim
     if optim.batch_size % world.size:
         raise UsageError(
@@ -337,7 +346,10 @@ def start_run(
     if optim.pretrained_image is None:
         raise UsageError(PRETRAINED_HINT)
     checkpoint_path = out / "last.pt"
-    saved = load_checkpoint(checkpoint_path) if resume else None
+    if not resume:
+        saved = None
+    elif saved is None:
+        saved = load_checkpoint(checkpoint_path)
     if saved and not allow_changes:
         _refuse_changes(checkpoint_path, _config_changes(saved_config(saved["config"], str(checkpoint_path)), cfg))
     builds_data = world.local_rank == 0  # one synthetic-world build per node; the others wait
@@ -369,8 +381,7 @@ def start_run(
     dali = None
     if resolve_loader(loader, device) == "dali":
         dali = make_dali_loader(dataset, local_batch, shuffle=False, seed=optim.seed, device=device, drop_last=True)
-    # a resumed model's weights come from last.pt
-    model = JSAModel(cfg.model if saved else cfg.starting_model())
+    model = trained_model(saved, cfg, checkpoint_path) if saved else JSAModel(cfg.starting_model())
     encoder_start = saved.get("encoder_start", {}) if saved else {
         "image": model.image_encoder.started_from, "audio": model.audio_encoder.started_from,
     }  # fmt: skip
@@ -403,8 +414,10 @@ def start_run(
     # Loaded before DDP wraps the model (DDP starts every rank from rank 0's state).
     step_module = wrap_ddp(model, world, device)
     run = TrainRun(
-        cfg, data, out, device, world, data_root, EpochSeededDataset(dataset, optim.seed), fingerprint, epochs,
-        local_batch, dali, validation, log, layout, step_module, BatchLoss(step_module, cfg, world),
+        cfg=cfg, data=data, out=out, device=device, world=world, data_root=data_root,
+        dataset=EpochSeededDataset(dataset, optim.seed), fingerprint=fingerprint, epochs=epochs,
+        local_batch=local_batch, dali=dali, validation=validation, log=log, layout=layout,
+        step_module=step_module, loss_for=BatchLoss(step_module, cfg, world),
     )  # fmt: skip
     return run, state
 
@@ -577,6 +590,7 @@ def train(
     loader: str = "torch",
     overwrite: bool = False,
     allow_changes: bool = False,
+    saved: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train `cfg` on the train split of `data` (a root folder, or None for the synthetic
     world) as process `world.rank` of `world.size` (each on its B / N slice of every
@@ -585,14 +599,17 @@ def train(
     loader: "torch" (exact --resume), "dali" (decoding on the GPU; its random crops come
     from DALI's generator, so a resume is not bit-exact) or "auto" (`resolve_loader`).
     An `out` that holds a run is refused unless `resume` (continue it; a configuration or
-    training set other than its own is refused unless `allow_changes`) or `overwrite`
+    training set other than its own is refused unless `allow_changes`; `saved`: last.pt's
+    state when already read) or `overwrite`
     (start over). Training stops with RunError at a non-finite loss or model, before
     anything overwrites the last checkpoint.
 
     The steps: `start_run` (checks, data, model and optimiser, or last.pt's state on a
     resume), then per epoch `train_epoch` (the batches of `epoch_loader`, validation,
     `save_state`)."""
-    run, state = start_run(cfg, data, out, device, resume, on_bad_file, world, loader, overwrite, allow_changes)
+    run, state = start_run(
+        cfg, data, out, device, resume, on_bad_file, world, loader, overwrite, allow_changes, saved
+    )  # fmt: skip
     epoch_means: dict[str, float] = {}
     if state.epoch >= run.epochs and world.is_main:
         print(f"{run.checkpoint_path} has trained {state.epoch} epoch(s), --epochs is {run.epochs}: nothing to train")
@@ -659,15 +676,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     check_out_folder(out, args.resume, args.overwrite)
     default_preset = "tiny" if args.data is None else "paper"
+    saved = None
     if args.resume:
-        cfg, data = resumed_run(out, args, default_preset)
+        cfg, data, saved = resumed_run(out, args, default_preset)
     else:
         cfg, data = config_from_args(args, default_preset), args.data
     device = resolve_device(args.device)
     with process_group(device) as world:
         means = train(
             cfg, data, out, world.local_device(device), args.resume, args.on_bad_file, world, args.loader,
-            overwrite=args.overwrite, allow_changes=args.allow_changes,
+            overwrite=args.overwrite, allow_changes=args.allow_changes, saved=saved,
         )  # fmt: skip
     if world.is_main and means:
         print("last epoch: " + ", ".join(f"{name} {value:.4f}" for name, value in means.items()))

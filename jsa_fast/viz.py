@@ -13,8 +13,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from jsa_fast.data.image import IMAGENET_MEAN, IMAGENET_STD
+
 # Jet runs blue -> cyan -> yellow -> red and never reaches white, so white outlines stay
 # visible on any part of the heatmap.
 OUTLINE_RGB = (255, 255, 255)

@@ -27,6 +27,7 @@ from jsa_fast.checkpoint import load_checkpoint, non_finite_tensors
 from jsa_fast.cli import DEBUG_ENV
 from jsa_fast.data.datasets import epoch_batches
 from jsa_fast.evaluate import main as evaluate_main
+from jsa_fast.localize import main as localize_main
 from jsa_fast.runtime import MetricsLog
 from jsa_fast.train import main as train_main, train
 
@@ -403,6 +404,42 @@ def test_7_other_bad_input_is_one_line_too(world, good_run, tmp_path, capsys):
     torch.save(diverged, tmp_path / "nan.pt")
     status, err = in_process(evaluate_main, ["--checkpoint", str(tmp_path / "nan.pt")], capsys)
     error_line(err, 2, status, "nan.pt holds non-finite weights")
+
+
+@pytest.mark.parametrize(
+    ("case", "culprit"),
+    [
+        ("half the weights", "its weights do not fit its configuration (Missing key(s)"),
+        ("dim 32 over dim-16 weights", "its weights do not fit its configuration (size mismatch"),
+        ("config a string", "holds a configuration of type str, not a mapping"),
+        ("config empty", "its weights do not fit its configuration"),
+    ],
+)
+def test_a_checkpoint_whose_weights_do_not_fit_its_configuration_is_one_line(
+    good_run, world, tmp_path, capsys, case, culprit
+):
+    """#24 item 7: evaluate and localize load a model through one function, which names
+    the checkpoint and what does not fit (exit 2, no traceback)."""
+    state = load_checkpoint(good_run / "last.pt")
+    if case == "half the weights":
+        names = sorted(state["model"])
+        state["model"] = {name: state["model"][name] for name in names[: len(names) // 2]}
+    elif case == "dim 32 over dim-16 weights":
+        assert state["config"]["model"]["dim"] == 16
+        state["config"]["model"]["dim"] = 32
+    elif case == "config a string":
+        state["config"] = "tiny"
+    else:
+        state["config"] = {}
+    checkpoint = tmp_path / "bad.pt"
+    torch.save(state, checkpoint)
+    status, err = in_process(evaluate_main, ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval")], capsys)
+    error_line(err, 2, status, f"checkpoint {checkpoint}", culprit)
+    image, audio = world / "frames" / "test_000000.jpg", world / "audio" / "test_000000.wav"
+    arguments = [str(image), "--audio", str(audio), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "maps")]
+    status, err = in_process(localize_main, arguments, capsys)
+    error_line(err, 2, status, f"checkpoint {checkpoint}", culprit)
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "maps").exists()
 
 
 def test_7_debug_shows_the_traceback(world, tmp_path, capsys, monkeypatch):

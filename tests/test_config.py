@@ -14,8 +14,8 @@ from test_train import MICRO
 
 import jsa_fast
 from jsa_fast.checkpoint import load_checkpoint, save_checkpoint
-from jsa_fast.cli import DataError, UsageError
 from jsa_fast.config import PRESETS, SETTINGS, RunConfig, config_from_args, saved_config
+from jsa_fast.errors import DataError, UsageError
 from jsa_fast.evaluate import main as evaluate_main
 from jsa_fast.train import build_parser, main as train_main, train
 
@@ -158,3 +158,60 @@ def test_a_default_changed_in_its_one_place_reaches_the_flags_the_module_and_the
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert "96 (paper)" in seen["help"] and "128 (tiny)" in seen.pop("help")  # the tiny preset overrides it
     assert seen == dict.fromkeys(("preset", "parsed", "module", "reference", "fused", "checkpoint", "weights"), 96)
+
+
+def test_a_setting_added_in_one_place_has_its_flag_help_check_and_checkpoint_round_trip(tmp_path):
+    """Declare a new setting on LossConfig (jsa_fast/losses.py) in a copy of the package,
+    and nothing else: it becomes a flag with its help and default, its range is checked
+    in the flag's words, a run's configuration stores it and reads it back, and a
+    checkpoint written before it existed takes its default."""
+    package = Path(jsa_fast.__file__).parent
+    copy = tmp_path / "src" / "jsa_fast"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    losses = copy / "losses.py"
+    source = losses.read_text()
+    anchor = "\n    def __post_init__(self) -> None:\n        check_fields(self)\n"
+    assert source.count(anchor) == 1
+    declaration = '    weight_extra: float = setting(0.5, "weight of an extra term", number(0))\n'
+    losses.write_text(source.replace(anchor, declaration + anchor))
+    script = textwrap.dedent(
+        f"""
+        import json
+        import jsa_fast
+        from jsa_fast.config import PRESETS, config_from_args, saved_config
+        from jsa_fast.errors import UsageError
+        from jsa_fast.train import build_parser
+        assert jsa_fast.__file__.startswith({str(copy)!r}), jsa_fast.__file__
+        parser = build_parser()
+        action = next(a for a in parser._actions if a.dest == "weight_extra")
+        cfg = config_from_args(parser.parse_args(["--weight-extra", "2"]), "tiny")
+        try:
+            config_from_args(parser.parse_args(["--weight-extra", "-1"]), "tiny")
+            refused = None
+        except UsageError as error:
+            refused = str(error)
+        stored = cfg.to_dict()
+        older = PRESETS["tiny"].to_dict()
+        del older["loss"]["weight_extra"]
+        print(json.dumps({{
+            "flags": action.option_strings, "help": action.help, "parsed": cfg.loss.weight_extra,
+            "refused": refused, "stored": stored["loss"]["weight_extra"],
+            "round_trip": saved_config(stored, "last.pt") == cfg,
+            "older": saved_config(older, "old.pt").loss.weight_extra,
+        }}))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path / "src", capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen == {
+        "flags": ["--weight-extra"],
+        "help": "weight of an extra term [default 0.5]",
+        "parsed": 2.0,
+        "refused": "--weight-extra must be a finite number >= 0, got -1.0",
+        "stored": 2.0,
+        "round_trip": True,
+        "older": 0.5,
+    }

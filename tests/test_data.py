@@ -16,7 +16,6 @@ import torch
 import torchaudio.functional as AF
 from PIL import Image
 
-from jsa_fast.cli import DataError
 from jsa_fast.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -41,6 +40,7 @@ from jsa_fast.data import (
 )
 from jsa_fast.data.groundtruth import flickr_box_problem, vggss_box_problem
 from jsa_fast.data.synth import generate_synthetic_dataset
+from jsa_fast.errors import DataError
 
 SMALL_AUDIO = AudioConfig(seconds=0.5)  # 1 x 257 x 51
 SMALL_IMAGE = ImageConfig(size=32, train_resize=36)

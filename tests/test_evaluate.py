@@ -21,11 +21,13 @@ from torchvision.models import resnet18
 from jsa_fast.checkpoint import load_checkpoint
 from jsa_fast.config import PRESETS, saved_config
 from jsa_fast.data.datasets import AudioVisualDataset
-from jsa_fast.evaluate import PROTOCOLS, Validation, main as evaluate_main, scored_maps
+from jsa_fast.evaluate import main as evaluate_main
+from jsa_fast.evaluation import Validation
 from jsa_fast.localize import main as localize_main
 from jsa_fast.losses import LossConfig, jsa_loss
 from jsa_fast.metrics import AUC_THRESHOLDS, LocalizationEvaluator
 from jsa_fast.model import JSAModel, ModelConfig, ObjectSaliency
+from jsa_fast.protocol import PROTOCOLS, scored_maps
 from jsa_fast.train import main as train_main, train
 from jsa_fast.viz import plot_loss_curves
 

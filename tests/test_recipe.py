@@ -17,8 +17,8 @@ from torchvision.models import resnet18
 
 from jsa_fast import evaluate as evaluate_module, train as train_module
 from jsa_fast.checkpoint import load_checkpoint
-from jsa_fast.cli import RunError
 from jsa_fast.config import PRESETS, released_epochs
+from jsa_fast.errors import RunError
 from jsa_fast.train import main as train_main, train
 
 FP16 = MICRO.overridden(amp="fp16")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import soundfile
 from PIL import Image
 
 from jsa_fast.data import flickr_gt_map, read_flickr_boxes, synth, vggss_gt_map
-from jsa_fast.data.synth import CLASSES, ensure_synthetic_dataset, generate_synthetic_dataset
+from jsa_fast.data.synth import CLASSES, SynthConfig, ensure_synthetic_dataset, generate_synthetic_dataset
 
 SIZE = 64
 
@@ -119,8 +120,8 @@ def test_num_classes_limits_the_classes_used(tmp_path: Path) -> None:
 
 
 def test_ensure_builds_once_and_rebuilds_an_unfinished_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    kwargs = dict(n_train=2, n_test=2, seed=1, image_size=32, audio_seconds=0.1, num_classes=3)
-    root = ensure_synthetic_dataset(tmp_path, **kwargs)
+    world = SynthConfig(n_train=2, n_test=2, seed=1, image_size=32, audio_seconds=0.1, num_classes=3)
+    root = ensure_synthetic_dataset(tmp_path, world)
     assert (root / synth.COMPLETE_MARKER).exists() and (root / "train.txt").exists()
     assert [path.name for path in tmp_path.iterdir()] == [root.name]
     original = _files(root)
@@ -129,14 +130,14 @@ def test_ensure_builds_once_and_rebuilds_an_unfinished_folder(tmp_path: Path, mo
         raise AssertionError("a complete data set was generated again")
 
     monkeypatch.setattr(synth, "generate_synthetic_dataset", refuse)
-    assert ensure_synthetic_dataset(tmp_path, **kwargs) == root
+    assert ensure_synthetic_dataset(tmp_path, world) == root
     monkeypatch.undo()
 
     (root / synth.COMPLETE_MARKER).unlink()
     (root / "train.txt").write_text("half-written\n")
-    assert ensure_synthetic_dataset(tmp_path, **kwargs) == root
+    assert ensure_synthetic_dataset(tmp_path, world) == root
     assert _files(root) == original
-    assert ensure_synthetic_dataset(tmp_path, **{**kwargs, "seed": 2}) != root
+    assert ensure_synthetic_dataset(tmp_path, dataclasses.replace(world, seed=2)) != root
 
 
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

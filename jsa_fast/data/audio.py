@@ -10,7 +10,10 @@ import torch
 import torchaudio.functional as AF
 from torch import Tensor
 
-from jsa_fast.cli import DataError
+from jsa_fast.errors import DataError
+from jsa_fast.settings import check_fields, integer, number, setting
+
+SAMPLE_RATE = 16000  # Hz, the paper's (and every data set's here)
 
 
 @dataclass(frozen=True)
@@ -18,20 +21,19 @@ class AudioConfig:
     """How a clip becomes a spectrogram; the defaults are the paper's (5 s -> 1 x 257 x 501).
     spec_augment: in training, one frequency and one time mask (`mask_spectrogram`)."""
 
-    sample_rate: int = 16000
-    seconds: float = 5.0
-    n_fft: int = 512
-    win_length: int = 512
-    hop_length: int = 160
+    sample_rate: int = SAMPLE_RATE
+    seconds: float = setting(
+        5.0, "clip length in seconds (the middle of the audio)", number(0, include_low=False), name="audio_seconds"
+    )
+    n_fft: int = setting(512, "FFT size of the spectrogram", integer(1))
+    win_length: int = setting(512, "window length of the spectrogram (<= --n-fft)", integer(1))
+    hop_length: int = setting(160, "hop between spectrogram frames, in samples", integer(1))
     spec_augment: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("sample_rate", "n_fft", "win_length", "hop_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"AudioConfig.{name} must be a positive int, got {value!r}")
-        if not self.seconds > 0:
-            raise ValueError(f"AudioConfig.seconds must be positive, got {self.seconds!r}")
+        check_fields(self)
+        if not isinstance(self.sample_rate, int) or self.sample_rate < 1:
+            raise ValueError(f"AudioConfig.sample_rate must be a positive int, got {self.sample_rate!r}")
         if self.win_length > self.n_fft:
             raise ValueError(f"AudioConfig.win_length ({self.win_length}) must not exceed n_fft ({self.n_fft})")
         if self.num_samples <= self.n_fft // 2:  # the centred frames reflect-pad n_fft // 2 samples
@@ -55,7 +57,7 @@ class AudioConfig:
         """(frequency, time): each mask's width is drawn from 0 .. bound - 1 bins. The
         released masks are narrower than 10 bins at 16 kHz, n_fft 512, hop 160, i.e. less
         than 312.5 Hz and 100 ms; other settings keep those spans (n_fft 256: 5 and 10)."""
-        released_hz, released_s = 10 * 16000 / 512, 10 * 160 / 16000
+        released_hz, released_s = 10 * SAMPLE_RATE / 512, 10 * 160 / SAMPLE_RATE
         bin_hz, frame_s = self.sample_rate / self.n_fft, self.hop_length / self.sample_rate
         return max(1, round(released_hz / bin_hz)), max(1, round(released_s / frame_s))
 

@@ -39,7 +39,7 @@ from torch.utils.data import default_collate
 from jsa_fast.data.audio import AudioConfig
 from jsa_fast.data.datasets import AudioVisualDataset, epoch_batches
 from jsa_fast.data.image import IMAGENET_MEAN, IMAGENET_STD, ImageConfig, is_video, load_image, video_frame_count
-from jsa_fast.runtime import derived_seed
+from jsa_fast.seeds import derived_seed
 
 INSTALL_HINT = "pip install -r requirements-dali.txt"
 LOG_FLOOR = 1e-7
@@ -62,7 +62,7 @@ def resolve_loader(kind: str, device: torch.device) -> Literal["torch", "dali"]:
     """The loader that --loader KIND means: "auto" is DALI on a CUDA device when DALI is
     installed."""
     if kind not in ("torch", "dali", "auto"):
-        raise ValueError(f"--loader must be torch, dali or auto, got {kind!r}")
+        raise ValueError(f"kind must be torch, dali or auto, got {kind!r}")
     if kind == "auto":
         return "dali" if device.type == "cuda" and dali_available(device) else "torch"
     return kind  # type: ignore[return-value]
@@ -297,7 +297,7 @@ class DALILoader:
     and for the test split gt B x H x W float32 (plus mask B x H x W when the data set has
     masks), all tensors on `device`. The batches are shard `shard_id`'s of `epoch_batches`
     (global batches of batch_size x num_shards items); each pass
-    advances the epoch (set it with `set_epoch`, e.g. on resume).
+    advances the epoch (`epoch`); training plans its batches itself and calls `iterate`.
 
     A file that fails to decode (DALI stops with an error that does not name the sample) is
     found by loading the batches in flight with the PyTorch path: on_bad_file="fail" raises
@@ -338,10 +338,6 @@ class DALILoader:
         self._bad: set[int] = set()
         self._source = _Source(dataset)
         self._iterator: Any = None
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch (shuffled order) of the next pass."""
-        self.epoch = epoch
 
     def _plan(self) -> list[list[int]]:
         batches = epoch_batches(

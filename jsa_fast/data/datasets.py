@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from jsa_fast.cli import DataError
 from jsa_fast.data.audio import AudioConfig, mask_spectrogram, wav_to_spectrogram
 from jsa_fast.data.groundtruth import (
     flickr_box_problem,
@@ -33,7 +32,8 @@ from jsa_fast.data.groundtruth import (
     vggss_gt_map,
 )
 from jsa_fast.data.image import ImageConfig, eval_transform, load_image, train_transform
-from jsa_fast.runtime import derived_seed
+from jsa_fast.errors import DataError
+from jsa_fast.seeds import derived_seed
 
 # What decoders raise on a broken file (PIL: OSError/SyntaxError, soundfile: RuntimeError,
 # PyAV: FFmpegError, ours: ValueError).

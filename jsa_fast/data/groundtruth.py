@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from jsa_fast.cli import DataError
+from jsa_fast.errors import DataError
 
 FLICKR_ANNOTATION_SIZE = 256  # Flickr-SoundNet boxes are drawn on 256 x 256 images
 

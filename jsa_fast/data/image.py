@@ -11,7 +11,8 @@ import torchvision.transforms as T
 from PIL import Image
 from torch import Tensor
 
-from jsa_fast.cli import DataError
+from jsa_fast.errors import DataError
+from jsa_fast.settings import check_fields, integer, one_of, setting
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,19 +33,24 @@ class ImageConfig:
     to train_resize (aspect kept) and crop size x size at random, "none" is the evaluation
     transform."""
 
-    size: int = 224
-    train_resize: int = 246
-    augment: str = "released"
+    size: int = setting(224, "square image side", integer(1), name="image_size")
+    train_resize: int = setting(
+        246, "training resizes the short side to this before the random crop", integer(1)
+    )  # the released int(1.1 x 224)
+    augment: str = setting(
+        "released",
+        "training augmentation of images and spectrograms: released (the released code's), flip (crop and flip) or none",
+        one_of(AUGMENTS),
+        # an older checkpoint's colour jitter on top of crop and flip, without audio masks
+        formerly={"color_augment": lambda color: "released" if color is True else "flip"},
+    )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or self.size < 1:
-            raise ValueError(f"ImageConfig.size must be a positive int, got {self.size!r}")
-        if not isinstance(self.train_resize, int) or self.train_resize < self.size:
+        check_fields(self)
+        if self.train_resize < self.size:
             raise ValueError(
                 f"ImageConfig.train_resize must be an int >= size ({self.size}), got {self.train_resize!r}"
             )
-        if self.augment not in AUGMENTS:
-            raise ValueError(f"ImageConfig.augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
 
     @property
     def blur(self) -> tuple[int, tuple[float, float]]:

@@ -18,6 +18,7 @@ masks/<id>.png (AVSBench, the object's silhouette).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -31,9 +32,10 @@ import numpy as np
 import soundfile
 from PIL import Image
 
+from jsa_fast.data.audio import SAMPLE_RATE
 from jsa_fast.data.video import write_video
+from jsa_fast.settings import check_fields, integer, number, setting
 
-SAMPLE_RATE = 16000
 # Part of every cache folder's name: bump it whenever the generator's output changes.
 GENERATOR_VERSION = 2
 COMPLETE_MARKER = ".complete"
@@ -265,15 +267,24 @@ def _flickr_xml(box: Box, size: int, annotators: int = 2) -> str:
     return ET.tostring(root, encoding="unicode") + "\n"
 
 
-def _check_arguments(n_train: int, n_test: int, image_size: int, audio_seconds: float, num_classes: int) -> None:
-    if n_train < 1 or n_test < 1:
-        raise ValueError(f"n_train and n_test must be positive, got {n_train} and {n_test}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be at least 32, got {image_size}")
-    if not audio_seconds > 0:
-        raise ValueError(f"audio_seconds must be positive, got {audio_seconds}")
-    if not 2 <= num_classes <= len(CLASSES):
-        raise ValueError(f"num_classes must be in 2..{len(CLASSES)}, got {num_classes}")
+@dataclass(frozen=True)
+class SynthConfig:
+    """The synthetic world: its size, seed, image side, clip length and classes (the
+    first `num_classes` of CLASSES). Each is a run's setting `--synth-*`."""
+
+    n_train: int = setting(2000, "synthetic world: training items", integer(1), name="synth_train")
+    n_test: int = setting(200, "synthetic world: test items", integer(1), name="synth_test")
+    seed: int = setting(0, "synthetic world: the seed it is drawn from", integer(), name="synth_seed")
+    image_size: int = setting(224, "synthetic world: image side", integer(32), name="synth_image_size")
+    audio_seconds: float = setting(
+        2.0, "synthetic world: clip length in seconds", number(0, include_low=False), name="synth_audio_seconds"
+    )
+    num_classes: int = setting(6, "synthetic world: sounding object classes", integer(2), name="synth_classes")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.num_classes > len(CLASSES):
+            raise ValueError(f"SynthConfig.num_classes must be in 2..{len(CLASSES)}, got {self.num_classes}")
 
 
 def generate_synthetic_dataset(
@@ -281,15 +292,15 @@ def generate_synthetic_dataset(
     n_train: int,
     n_test: int,
     seed: int,
-    image_size: int = 224,
-    audio_seconds: float = 2.0,
-    num_classes: int = 6,
+    image_size: int = SynthConfig.image_size,
+    audio_seconds: float = SynthConfig.audio_seconds,
+    num_classes: int = SynthConfig.num_classes,
 ) -> Path:
     """Write the data set into `out` (created if needed) and return it.
 
     Ids are train_000000... and test_000000...; identical arguments give byte-identical files.
     """
-    _check_arguments(n_train, n_test, image_size, audio_seconds, num_classes)
+    SynthConfig(n_train, n_test, seed, image_size, audio_seconds, num_classes)  # its checks
     out = Path(out)
     for folder in ("frames", "audio", "Annotations", "masks"):
         (out / folder).mkdir(parents=True, exist_ok=True)
@@ -315,21 +326,24 @@ def generate_synthetic_dataset(
     return out
 
 
-def ensure_synthetic_dataset(
-    cache_dir: Path,
-    n_train: int = 2000,
-    n_test: int = 200,
-    seed: int = 0,
-    image_size: int = 224,
-    audio_seconds: float = 2.0,
-    num_classes: int = 6,
-) -> Path:
-    """The data set of these arguments under cache_dir, generated on the first call only.
+def default_cache_dir() -> Path:
+    """Where the synthetic world is built: $JSA_FAST_CACHE or ~/.cache/jsa-fast."""
+    return Path(os.environ.get("JSA_FAST_CACHE", Path.home() / ".cache" / "jsa-fast"))
+
+
+def cached_synthetic_dataset(world: SynthConfig) -> Path:
+    """The world under `default_cache_dir()`/synth, built on first use."""
+    return ensure_synthetic_dataset(default_cache_dir() / "synth", world)
+
+
+def ensure_synthetic_dataset(cache_dir: Path, world: SynthConfig) -> Path:
+    """The data set of `world` under cache_dir, generated on the first call only.
 
     It is built in a private folder, marked complete last and then renamed into place, so
     a crashed build is never reused and concurrent builders do not collide.
     """
-    _check_arguments(n_train, n_test, image_size, audio_seconds, num_classes)
+    n_train, n_test, seed = world.n_train, world.n_test, world.seed
+    image_size, audio_seconds, num_classes = world.image_size, world.audio_seconds, world.num_classes
     name = (
         f"synth-v{GENERATOR_VERSION}-train{n_train}-test{n_test}-seed{seed}"
         f"-img{image_size}-sec{audio_seconds:g}-cls{num_classes}"
@@ -379,7 +393,7 @@ def render_moving_clip(
     30 % of the picture) and travels along the top or bottom edge from one side to the
     other; the distractor sits in the band left free above or below its path.
     """
-    _check_arguments(1, 1, image_size, seconds, num_classes)
+    SynthConfig(1, 1, seed, image_size, seconds, num_classes)  # its checks
     if not isinstance(fps, int) or fps < 1:
         raise ValueError(f"fps must be a positive int, got {fps!r}")
     num_frames = round(seconds * fps)
@@ -442,12 +456,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path, help="folder to write the data set into")
     target.add_argument("--video", type=Path, help="write a moving clip instead: VIDEO.mp4 and its boxes VIDEO.csv")
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--n-test", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--audio-seconds", type=float, default=2.0)
-    parser.add_argument("--num-classes", type=int, default=6)
+    for option in dataclasses.fields(SynthConfig):
+        parser.add_argument(f"--{option.name.replace('_', '-')}", type=type(option.default), default=option.default)
     parser.add_argument("--clip-seconds", type=float, default=4.0, help="--video: the clip's length")
     parser.add_argument("--fps", type=int, default=25, help="--video: frames per second")
     args = parser.parse_args(argv)
