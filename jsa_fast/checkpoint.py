@@ -115,19 +115,39 @@ class TrainedModel(NamedTuple):
 def trained_model(state: Mapping[str, Any], cfg: RunConfig, source: str | Path) -> JSAModel:
     """A JSAModel of `cfg`'s architecture holding the weights of the checkpoint `state` (read
     from `source`): DataError naming `source` when they are not finite or do not fit."""
-    broken = non_finite_tensors(state["model"]) if isinstance(state["model"], Mapping) else []
+    weights = state["model"]
+    if not isinstance(weights, Mapping) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
+        raise DataError(
+            f"checkpoint {source} holds model weights of type {type(weights).__name__}, not tensors by name"
+        )
+    broken = non_finite_tensors(weights)
     if broken:
         raise DataError(
             f"checkpoint {source} holds non-finite weights ({len(broken)} tensors, e.g. {broken[0]}): "
             "it was saved from a run that diverged"
         )
     model = JSAModel(cfg.model)
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, TypeError, AttributeError, ValueError) as error:
-        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise DataError(f"checkpoint {source}: its weights do not fit its configuration ({first[:300]})") from None
+    misfits = _misfits(model.state_dict(), weights)
+    if misfits:
+        raise DataError(f"checkpoint {source}: its weights do not fit its configuration ({'; '.join(misfits)})")
+    model.load_state_dict(weights)
     return model
+
+
+def _misfits(expected: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> list[str]:
+    """What keeps `weights` from loading into a model whose state dict is `expected`."""
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    reshaped = [
+        f"{name} {tuple(weights[name].shape)} where the configuration makes {tuple(expected[name].shape)}"
+        for name in sorted(set(expected) & set(weights))
+        if weights[name].shape != expected[name].shape
+    ]
+    found = []
+    for count_of, names in (("missing", missing), ("unknown here", unexpected), ("of another shape", reshaped)):
+        if names:
+            found.append(f"{len(names)} tensor(s) {count_of}, e.g. {names[0]}")
+    return found
 
 
 def load_trained_model(path: str | Path, device: torch.device) -> TrainedModel:
