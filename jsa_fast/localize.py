@@ -40,7 +40,7 @@ from jsa_fast.cli import ArgumentParser, bounded, command
 from jsa_fast.config import RunConfig
 from jsa_fast.data.audio import AudioConfig, load_audio, log_spectrogram, middle_clip
 from jsa_fast.data.image import eval_transform, load_image
-from jsa_fast.data.video import decode_audio, iter_frames, mono_resampled, probe_video, write_video
+from jsa_fast.data.video import decode_audio, displayed_rgb, iter_frames, mono_resampled, probe_video, write_video
 from jsa_fast.errors import DataError, UsageError
 from jsa_fast.evaluation import add_protocol_arguments, load_object_saliency, protocol_from_args
 from jsa_fast.maps import upsample_map
@@ -140,7 +140,7 @@ def _frames_at(path: Path, indices: Sequence[int]) -> Iterator[np.ndarray]:
         if target is None:
             return
         if index == target:
-            pixels = frame.to_ndarray(format="rgb24")
+            pixels = displayed_rgb(frame)
             while target == index:
                 yield pixels
                 target = next(wanted, None)

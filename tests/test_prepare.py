@@ -378,3 +378,58 @@ def test_a_run_with_fewer_ids_says_what_it_leaves_out(prepared: Path, videos: Pa
         "clip_b",
     ]
     assert (out / "frames" / "clip_c.jpg").exists()
+
+
+def write_phone_clip(path: Path, rotation: int, audio_start_s: float, tones: list[tuple[float, float]]) -> None:
+    """A 4 s, 10 fps clip stored 64 x 48 with a white top-left quarter, a display rotation
+    of `rotation` degrees (counter-clockwise, PyAV's sign) and an AAC track starting at
+    `audio_start_s` that plays each (Hz, seconds) of `tones` in turn."""
+    rate, fps = 16000, 10
+    pixels = np.zeros((48, 64, 3), np.uint8)
+    pixels[:24, :32] = 255
+    with av.open(str(path), "w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=fps, options={"g": "4"})
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        video.set_display_rotation(rotation)
+        audio = container.add_stream("aac", rate=rate, layout="mono")
+        for index in range(4 * fps):
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = index
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode(None):
+            container.mux(packet)
+        wave = np.concatenate([0.5 * np.sin(2 * np.pi * hz * np.arange(round(s * rate)) / rate) for hz, s in tones])
+        chunk = av.AudioFrame.from_ndarray(wave[None].astype(np.float32), format="fltp", layout="mono")
+        chunk.sample_rate, chunk.pts = rate, round(audio_start_s * rate)
+        for packet in [*audio.encode(chunk), *audio.encode(None)]:
+            container.mux(packet)
+
+
+def peak_hz(wave: np.ndarray, rate: int = 16000) -> float:
+    return float(np.argmax(np.abs(np.fft.rfft(wave * np.hanning(len(wave))))) * rate / len(wave))
+
+
+def test_frames_as_displayed_and_audio_on_the_frames_time_axis(tmp_path: Path) -> None:
+    """#24 items 1 and 2: a phone's portrait clip (stored landscape, rotation -90) is
+    written as a player shows it, 48 wide and 64 high with the white quarter at the top
+    right; a track that starts 2 s into the clip is cut around the chosen frame (2.2 s:
+    1.95-2.45 s, the track's first 0.45 s, 440 Hz), not 2 s later (880 Hz)."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_phone_clip(videos / "portrait.mp4", -90, 0.0, [(660.0, 4.0)])
+    write_phone_clip(videos / "late_audio.mp4", 0, 2.0, [(440.0, 0.5), (880.0, 1.5)])
+    out = tmp_path / "root"
+    assert prepare_main([str(videos), "--out", str(out), "--frame-time", "2.2", "--seconds", "0.5"]) == 0
+    rows = manifest(out)
+    assert (rows["portrait"]["width"], rows["portrait"]["height"]) == ("48", "64")
+    frame = np.asarray(Image.open(out / "frames" / "portrait.jpg").convert("L"), dtype=np.float32)
+    assert frame.shape == (64, 48)
+    assert frame[4:28, 28:44].mean() > 200 and frame[36:60, 4:20].mean() < 50  # top right white, bottom left black
+    assert frame[4:28, 4:20].mean() < 50  # the stored top left is not where it was
+    assert float(rows["late_audio"]["frame_time_s"]) == pytest.approx(2.2, abs=1e-6)
+    assert float(rows["late_audio"]["audio_start_s"]) == pytest.approx(1.95, abs=1e-6)
+    wave, rate = soundfile.read(str(out / "audio" / "late_audio.wav"))
+    assert abs(peak_hz(wave, rate) - 440.0) <= 4
+    portrait, _ = soundfile.read(str(out / "audio" / "portrait.wav"))
+    assert abs(peak_hz(portrait, rate) - 660.0) <= 4

@@ -11,6 +11,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch import Tensor
 
+from jsa_fast.data.video import displayed_rgb
 from jsa_fast.errors import DataError
 from jsa_fast.settings import check_fields, integer, one_of, setting
 
@@ -120,14 +121,15 @@ def video_frame_count(path: str | Path) -> int:
 
 
 def video_middle_frame(path: str | Path) -> Image.Image:
-    """The frame at index n // 2 of a video's n frames, as a PIL RGB image (decoded with PyAV)."""
+    """The frame at index n // 2 of a video's n frames, as a PIL RGB image as displayed
+    (decoded with PyAV, its display rotation applied)."""
     num_frames = video_frame_count(path)
     if num_frames == 0:
         raise DataError(f"{path}: the video holds no frame")
     with av.open(str(path)) as container:
         for index, frame in enumerate(container.decode(video=0)):
             if index == num_frames // 2:
-                return frame.to_image().convert("RGB")
+                return Image.fromarray(displayed_rgb(frame))
     raise DataError(f"{path}: decoded fewer frames than the {num_frames} the container lists")
 
 

@@ -1,9 +1,11 @@
 """Videos through PyAV: what a file holds, its frames, its audio track, and writing H.264
 video with sound.
 
-Times are seconds from the start of the stream they belong to (a video frame's from the
-video stream's first frame, an audio sample's from the audio stream's first sample); the
-two streams are taken to start together, as the clips of audio-visual data sets do.
+Frames are returned as a player shows them: a stream's display rotation (a phone's
+portrait clip is stored landscape with a rotation of -90 degrees) is applied. Times are
+seconds from the video stream's first frame, for the audio too: a track that starts later
+is preceded by silence, one that starts earlier loses what comes before the first frame
+(the streams' start times, with the container's edit lists applied by the demuxer).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "probe_video",
     "iter_frames",
     "decode_frame",
+    "displayed_rgb",
     "decode_audio",
     "mono_resampled",
     "write_video",
@@ -58,7 +61,9 @@ class VideoProbe:
     time base; None when it records none); listed_frames: the count the container's
     header states (0 when it states none; more than the file holds in a truncated file);
     duration_s: the container's duration (the frames' span when it records none);
-    audio_rate / audio_channels: of the first audio stream, None when there is none.
+    width x height: the frames as displayed (`rotation` applied); rotation: the
+    counter-clockwise degrees (a multiple of 90) the stored frames are turned by for
+    display; audio_rate / audio_channels: of the first audio stream, None when there is none.
     """
 
     frame_times: tuple[float, ...]
@@ -68,6 +73,7 @@ class VideoProbe:
     duration_s: float
     width: int
     height: int
+    rotation: int
     audio_rate: int | None
     audio_channels: int | None
 
@@ -104,22 +110,40 @@ def probe_video(path: str | Path) -> VideoProbe:
         frame_span = times[-1] + 1 / fps
         duration = container.duration / av.time_base if container.duration else frame_span
         audio = container.streams.audio[0] if container.streams.audio else None
+        container.seek(0)
+        first = next(container.decode(stream), None)
+        rotation = _quarter_turns(first) * 90 if first is not None else 0
+        width, height = (stream.height, stream.width) if rotation % 180 else (stream.width, stream.height)
         return VideoProbe(
             tuple(times),
             None if stamps is None else tuple(stamps),
             stream.frames,
             fps,
             duration,
-            stream.width,
-            stream.height,
+            width,
+            height,
+            rotation,
             audio.rate if audio else None,
             audio.channels if audio else None,
         )
 
 
+def _quarter_turns(frame: av.VideoFrame) -> int:
+    """The frame's display rotation in counter-clockwise quarter turns, 0-3 (PyAV's
+    `rotation`, from the stream's display matrix, rounded to a multiple of 90 degrees)."""
+    return round(getattr(frame, "rotation", 0) / 90) % 4
+
+
+def displayed_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded frame as a player shows it: H x W x 3 uint8 RGB, its display rotation applied."""
+    pixels = frame.to_ndarray(format="rgb24")
+    turns = _quarter_turns(frame)
+    return np.ascontiguousarray(np.rot90(pixels, k=turns)) if turns else pixels
+
+
 def iter_frames(path: str | Path) -> Iterator[av.VideoFrame]:
     """The video's frames in presentation order (decoded lazily; convert the ones you keep
-    with `frame.to_ndarray(format="rgb24")`)."""
+    with `displayed_rgb`)."""
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise MissingStreamError(path, "video")
@@ -127,7 +151,7 @@ def iter_frames(path: str | Path) -> Iterator[av.VideoFrame]:
 
 
 def decode_frame(path: str | Path, index: int, stamp: int | None = None) -> np.ndarray:
-    """Frame `index` (0-based, presentation order) as H x W x 3 uint8 RGB.
+    """Frame `index` (0-based, presentation order) as H x W x 3 uint8 RGB, as displayed.
 
     With its timestamp (`VideoProbe.stamps[index]`) only the frames from the key frame
     before it are decoded (a seek); without one, or when the seek does not meet the frame
@@ -140,16 +164,18 @@ def decode_frame(path: str | Path, index: int, stamp: int | None = None) -> np.n
                 if frame.pts is None or frame.pts > stamp:
                     break
                 if frame.pts == stamp:
-                    return frame.to_ndarray(format="rgb24")
+                    return displayed_rgb(frame)
     decoded = 0
     for decoded, frame in enumerate(iter_frames(path), start=1):
         if decoded - 1 == index:
-            return frame.to_ndarray(format="rgb24")
+            return displayed_rgb(frame)
     raise ValueError(f"{path}: frame {index} asked for, but only {decoded} frame(s) decode")
 
 
 def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """The first audio stream, decoded: (C x N float32 samples, sample rate).
+    """The first audio stream, decoded: (C x N float32 samples, sample rate), sample 0 at
+    the video's first frame (see the module's doc; a file without video: at the track's
+    start).
 
     Raises MissingStreamError without an audio stream or when it decodes to no samples.
     """
@@ -160,12 +186,36 @@ def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
         # Planar float at the stream's own rate and layout: a format conversion, no resampling.
         to_float = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate)
         chunks = []
+        audio_start = None
         for frame in container.decode(stream):
+            if audio_start is None and frame.time is not None:
+                audio_start = frame.time
             chunks += [converted.to_ndarray() for converted in to_float.resample(frame)]
         chunks += [converted.to_ndarray() for converted in to_float.resample(None)]
         if not chunks or sum(chunk.shape[1] for chunk in chunks) == 0:
             raise MissingStreamError(path, "audio")
-        return np.concatenate(chunks, axis=1).astype(np.float32, copy=False), stream.rate
+        samples = np.concatenate(chunks, axis=1).astype(np.float32, copy=False)
+        video_start = _video_start(container)
+        if audio_start is None or video_start is None:
+            return samples, stream.rate
+        offset = round((audio_start - video_start) * stream.rate)
+        if offset > 0:  # the track starts after the first frame: silence until it does
+            samples = np.concatenate([np.zeros((samples.shape[0], offset), np.float32), samples], axis=1)
+        elif offset < 0:  # it starts before: what precedes the first frame is no frame's sound
+            samples = samples[:, -offset:]
+        if samples.shape[1] == 0:
+            raise MissingStreamError(path, "audio")
+        return samples, stream.rate
+
+
+def _video_start(container: av.container.InputContainer) -> float | None:
+    """The first video frame's presentation time in seconds (None without video)."""
+    if not container.streams.video:
+        return None
+    stream = container.streams.video[0]
+    if stream.start_time is not None and stream.time_base is not None:
+        return float(stream.start_time * stream.time_base)
+    return None
 
 
 def mono_resampled(samples: np.ndarray, rate: int, sample_rate: int) -> Tensor:
