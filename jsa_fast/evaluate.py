@@ -35,7 +35,7 @@ from jsa_fast.evaluation import (
     protocol_from_args,
 )
 from jsa_fast.protocol import PROTOCOLS
-from jsa_fast.runtime import resolve_data_root, resolve_device
+from jsa_fast.runtime import output_lock, resolve_data_root, resolve_device
 
 __all__ = ["main", "format_table", "write_items", "read_subset"]
 
@@ -140,45 +140,44 @@ def main(argv: list[str] | None = None) -> int:
     subset = read_subset(args.subset) if args.subset is not None else None
     data_root = resolve_data_root(args.data if args.data is not None else trained.data, cfg.synth)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    try:
-        dataset = AudioVisualDataset(
-            data_root,
-            "test",
-            cfg.data.image,
-            cfg.data.audio,
-            args.on_bad_file,
-            subset=subset,
-            on_missing=args.on_missing,
+    with output_lock(out):
+        try:
+            dataset = AudioVisualDataset(
+                data_root,
+                "test",
+                cfg.data.image,
+                cfg.data.audio,
+                args.on_bad_file,
+                subset=subset,
+                on_missing=args.on_missing,
+            )
+        except BadFilesError as error:
+            if args.on_missing == "fail" and any(reason.startswith("missing") for _, reason in error.problems):
+                raise DataError(f"{error}; --on-missing skip evaluates the items on disk and counts the rest") from None
+            raise
+        out.mkdir(parents=True, exist_ok=True)
+        missing_path = out / "missing.txt"
+        missing_path.unlink(missing_ok=True)  # a file of an earlier evaluation into the same folder
+        if dataset.missing:
+            missing_path.write_text("".join(f"{name}\n" for name in dataset.missing))
+            print(f"{len(dataset.missing)} test id(s) not on disk, listed in {missing_path}", file=sys.stderr)
+        loader = evaluation_loader(args.loader, dataset, device, args.batch_size, args.num_workers)
+        results, items = evaluate(
+            trained.model, loader, cfg.data.image.size, device, protocol, args.amp, args.overlays, out, saliency, dataset.classes
+        )  # fmt: skip
+        results.update(
+            protocol=args.protocol if protocol == PROTOCOLS[args.protocol] else f"{args.protocol}, changed by flags",
+            missing=len(dataset.missing),
+            ogl=args.ogl,
+            subset=args.subset,
+            checkpoint=str(args.checkpoint),
+            data=str(data_root),
         )
-    except BadFilesError as error:
-        if args.on_missing == "fail" and any(reason.startswith("missing") for _, reason in error.problems):
-            raise DataError(f"{error}; --on-missing skip evaluates the items on disk and counts the rest") from None
-        raise
-    out.mkdir(parents=True, exist_ok=True)
-    missing_path = out / "missing.txt"
-    missing_path.unlink(missing_ok=True)  # a file of an earlier evaluation into the same folder
-    if dataset.missing:
-        missing_path.write_text("".join(f"{name}\n" for name in dataset.missing))
-        print(f"{len(dataset.missing)} test id(s) not on disk, listed in {missing_path}", file=sys.stderr)
-    loader = evaluation_loader(args.loader, dataset, device, args.batch_size, args.num_workers)
-    results, items = evaluate(
-        trained.model, loader, cfg.data.image.size, device, protocol, args.amp, args.overlays, out, saliency, dataset.classes
-    )  # fmt: skip
-    results.update(
-        protocol=args.protocol if protocol == PROTOCOLS[args.protocol] else f"{args.protocol}, changed by flags",
-        missing=len(dataset.missing),
-        ogl=args.ogl,
-        subset=args.subset,
-        checkpoint=str(args.checkpoint),
-        data=str(data_root),
-    )
-    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_items(items, out / "items.csv")
-    print(format_table(results))
-    print(f"wrote {out / 'eval.json'} and {out / 'items.csv'}")
-    return 0
+        (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_items(items, out / "items.csv")
+        print(format_table(results))
+        print(f"wrote {out / 'eval.json'} and {out / 'items.csv'}")
+        return 0
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from jsa_fast.evaluation import add_protocol_arguments, load_object_saliency, pr
 from jsa_fast.maps import upsample_map
 from jsa_fast.model import JSAModel, ObjectSaliency
 from jsa_fast.protocol import PROTOCOLS, Protocol, scored_maps
-from jsa_fast.runtime import autocast_context, resolve_device
+from jsa_fast.runtime import autocast_context, output_lock, resolve_device
 from jsa_fast.viz import overlay_heatmap
 
 __all__ = ["output_times", "centred_window", "Localizer", "localize_video", "localize_image", "main"]
@@ -230,24 +230,23 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"{source} is an image: give its sound with --audio WAV")
     if not is_image and args.audio is not None:
         raise UsageError(f"--audio applies to an image INPUT; {source} is taken as a video, whose own sound is used")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
     which = args.map or ("ogl" if args.ogl is not None else "ca")
     if (which in ("ogl", "obj")) != (args.ogl is not None):
         raise UsageError(
             f"--map {which} {'needs' if args.ogl is None else 'does not use'} --ogl R18.pth (the object map's ResNet-18)"
         )
-    device = resolve_device(args.device)
-    saliency = load_object_saliency(args.ogl, device) if args.ogl is not None else None
-    trained = load_trained_model(args.checkpoint, device)
-    localizer = Localizer(trained.model, trained.cfg, device, which, protocol_from_args(args), saliency, args.amp)
-    if is_image:
-        written = localize_image(localizer, source, Path(args.audio), out)
-    else:
-        written = tuple(localize_video(localizer, source, out, args.fps, args.batch_size).values())
-    print("wrote " + ", ".join(map(str, written)))
-    return 0
+    out = Path(args.out)
+    with output_lock(out):
+        device = resolve_device(args.device)
+        saliency = load_object_saliency(args.ogl, device) if args.ogl is not None else None
+        trained = load_trained_model(args.checkpoint, device)
+        localizer = Localizer(trained.model, trained.cfg, device, which, protocol_from_args(args), saliency, args.amp)
+        if is_image:
+            written = localize_image(localizer, source, Path(args.audio), out)
+        else:
+            written = tuple(localize_video(localizer, source, out, args.fps, args.batch_size).values())
+        print("wrote " + ", ".join(map(str, written)))
+        return 0
 
 
 if __name__ == "__main__":

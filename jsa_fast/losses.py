@@ -5,7 +5,7 @@ weights them and computes the false-negative mask with the fastest available op.
 data parallelism the contrastive term and the mask take the whole global batch (see
 `jsa_fast.distributed`).
 
-With T target and O off-target slots (docs/model.md "Inference"; the paper gives no formula,
+With T target and O off-target slots (docs/model.md "Target and off-target slots"; the paper gives no formula,
 this is ours) the contrastive term, the false-negative mask and retrieval take the target
 representation (the mean of the T L2-normalised target slots), L_match averages over the
 T target slots' maps, and L_div over the T x O (target, off-target) pairs. T = O = 1 is

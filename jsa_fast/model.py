@@ -6,7 +6,7 @@ infer(image, spec, temperature) -> the inference maps on the token grid and the 
 representations; localize(image, spec, alpha, ...) -> the ca^{a,v} map and the IQR map at
 image resolution. ObjectSaliency is OGL's object map (an ImageNet ResNet-18).
 
-Target and off-target slots (docs/model.md "Inference"): the first T of the S = T + O slots are
+Target and off-target slots (docs/model.md "Target and off-target slots"): the first T of the S = T + O slots are
 targets. Their representation is the mean of the T L2-normalised slots
 (`target_embedding`); the localisation maps sum the T target slots' maps.
 """

@@ -67,6 +67,7 @@ from jsa_fast.data.video import (
     probe_video,
 )
 from jsa_fast.errors import DataError, UsageError
+from jsa_fast.runtime import LOCK_NAME, output_lock
 
 __all__ = ["PrepareSettings", "prepare", "merge_parts", "read_ids", "shard_of", "main"]
 
@@ -545,10 +546,12 @@ def build_parser() -> ArgumentParser:
 @command("jsa_fast.prepare")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    shard = _parse_shard(args.shard) if args.shard is not None else None
     if args.merge:
         if args.videos or args.shard or args.ids:
             raise UsageError("--merge takes only --out (and --no-train-txt): it joins the parts already written")
-        summary = merge_parts(args.out, args.train_txt)
+        with output_lock(Path(args.out)):
+            summary = merge_parts(args.out, args.train_txt)
     else:
         if not args.videos:
             raise UsageError("name the videos (files or folders) to prepare, or --merge")
@@ -559,8 +562,10 @@ def main(argv: list[str] | None = None) -> int:
             args.sample_rate,
             args.audio_format,
         )
-        shard = _parse_shard(args.shard) if args.shard is not None else None
-        summary = prepare(args.videos, args.out, settings, args.ids, args.workers, shard, args.train_txt)
+        # Shards of one data set run at once, on one ROOT: each holds a lock of its own.
+        lock_name = LOCK_NAME if shard is None else LOCK_NAME.replace(".lock", f".part-{shard[0]}-of-{shard[1]}.lock")
+        with output_lock(Path(args.out), name=lock_name):
+            summary = prepare(args.videos, args.out, settings, args.ids, args.workers, shard, args.train_txt)
     if summary.missing:
         listed = ", ".join(summary.missing[:10]) + (
             f" and {len(summary.missing) - 10} more" if len(summary.missing) > 10 else ""

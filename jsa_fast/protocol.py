@@ -1,5 +1,5 @@
 """The evaluation protocol: how the maps are made from a model's inference and scored
-(docs/model.md "Inference", README "Evaluation protocols"); evaluation, training's
+(docs/model.md "Inference" and "Evaluation protocols"); evaluation, training's
 validation and localisation all make their maps here."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ FIXED_THRESHOLD = 0.6  # the released code's; the table's second threshold under
 
 @dataclass(frozen=True)
 class Protocol:
-    """How the maps are made and scored (docs/model.md "Inference", README "Evaluation protocols").
+    """How the maps are made and scored (docs/model.md "Inference", "Evaluation protocols").
 
     upsample: "bilinear" (align_corners=True) or "bicubic" (align_corners=False), from
     the token grid to the image; threshold: "median" or a fixed cut on the min-max

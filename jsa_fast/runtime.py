@@ -1,6 +1,6 @@
 """What every command runs on, apart from what it computes: the device and its autocast and
-memory format, the process RNG state, Ctrl-C between steps, the metrics
-file, and where the synthetic world is cached."""
+memory format, the process RNG state, Ctrl-C between steps, the metrics file, the lock
+that gives an output folder to one run at a time, and the data root."""
 
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ import math
 import os
 import random
 import signal
+import socket
 import sys
-from contextlib import AbstractContextManager, nullcontext
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from jsa_fast.data.synth import SynthConfig, cached_synthetic_dataset
-from jsa_fast.errors import RunError, is_disk_full
+from jsa_fast.errors import RunError, UsageError, is_disk_full
 
 __all__ = [
     "AMP_DTYPES",
@@ -28,6 +31,8 @@ __all__ = [
     "restore_rng_state",
     "DeferredInterrupt",
     "MetricsLog",
+    "LOCK_NAME",
+    "output_lock",
     "resolve_data_root",
 ]
 
@@ -150,3 +155,77 @@ def resolve_data_root(data: str | None, synth: SynthConfig) -> Path:
             raise FileNotFoundError(f"--data {root} is not a folder")
         return root
     return cached_synthetic_dataset(synth)
+
+
+LOCK_NAME = ".jsa-fast.lock"
+
+
+@contextmanager
+def output_lock(folder: Path, flag: str = "--out", name: str = LOCK_NAME) -> Iterator[None]:
+    """Hold `folder` (created if needed) for this run alone while the block runs: the
+    file folder/`name` (JSON: pid, host, command, start time) is created exclusively and
+    removed at the end. A lock whose process is gone (same host, PID not running) is taken
+    over, said once on stderr; a live one (or another host's) is refused with UsageError
+    naming `flag`. A folder the lock created and the run left empty is removed again."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder} is a file, not a folder")
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv), "started": time.time()}
+    try:
+        _take_lock(path, record, flag)
+        yield
+    finally:
+        if _read_lock(path) == record:
+            path.unlink(missing_ok=True)
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _take_lock(path: Path, record: dict[str, Any], flag: str) -> None:
+    for _ in range(2):  # the second try after a stale lock was removed
+        try:
+            with open(path, "x", encoding="utf-8") as file:
+                file.write(json.dumps(record) + "\n")
+            return
+        except FileExistsError:
+            holder = _read_lock(path)
+        if holder is None:  # torn or being written: its writer is alive, or it is junk
+            if time.time() - path.stat().st_mtime < 60:
+                raise UsageError(f"{flag} {path.parent} is being taken by another run ({path.name} is being written)")
+        elif holder.get("host") != record["host"] or _process_alive(holder.get("pid")):
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+            raise UsageError(
+                f"{flag} {path.parent} is in use by another run (PID {holder.get('pid')} on {holder.get('host')}, "
+                f"started {started}: {holder.get('command', '?')}); wait for it, or choose another {flag} "
+                f"(if that run is gone, delete {path})"
+            )
+        else:
+            print(
+                f"{path.parent}: taking over the lock of a run that is gone (PID {holder.get('pid')} on {holder.get('host')})",
+                file=sys.stderr,
+            )
+        path.unlink(missing_ok=True)
+    raise UsageError(f"{flag} {path.parent}: another run took the lock at the same time; choose another {flag}")
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _process_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

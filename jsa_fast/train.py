@@ -22,10 +22,12 @@ import argparse
 import dataclasses
 import hashlib
 import math
+import os
 import random
 import sys
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,7 @@ from jsa_fast.runtime import (
     MetricsLog,
     autocast_context,
     memory_format,
+    output_lock,
     resolve_data_root,
     resolve_device,
     restore_rng_state,
@@ -674,6 +677,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.allow_changes and not args.resume:
         raise UsageError("--allow-changes only applies to --resume")
     out = Path(args.out)
+    # One run per --out: the first process of a torchrun job holds it for all of them.
+    with output_lock(out) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+        return _train_main(args, out)
+
+
+def _train_main(args: argparse.Namespace, out: Path) -> int:
     check_out_folder(out, args.resume, args.overwrite)
     default_preset = "tiny" if args.data is None else "paper"
     saved = None

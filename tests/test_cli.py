@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,8 @@ from jsa_fast.cli import DEBUG_ENV
 from jsa_fast.data.datasets import epoch_batches
 from jsa_fast.evaluate import main as evaluate_main
 from jsa_fast.localize import main as localize_main
-from jsa_fast.runtime import MetricsLog
+from jsa_fast.prepare import main as prepare_main
+from jsa_fast.runtime import LOCK_NAME, MetricsLog
 from jsa_fast.train import main as train_main, train
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -574,3 +576,58 @@ def test_a_non_finite_model_is_never_saved(world, tmp_path, capsys, monkeypatch)
     status, err = in_process(train_main, train_args(world, out, "--epochs", "1"), capsys)
     error_line(err, 1, status, "after step 2 the model holds non-finite values", "no last.pt was written")
     assert not (out / "last.pt").exists()
+
+
+def _lock(folder: Path, pid: int, host: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {
+        "pid": pid,
+        "host": host or socket.gethostname(),
+        "command": "python -m jsa_fast.train --out x",
+        "started": 0,
+    }
+    path = folder / LOCK_NAME
+    path.write_text(json.dumps(record) + "\n")
+    return path
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_an_out_folder_is_owned_by_one_run_at_a_time(good_run, world, tmp_path, capsys):
+    """#24 items 3 and 8: while a live process holds --out (here: this test's own PID),
+    train, evaluate, prepare and localize refuse it in one line, exit 2, and leave the
+    folder as it was; a lock whose process is gone is taken over, said once."""
+    held = tmp_path / "held"
+    lock = _lock(held, os.getpid())
+    before = sorted(p.name for p in held.iterdir())
+    image, audio = world / "frames" / "test_000000.jpg", world / "audio" / "test_000000.wav"
+    checkpoint = str(good_run / "last.pt")
+    runs = {
+        "train": (train_main, train_args(world, held)),
+        "evaluate": (evaluate_main, ["--checkpoint", checkpoint, "--out", str(held)]),
+        "prepare": (prepare_main, [str(world / "frames"), "--out", str(held)]),
+        "localize": (
+            localize_main,
+            [str(image), "--audio", str(audio), "--checkpoint", checkpoint, "--out", str(held)],
+        ),
+    }
+    for name, (main, arguments) in runs.items():
+        status, err = in_process(main, arguments, capsys)
+        error_line(err, 2, status, f"--out {held} is in use by another run (PID {os.getpid()}", f"delete {lock}")
+        assert sorted(p.name for p in held.iterdir()) == before, name
+
+    stale = tmp_path / "stale"
+    _lock(stale, _dead_pid())
+    status, err = in_process(evaluate_main, ["--checkpoint", checkpoint, "--out", str(stale)], capsys)
+    assert status == 0, err
+    assert err.count("taking over the lock of a run that is gone") == 1
+    assert (stale / "eval.json").is_file() and not (stale / LOCK_NAME).exists()
+
+    other_host = tmp_path / "other_host"
+    _lock(other_host, _dead_pid(), host="another-machine")
+    status, err = in_process(evaluate_main, ["--checkpoint", checkpoint, "--out", str(other_host)], capsys)
+    error_line(err, 2, status, "is in use by another run", "on another-machine")
