@@ -1,12 +1,13 @@
 """Custom ops of jsa_fast._C, with PyTorch fallbacks.
 
-k_reciprocal_mask runs the extension's kernel for the tensors' device when it has one
-(CPU always; CUDA when the extension was built with nvcc) and
-`jsa_fast.reference.k_reciprocal_mask` otherwise. The kernels give the reference's mask
-bit for bit wherever the similarities are exact in float32 (ties included); they sum
-dot products in float64, so two similarities within a float32 rounding of each other may
-be ordered differently from the reference's float32 matrix product (csrc/k_reciprocal.h),
-as two float32 summation orders may.
+k_reciprocal_mask runs the extension's kernel for the tensors' device when it has one (CPU
+always; CUDA when the extension was built with nvcc) and
+`jsa_fast.reference.k_reciprocal_mask` otherwise (warning once per process when
+jsa_fast._C is absent or fails to load, e.g. built against another torch). The kernels
+give the reference's mask bit for bit wherever the similarities are exact in float32 (ties
+included); they sum dot products in float64, so two similarities within a float32 rounding
+of each other may be ordered differently from the reference's float32 matrix product
+(csrc/k_reciprocal.h), as two float32 summation orders may.
 """
 
 from __future__ import annotations
@@ -25,15 +26,14 @@ _OP_NAME = "jsa_fast::k_reciprocal_mask"
 
 try:
     import jsa_fast._C  # noqa: F401  (loading the library registers torch.ops.jsa_fast.*)
-except ImportError as error:
-    warnings.warn(
-        f"jsa_fast._C failed to import ({error}); k_reciprocal_mask falls back to the PyTorch "
-        "reference. Build the extension with `pip install -e . --no-build-isolation`.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+except (ImportError, OSError) as error:
+    # Absent (a checkout not built, a platform without a compiler) or unloadable (built
+    # against another torch: undefined symbols): the PyTorch reference path serves, and
+    # the first call that takes it says so (`_warn_fallback_once`).
+    _EXTENSION_ERROR: str | None = " ".join(str(error).split()) or type(error).__name__
     _KERNEL_DEVICE_TYPES: frozenset[str] = frozenset()
 else:
+    _EXTENSION_ERROR = None
     # Looked up once here, not per call: torch.compile can trace a set lookup but not the
     # dispatcher query.
     _KERNEL_DEVICE_TYPES = frozenset(
@@ -48,6 +48,26 @@ else:
         if packed:
             return z_img.new_empty((batch, (batch + 31) // 32), dtype=torch.int32)
         return z_img.new_empty((batch, batch), dtype=torch.bool)
+
+
+_fallback_warned = False
+
+
+def _warn_fallback_once() -> None:
+    """One RuntimeWarning per process, on the first call that takes the reference path
+    because jsa_fast._C did not load (never while torch.compile traces: a warning there
+    would break the graph)."""
+    global _fallback_warned
+    if _fallback_warned or torch.compiler.is_compiling():
+        return
+    _fallback_warned = True
+    warnings.warn(
+        f"jsa_fast._C did not load ({_EXTENSION_ERROR}): k_reciprocal_mask runs the PyTorch reference "
+        "path instead (slower). Build the extension against the installed torch: "
+        "`pip install --no-build-isolation .` (or `-e .`) in a jsa-fast checkout (docs/build.md).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def extension_available(device: torch.device | str) -> bool:
@@ -81,5 +101,7 @@ def k_reciprocal_mask(z_img: Tensor, z_aud: Tensor, k: int = 20, *, packed: bool
         raise ValueError(f"packed must be a bool, got {packed!r}")
     if extension_available(z_img.device):
         return torch.ops.jsa_fast.k_reciprocal_mask(z_img, z_aud, k, packed)
+    if _EXTENSION_ERROR is not None:
+        _warn_fallback_once()
     mask = reference.mutual_neighbour_mask(z_img, z_aud, k)
     return pack_mask(mask) if packed else mask
