@@ -28,13 +28,14 @@ import argparse
 import functools
 import math
 import os
+import signal
 import sys
 import traceback
 import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from jsa_fast.errors import JsaFastError, UsageError
+from jsa_fast.errors import Interrupted, JsaFastError, UsageError
 
 __all__ = [
     "ArgumentParser",
@@ -45,7 +46,6 @@ __all__ = [
 ]
 
 DEBUG_ENV = "JSA_FAST_DEBUG"
-INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
 
 
 def one_line(error: BaseException) -> str:
@@ -98,10 +98,15 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:  # n
     return f"warning: {one_line(message) if isinstance(message, Warning) else message}\n"
 
 
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
 def command(prog: str) -> Callable[[Callable[[list[str] | None], int]], Callable[[list[str] | None], int]]:
     """Decorate a CLI's `main(argv) -> exit status` with the convention above; `prog`
     starts each error line. Warnings print as one `warning: ...` line; Ctrl-C ends with
-    status 130 and one line."""
+    status 130 and one line, SIGTERM (raised as `Interrupted` where it arrives, so that
+    cleanups run) with 143."""
 
     def decorate(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
         @functools.wraps(main)
@@ -110,13 +115,16 @@ def command(prog: str) -> Callable[[Callable[[list[str] | None], int]], Callable
             previous_format = warnings.formatwarning
             if not debug:
                 warnings.formatwarning = _format_warning
+            previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
             try:
                 return main(argv)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as error:
                 if debug:
                     traceback.print_exc()
-                print(f"{prog}: interrupted", file=sys.stderr)
-                return INTERRUPTED
+                signum = error.signum if isinstance(error, Interrupted) else signal.SIGINT
+                said = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+                print(f"{prog}: {said}", file=sys.stderr)
+                return 128 + signum
             except ModuleNotFoundError as error:
                 # A package of an optional extra (pyproject.toml) that this command needs:
                 # name the extra that installs it. Any other missing module is a bug.
@@ -145,6 +153,7 @@ def command(prog: str) -> Callable[[Callable[[list[str] | None], int]], Callable
                 return error.exit_code if isinstance(error, JsaFastError) else 2
             finally:
                 warnings.formatwarning = previous_format
+                signal.signal(signal.SIGTERM, previous_sigterm)
 
         return run
 

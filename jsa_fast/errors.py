@@ -8,8 +8,9 @@ also a ValueError or RuntimeError, so that code catching those keeps working.
 from __future__ import annotations
 
 import errno
+import signal
 
-__all__ = ["JsaFastError", "UsageError", "DataError", "RunError", "is_disk_full"]
+__all__ = ["JsaFastError", "UsageError", "DataError", "RunError", "Interrupted", "is_disk_full"]
 
 
 class JsaFastError(Exception):
@@ -24,6 +25,17 @@ class UsageError(JsaFastError, ValueError):
 
 class DataError(JsaFastError, ValueError):
     """A file or data set whose content cannot be used (named in the message)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal: SIGINT (Ctrl-C) or SIGTERM (what schedulers send before a
+    kill). A KeyboardInterrupt, so that whatever cleans up after Ctrl-C cleans up after it;
+    `exit_code` is the shell's status for the signal (130, 143)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 class RunError(JsaFastError, RuntimeError):

@@ -46,7 +46,7 @@ from jsa_fast.evaluation import add_protocol_arguments, load_object_saliency, pr
 from jsa_fast.maps import upsample_map
 from jsa_fast.model import JSAModel, ObjectSaliency
 from jsa_fast.protocol import PROTOCOLS, Protocol, scored_maps
-from jsa_fast.runtime import autocast_context, output_lock, resolve_device
+from jsa_fast.runtime import autocast_context, output_lock, resolve_device, staged_outputs
 from jsa_fast.viz import overlay_heatmap
 
 __all__ = ["output_times", "centred_window", "Localizer", "localize_video", "localize_image", "main"]
@@ -126,10 +126,12 @@ def localize_image(localizer: Localizer, image_path: Path, audio_path: Path, out
     clip = middle_clip(load_audio(audio_path, audio_cfg.sample_rate), audio_cfg.num_samples)
     (heatmap,) = localizer.maps([picture], [clip])
     out.mkdir(parents=True, exist_ok=True)
-    png, npy = out / f"{image_path.stem}_heatmap.png", out / f"{image_path.stem}_map.npy"
-    Image.fromarray(_overlay(np.asarray(picture), heatmap)).save(png)
-    np.save(npy, heatmap)
-    return png, npy
+    finals = {"png": out / f"{image_path.stem}_heatmap.png", "npy": out / f"{image_path.stem}_map.npy"}
+    with staged_outputs(finals) as staged:
+        Image.fromarray(_overlay(np.asarray(picture), heatmap)).save(staged["png"], format="PNG")
+        with staged["npy"].open("wb") as file:
+            np.save(file, heatmap)
+    return finals["png"], finals["npy"]
 
 
 def _frames_at(path: Path, indices: Sequence[int]) -> Iterator[np.ndarray]:
@@ -179,13 +181,15 @@ def localize_video(
         kind: out / f"{video.stem}_{suffix}"
         for kind, suffix in (("video", "heatmap.mp4"), ("maps", "maps.npy"), ("times", "times.csv"))
     }
-    write_video(paths["video"], overlays(), fps, audio_from=video)
-    np.save(paths["maps"], np.stack(maps).astype(np.float32))
-    rows = "".join(
-        f"{k},{t:.6f},{index},{probe.frame_times[index]:.6f}\n"
-        for k, (t, index) in enumerate(zip(times, sources, strict=True))
-    )
-    paths["times"].write_text("index,time_s,source_frame,source_time_s\n" + rows)
+    with staged_outputs(paths) as staged:  # an interrupted run leaves an earlier result whole
+        write_video(staged["video"], overlays(), fps, audio_from=video)
+        with staged["maps"].open("wb") as file:
+            np.save(file, np.stack(maps).astype(np.float32))
+        rows = "".join(
+            f"{k},{t:.6f},{index},{probe.frame_times[index]:.6f}\n"
+            for k, (t, index) in enumerate(zip(times, sources, strict=True))
+        )
+        staged["times"].write_text("index,time_s,source_frame,source_time_s\n" + rows)
     return paths
 
 

@@ -40,6 +40,7 @@ import multiprocessing
 import os
 import re
 import secrets
+import signal
 import sys
 import warnings
 from collections import Counter
@@ -476,12 +477,15 @@ class _NoPool:
 
 def _pool(workers: int) -> Any:
     """A process pool of `workers` (None in-process for 1). Workers start from a fork
-    server, not by forking this process, as the data loaders' do (see datasets.py)."""
+    server, not by forking this process, as the data loaders' do (see datasets.py); the
+    server preloads what they decode with, not this module, which runpy runs as __main__."""
     if workers == 1:
         return _NoPool()
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["jsa_fast.prepare"])
-    return context.Pool(workers)
+    context.set_forkserver_preload(["jsa_fast.data.video"])
+    # Ctrl-C reaches the whole process group: the workers leave it to this process, which
+    # stops them (the pool's exit) and says so in one line.
+    return context.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
 
 
 def merge_parts(root: str | Path, train_txt: bool = True) -> Summary:

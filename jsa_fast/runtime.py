@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from jsa_fast.data.synth import SynthConfig, cached_synthetic_dataset
-from jsa_fast.errors import RunError, UsageError, is_disk_full
+from jsa_fast.errors import Interrupted, RunError, UsageError, is_disk_full
 
 __all__ = [
     "AMP_DTYPES",
@@ -32,6 +32,7 @@ __all__ = [
     "DeferredInterrupt",
     "MetricsLog",
     "LOCK_NAME",
+    "staged_outputs",
     "output_lock",
     "resolve_data_root",
 ]
@@ -80,23 +81,36 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 class DeferredInterrupt:
-    """Turns the first Ctrl-C into a request that the loop honours between steps, so a
-    checkpoint never holds a half-done step (BatchNorm statistics, optimiser state);
-    a second Ctrl-C stops at once."""
+    """Turns the first Ctrl-C or SIGTERM (a scheduler's notice before its kill) into a
+    request that the loop honours between steps (`signum`, None until one came), so a
+    checkpoint never holds a half-done step (BatchNorm statistics, optimiser state); a
+    second signal stops at once (`Interrupted`)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self) -> DeferredInterrupt:
-        self.requested = False
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self.signum: int | None = None
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: saving after this step (press again to stop at once)", file=sys.stderr)
+            raise Interrupted(signum)
+        self.signum = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: saving after this step (again to stop at once)", file=sys.stderr)
+
+    def interrupted(self) -> Interrupted:
+        """The error that ends the run after the state was saved."""
+        return Interrupted(self.signum or signal.SIGINT)
 
     def __exit__(self, *exc: Any) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 class MetricsLog:
@@ -155,6 +169,21 @@ def resolve_data_root(data: str | None, synth: SynthConfig) -> Path:
             raise FileNotFoundError(f"--data {root} is not a folder")
         return root
     return cached_synthetic_dataset(synth)
+
+
+@contextmanager
+def staged_outputs(finals: dict[str, Path]) -> Iterator[dict[str, Path]]:
+    """Temporary paths (hidden, beside each of `finals`) to write a result's files to; they
+    replace the finals together when the block ends, and are deleted when it fails or is
+    interrupted, so that an earlier result in the same place stays whole."""
+    temporaries = {kind: path.with_name(f".{path.name}.{os.getpid()}.tmp") for kind, path in finals.items()}
+    try:
+        yield temporaries
+        for kind, temporary in temporaries.items():
+            os.replace(temporary, finals[kind])
+    finally:
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
 
 
 LOCK_NAME = ".jsa-fast.lock"

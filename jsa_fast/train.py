@@ -551,7 +551,7 @@ def train_epoch(run: TrainRun, state: TrainState, interrupt: DeferredInterrupt) 
             save_state(run, state)
             if world.is_main:
                 print(f"interrupted: state saved to {run.checkpoint_path}; continue with --resume", file=sys.stderr)
-            raise KeyboardInterrupt
+            raise interrupt.interrupted()
     sums = state.sums
     if sums["batches"] == 0 and not seen_items:
         raise DataError(

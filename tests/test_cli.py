@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -631,3 +632,34 @@ def test_an_out_folder_is_owned_by_one_run_at_a_time(good_run, world, tmp_path, 
     _lock(other_host, _dead_pid(), host="another-machine")
     status, err = in_process(evaluate_main, ["--checkpoint", checkpoint, "--out", str(other_host)], capsys)
     error_line(err, 2, status, "is in use by another run", "on another-machine")
+
+
+def test_sigterm_saves_the_step_and_exits_143(world, tmp_path, capsys, monkeypatch):
+    """#24 item 6: SIGTERM (a scheduler's notice) during training is handled as Ctrl-C: the
+    step in progress finishes, last.pt is saved there, one line, exit 143; --resume then
+    ends where an uninterrupted run ends."""
+    import jsa_fast.train as train_module
+
+    real_loss = train_module.jsa_loss
+    calls = {"n": 0}
+
+    def sigterm_during_the_third_step(out, loss_cfg):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(out, loss_cfg)
+
+    monkeypatch.setattr(train_module, "jsa_loss", sigterm_during_the_third_step)
+    out = tmp_path / "run"
+    two_epochs = train_args(world, out, "--epochs", "2")  # 2 steps each
+    status, err = in_process(train_main, two_epochs, capsys)
+    assert status == 143, err
+    lines = err.strip().splitlines()
+    assert lines[-1] == "jsa_fast.train: terminated (SIGTERM)" and "Traceback" not in err
+    assert any(line.startswith("SIGTERM: saving after this step") for line in lines)
+    state = load_checkpoint(out / "last.pt")
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (3, 1, 1)
+    assert not (out / LOCK_NAME).exists()
+    monkeypatch.setattr(train_module, "jsa_loss", real_loss)
+    assert train_main([*two_epochs, "--resume"]) == 0
+    assert (load_checkpoint(out / "last.pt")["step"], load_checkpoint(out / "last.pt")["epoch"]) == (4, 2)

@@ -5,7 +5,9 @@ and on bad input; and the moving clip itself."""
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import av
@@ -14,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from jsa_fast import localize as localize_module
 from jsa_fast.data import synth
 from jsa_fast.data.synth import CLASSES, generate_synthetic_dataset, render_moving_clip, write_moving_clip
 from jsa_fast.data.video import decode_audio, probe_video, write_video
@@ -224,3 +227,30 @@ def test_the_demo_model_follows_the_sounding_object(demo_run: Path, moving: tupl
     clip, video = moving
     correlation = heatmap_correlation(tmp_path / "demo" / "last.pt", clip, video, tmp_path / "out")
     assert correlation >= MIN_CORRELATION, correlation
+
+
+def test_sigterm_leaves_the_previous_result_whole(
+    checkpoint: Path, moving: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """#24 items 5 and 6: a rerun into a folder holding a finished result, stopped by SIGTERM
+    while it writes the video, ends in one line (exit 143) and leaves that result's three
+    files as they were, with no temporary beside them."""
+    _, video = moving
+    arguments = ["--checkpoint", str(checkpoint), str(video), "--out", str(tmp_path), "--fps", "5", "--batch-size", "4"]
+    assert localize_main(arguments) == 0
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert sorted(before) == ["moving_heatmap.mp4", "moving_maps.npy", "moving_times.csv"]
+    real_maps = localize_module.Localizer.maps
+    calls = {"n": 0}
+
+    def terminated_during_the_second_batch(self, images, clips):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_maps(self, images, clips)
+
+    monkeypatch.setattr(localize_module.Localizer, "maps", terminated_during_the_second_batch)
+    capsys.readouterr()
+    assert localize_main([*arguments, "--map", "iqr"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "jsa_fast.localize: terminated (SIGTERM)"
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before

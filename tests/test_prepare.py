@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import av
@@ -433,3 +435,31 @@ def test_frames_as_displayed_and_audio_on_the_frames_time_axis(tmp_path: Path) -
     assert abs(peak_hz(wave, rate) - 440.0) <= 4
     portrait, _ = soundfile.read(str(out / "audio" / "portrait.wav"))
     assert abs(peak_hz(portrait, rate) - 660.0) <= 4
+
+
+def test_sigterm_stops_in_one_line_and_a_rerun_finishes(
+    videos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """#24 item 6: SIGTERM while the second clip is prepared ends in one line, exit 143, no
+    temporary left in ROOT and no lock; the clips done are kept and a rerun finishes the
+    rest (the same bytes as an uninterrupted run)."""
+    out = tmp_path / "root"
+    real = prepare_module.prepare_clip
+    calls = {"n": 0}
+
+    def terminated_on_the_second(clip_id, source, root, settings):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(clip_id, source, root, settings)
+
+    monkeypatch.setattr(prepare_module, "prepare_clip", terminated_on_the_second)
+    capsys.readouterr()
+    assert run(videos, out) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "jsa_fast.prepare: terminated (SIGTERM)"
+    assert not [path for path in out.rglob("*") if path.name.endswith(".tmp") or path.name.endswith(".lock")]
+    monkeypatch.setattr(prepare_module, "prepare_clip", real)
+    assert run(videos, out) == 0
+    reference = tmp_path / "reference"
+    assert run(videos, reference) == 0
+    assert files(out) == files(reference)

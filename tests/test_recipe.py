@@ -15,7 +15,7 @@ import torch
 from test_train import MICRO, MICRO_FLAGS
 from torchvision.models import resnet18
 
-from jsa_fast import evaluate as evaluate_module, train as train_module
+from jsa_fast import evaluate as evaluate_module, evaluation as evaluation_module, train as train_module
 from jsa_fast.checkpoint import load_checkpoint
 from jsa_fast.config import PRESETS, released_epochs
 from jsa_fast.errors import RunError
@@ -141,8 +141,10 @@ def test_fp16_resume_is_exact(world, fp16_epoch, tmp_path):
 
 def test_evaluation_runs_in_fp32_unless_asked(fp16_epoch, tmp_path, monkeypatch):
     used = []
-    real = evaluate_module.autocast_context
-    monkeypatch.setattr(evaluate_module, "autocast_context", lambda device, amp: used.append(amp) or real(device, amp))
+    real = evaluation_module.autocast_context
+    monkeypatch.setattr(
+        evaluation_module, "autocast_context", lambda device, amp: used.append(amp) or real(device, amp)
+    )
     common = ["--checkpoint", str(fp16_epoch / "last.pt"), "--num-workers", "0", "--overlays", "0", "--device", "cpu"]
     assert evaluate_module.main([*common, "--out", str(tmp_path / "fp32")]) == 0
     assert set(used) == {"none"}  # the run trained in fp16
