@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -156,6 +157,9 @@ def localize_video(
     """Write out/<stem>_heatmap.mp4, _maps.npy and _times.csv (see the module's doc; out
     created if needed); return their paths by kind ("video", "maps", "times")."""
     probe = probe_video(video)
+    if fps > probe.fps:  # more maps than frames would repeat each frame's map
+        warnings.warn(f"--fps {fps:g} is above {video.name}'s {probe.fps:g} fps: one map per frame", stacklevel=2)
+        fps = probe.fps
     audio_cfg = localizer.audio_cfg
     samples, rate = decode_audio(video)  # MissingStreamError (one line) for a silent video
     wave = mono_resampled(samples, rate, audio_cfg.sample_rate)

@@ -2,7 +2,8 @@
 --out ROOT [--ids FILE] [--frame-time S | --frame-index N] [--seconds 10] [--sample-rate 16000]
 [--audio-format pcm16|float] [--workers N] [--shard I/N] [--merge] [--no-train-txt]`.
 
-VIDEOS are files, or folders searched recursively for .mp4/.mkv/.webm/.avi; a clip's id
+VIDEOS are files, or folders searched recursively for .mp4/.mov/.m4v/.mkv/.webm/.avi (any
+case; a broken link among them is a corrupt row); a clip's id
 is its file's stem. Per clip:
 - ROOT/frames/<id>.jpg: one frame, by default the middle one (index n // 2 of n frames,
   the frame at 5 s of a 10 s clip, where VGG-SS's boxes are), or the frame on screen at
@@ -14,7 +15,7 @@ is its file's stem. Per clip:
   the samples clipped to [-1, 1] (`--audio-format pcm16`, the default) or 32-bit float,
   which keeps them exactly (`float`).
 ROOT/manifest.csv has one row per id (sorted): the status (ok, no-audio, no-video,
-corrupt), the reason for any other than ok, the source, the video's duration, frame rate,
+too-short: no frame at --frame-time or --frame-index, corrupt), the reason for any other than ok, the source, the video's duration, frame rate,
 frame count and size, the frame taken and its time, the audio rate and channels before,
 the rate after, and where the written audio starts and how long it is. ROOT/train.txt
 lists the ok ids. --ids FILE (a train.txt, a VGG-SS json, or a csv: its `id` or `file`
@@ -58,7 +59,7 @@ from tqdm import tqdm
 
 from jsa_fast.cli import ArgumentParser, bounded, command, one_line
 from jsa_fast.data.audio import SAMPLE_RATE
-from jsa_fast.data.datasets import read_id_list, read_vggss_json
+from jsa_fast.data.datasets import check_ids, read_id_list, read_vggss_json
 from jsa_fast.data.video import (
     MissingStreamError,
     VideoProbe,
@@ -72,7 +73,7 @@ from jsa_fast.runtime import LOCK_NAME, output_lock
 
 __all__ = ["PrepareSettings", "prepare", "merge_parts", "read_ids", "shard_of", "main"]
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")  # any case
 JPEG_QUALITY = 95
 WAV_SUBTYPES = {"pcm16": "PCM_16", "float": "FLOAT"}
 COLUMNS = (
@@ -134,7 +135,9 @@ def find_videos(inputs: Sequence[str | Path]) -> dict[str, Path]:
     paths: list[Path] = []
     for given in map(Path, inputs):
         if given.is_dir():
-            paths += sorted(p for p in given.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+            paths += sorted(
+                p for p in given.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and (p.is_file() or p.is_symlink())
+            )  # a broken link is kept: its row says so
         elif given.is_file():
             paths.append(given)
         else:
@@ -161,8 +164,10 @@ def _csv_ids(path: Path) -> list[str]:
         if column in header:
             index = header.index(column)
             return [row[index].strip() for row in rows[1:] if len(row) > index]
-    if all(len(row) >= 2 and row[1].strip().isdigit() for row in rows):  # VGGSound: ytid,start,label,split
-        return [f"{row[0].strip()}_{int(row[1]):06d}" for row in rows]
+    # VGGSound: ytid,start,label,split, with or without a header line
+    body = rows[1:] if len(rows) > 1 and not (len(rows[0]) >= 2 and rows[0][1].strip().isdigit()) else rows
+    if all(len(row) >= 2 and row[1].strip().isdigit() for row in body):
+        return [f"{row[0].strip()}_{int(row[1]):06d}" for row in body]
     return [row[0].strip() for row in rows]
 
 
@@ -180,9 +185,12 @@ def read_ids(path: str | Path) -> list[str]:
         ids = _csv_ids(path)
     else:
         return read_id_list(path)
-    repeated = sorted(name for name, count in Counter(ids).items() if count > 1)
-    if repeated or not ids:
-        raise DataError(f"{path}: " + (f"ids listed more than once: {repeated[:10]}" if repeated else "names no ids"))
+    if not ids:
+        raise DataError(f"{path}: names no ids")
+    try:
+        check_ids(ids, path)
+    except ValueError as error:
+        raise DataError(str(error)) from None
     return ids
 
 
@@ -213,15 +221,15 @@ class _ClipProblem(Exception):
 
 
 def _frame_index(probe: VideoProbe, settings: PrepareSettings) -> int:
-    """The index of the frame to take; a no-video problem when the video has no such frame."""
+    """The index of the frame to take; a too-short problem when the video has no such frame."""
     if settings.frame_index is not None:
         if settings.frame_index >= probe.num_frames:
-            raise _ClipProblem("no-video", f"no frame {settings.frame_index}: the video has {probe.num_frames}")
+            raise _ClipProblem("too-short", f"no frame {settings.frame_index}: the video has {probe.num_frames}")
         return settings.frame_index
     if settings.frame_time is not None:
         if settings.frame_time > probe.duration_s:
             raise _ClipProblem(
-                "no-video", f"no frame at {settings.frame_time:g} s: the video lasts {probe.duration_s:g} s"
+                "too-short", f"no frame at {settings.frame_time:g} s: the video lasts {probe.duration_s:g} s"
             )
         return probe.index_at(settings.frame_time)
     return probe.num_frames // 2
@@ -241,6 +249,8 @@ def prepare_clip(clip_id: str, source: Path | None, root: Path, settings: Prepar
     row = dict.fromkeys(COLUMNS, "") | {"id": clip_id, "source": "" if source is None else str(source)}
     if source is None:
         return row | {"status": "no-video", "reason": "no video with this id among the inputs"}
+    if source.is_symlink() and not source.exists():
+        return row | {"status": "corrupt", "reason": f"a broken link (to {os.readlink(source)})"}
     stage = "opening the file"
     try:
         probe = probe_video(source)

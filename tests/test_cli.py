@@ -663,3 +663,17 @@ def test_sigterm_saves_the_step_and_exits_143(world, tmp_path, capsys, monkeypat
     monkeypatch.setattr(train_module, "jsa_loss", real_loss)
     assert train_main([*two_epochs, "--resume"]) == 0
     assert (load_checkpoint(out / "last.pt")["step"], load_checkpoint(out / "last.pt")["epoch"]) == (4, 2)
+
+
+def test_a_test_id_naming_another_folder_is_refused_before_evaluating(good_run, world, tmp_path, capsys):
+    """#24 item 10: a test.json id like ../x is refused when test.json is read, in one line,
+    before any evaluation runs and with nothing written."""
+    data = Path(shutil.copytree(world, tmp_path / "world"))
+    entries = json.loads((data / "test.json").read_text())
+    entries[1]["file"] = "../x"
+    (data / "test.json").write_text(json.dumps(entries))
+    out = tmp_path / "eval"
+    arguments = ["--checkpoint", str(good_run / "last.pt"), "--data", str(data), "--out", str(out)]
+    status, err = in_process(evaluate_main, arguments, capsys)
+    error_line(err, 2, status, "test.json: ids must be single words without '/'", "'../x'")
+    assert not out.exists()

@@ -197,7 +197,7 @@ def test_the_frame_taken_is_the_asked_one(prepared: Path, videos: Path, tmp_path
             with Image.open(tmp_path / "by_index" / "frames" / f"{clip_id}.jpg") as image:
                 assert index_of_colour(np.asarray(image)) == 11
         else:
-            assert by_index[clip_id]["status"] == "no-video"
+            assert by_index[clip_id]["status"] == "too-short"  # #24 item 11: it has a video
             assert by_index[clip_id]["reason"] == f"no frame 11: the video has {frames}"
 
 
@@ -345,6 +345,31 @@ def test_id_lists_in_every_format(tmp_path: Path) -> None:
     (tmp_path / "twice.csv").write_text("id\nm\nm\n")
     with pytest.raises(ValueError, match="more than once"):
         read_ids(tmp_path / "twice.csv")
+    # #24 items 10-11: VGGSound's csv with a header line; ids that would name other folders
+    (tmp_path / "vggsound_header.csv").write_text("ytid,start,label,split\nabc,30,dog barking,train\n")
+    assert read_ids(tmp_path / "vggsound_header.csv") == ["abc_000030"]
+    for name, text in (("up.txt", "../x\n"), ("up.csv", "id\n..\\x\n"), ("up.json", json.dumps(["a/b"]))):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match="ids must be single words without"):
+            read_ids(tmp_path / name)
+
+
+def test_phone_clips_broken_links_and_frames_past_the_end(tmp_path: Path) -> None:
+    """#24 item 11: .mov and .MOV files in a folder are prepared, a broken link among them is
+    a corrupt row saying so, and a --frame-time past a clip's end is too-short, not no-video."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_clip(videos / "lower.mov", "mov", "libx264", "aac", 10, (64, 48), 10, 16000, 1, 440.0)
+    write_clip(videos / "upper.MOV", "mov", "libx264", "aac", 10, (64, 48), 30, 16000, 1, 440.0)
+    (videos / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    out = tmp_path / "root"
+    assert prepare_main([str(videos), "--out", str(out), "--frame-time", "2", "--seconds", "0.5"]) == 0
+    rows = manifest(out)
+    assert {clip_id: row["status"] for clip_id, row in rows.items()} == {
+        "lower": "too-short", "upper": "ok", "gone": "corrupt",
+    }  # fmt: skip
+    assert rows["lower"]["reason"] == "no frame at 2 s: the video lasts 1 s"
+    assert rows["gone"]["reason"] == f"a broken link (to {tmp_path / 'nowhere.mp4'})"
 
 
 def test_train_and_evaluate_run_on_the_result(prepared: Path, tmp_path: Path) -> None:

@@ -85,15 +85,24 @@ def _check_unique_ids(ids: Sequence[str], path: Path) -> None:
         raise ValueError(f"{path}: ids listed more than once: {repeated}")
 
 
+def check_ids(ids: Sequence[str], path: Path) -> None:
+    """ValueError naming `path` when an id is no plain file name (an id names files inside
+    the data set's folders: a path separator, whitespace, "." or ".." would reach outside
+    them or split) or is listed twice."""
+    malformed = [
+        name for name in ids if not name or name in (".", "..") or any(c in "/\\" or c.isspace() for c in name)
+    ]
+    if malformed:
+        raise ValueError(f"{path}: ids must be single words without '/', '\\', or '..', got {malformed[:10]}")
+    _check_unique_ids(ids, path)
+
+
 def read_id_list(path: Path) -> list[str]:
     """Ids of a train.txt / test.txt, one per line (blank lines ignored), in file order."""
     ids = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
     if not ids:
         raise ValueError(f"{path}: the list file names no ids (it is empty)")
-    malformed = [name for name in ids if "/" in name or any(char.isspace() for char in name)]
-    if malformed:
-        raise ValueError(f"{path}: ids must be single words without '/', got {malformed}")
-    _check_unique_ids(ids, path)
+    check_ids(ids, path)
     return ids
 
 
@@ -131,7 +140,7 @@ def read_vggss_json(path: Path) -> list[tuple[str, str, tuple[tuple[float, ...],
             )
         boxes = tuple(tuple(float(c) for c in box) for box in entry["bbox"])
         records.append((entry["file"].strip(), entry["class"], boxes))
-    _check_unique_ids([record[0] for record in records], path)
+    check_ids([record[0] for record in records], path)
     return records
 
 
