@@ -357,9 +357,19 @@ def _check_settings(root: Path, settings: PrepareSettings) -> None:
     path = root / SETTINGS_FILE
     wanted = json.dumps(dataclasses.asdict(settings), indent=1, sort_keys=True) + "\n"
     if not path.exists():
-        if any((root / folder).exists() for folder in ("frames", "audio")) and not path.exists():
+        if any((root / folder).exists() for folder in ("frames", "audio")):
             raise UsageError(
                 f"--out {root} holds a data set that prepare did not write (no {SETTINGS_FILE}); use another --out"
+            )
+        # what prepare writes at the end, but did not write here: the user's own files
+        theirs = sorted(
+            name for name in (MANIFEST, "train.txt", *(p.name for p in root.glob("manifest.part-*.csv")))
+            if (root / name).exists()
+        )  # fmt: skip
+        if theirs:
+            raise UsageError(
+                f"--out {root} holds {', '.join(theirs)}, which prepare did not write (no {SETTINGS_FILE}) and "
+                "would replace; move them or use another --out"
             )
         _write_text(path, wanted)
     if path.read_text(encoding="utf-8") != wanted:

@@ -329,6 +329,15 @@ def test_other_settings_or_a_foreign_data_set_are_not_overwritten(prepared: Path
     assert run(videos, foreign) == 2
     assert "holds a data set that prepare did not write" in capsys.readouterr().err
     assert files(prepared) == before
+    # #24 item 4: a folder holding only the user's own train.txt is not replaced
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "train.txt").write_text("my_own_split\n")
+    assert run(videos, theirs) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"jsa_fast.prepare: error: --out {theirs} holds train.txt, which prepare did not write "
+                   "(no prepare.json) and would replace; move them or use another --out"]  # fmt: skip
+    assert files(theirs) == {"train.txt": b"my_own_split\n"}
 
 
 def test_id_lists_in_every_format(tmp_path: Path) -> None:
