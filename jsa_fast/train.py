@@ -53,7 +53,8 @@ from jsa_fast.config import (
     saved_config,
 )
 from jsa_fast.data.dali import DALILoader, make_dali_loader, resolve_loader
-from jsa_fast.data.datasets import AudioVisualDataset, EpochSeededDataset, epoch_batches, make_loader
+from jsa_fast.data.datasets import AudioVisualDataset, EpochSeededDataset, FullDecode, epoch_batches, make_loader
+from jsa_fast.data.synth import default_cache_dir
 from jsa_fast.distributed import World, convert_batchnorm, gather_with_grad, process_group, wrap_ddp
 from jsa_fast.errors import DataError, RunError, UsageError
 from jsa_fast.evaluation import Validation
@@ -368,7 +369,16 @@ def start_run(
     if optim.val is not None or optim.val_fraction > 0:
         validation = Validation(cfg, data_root, on_bad_file)
     train_ids = validation.train_ids if validation is not None else None
-    dataset = AudioVisualDataset(data_root, "train", cfg.data.image, cfg.data.audio, on_bad_file, subset=train_ids)
+    # Every file decoded once before the first step (a bad one is named now, not hours
+    # in); one process per node decodes, the others then find its result cached.
+    full_decode = FullDecode(optim.num_workers, default_cache_dir() / "decoded", progress=world.is_main)
+    if not builds_data:
+        world.barrier()
+    dataset = AudioVisualDataset(
+        data_root, "train", cfg.data.image, cfg.data.audio, on_bad_file, subset=train_ids, full_decode=full_decode
+    )
+    if builds_data:
+        world.barrier()
     fingerprint = data_fingerprint(dataset.ids)
     if saved and not allow_changes and saved.get("data_fingerprint") not in (None, fingerprint):
         saved_items = saved["data_fingerprint"]["items"]

@@ -27,6 +27,7 @@ from test_train import MICRO, MICRO_FLAGS
 
 from jsa_fast.checkpoint import load_checkpoint, non_finite_tensors
 from jsa_fast.cli import DEBUG_ENV
+from jsa_fast.data import datasets as datasets_module
 from jsa_fast.data.datasets import epoch_batches
 from jsa_fast.evaluate import main as evaluate_main
 from jsa_fast.localize import main as localize_main
@@ -677,3 +678,34 @@ def test_a_test_id_naming_another_folder_is_refused_before_evaluating(good_run, 
     status, err = in_process(evaluate_main, arguments, capsys)
     error_line(err, 2, status, "test.json: ids must be single words without '/'", "'../x'")
     assert not out.exists()
+
+
+def test_a_truncated_jpeg_is_named_with_the_other_bad_files_before_the_first_step(world, tmp_path, capsys, monkeypatch):
+    """#24 item 12: a JPEG cut to its first 700 bytes (its header still opens) and an empty
+    WAV are named together in one line before any step, exit 2; --on-bad-file skip trains
+    without them; on unchanged files a second run decodes nothing (the clean result is
+    cached by the data set's fingerprint, under JSA_FAST_CACHE)."""
+    monkeypatch.setenv("JSA_FAST_CACHE", str(tmp_path / "cache"))
+    root = Path(shutil.copytree(world, tmp_path / "world"))
+    jpeg = root / "frames" / "train_000005.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:700])
+    soundfile.write(root / "audio" / "train_000002.wav", np.zeros(0, np.float32), 16000)
+    status, err = in_process(train_main, train_args(root, tmp_path / "out", "--epochs", "1"), capsys)
+    error_line(err, 2, status, "2 data problem(s)", "train_000002.wav: the audio file holds no samples",
+               "train_000005.jpg: cannot decode")  # fmt: skip
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "cache").rglob("decoded-*"))
+
+    with pytest.warns(UserWarning, match=r"skipping 2 id\(s\).*train_000005.jpg: cannot decode"):
+        status, err = in_process(
+            train_main, train_args(root, tmp_path / "skip", "--epochs", "1", "--on-bad-file", "skip"), capsys
+        )
+    assert status == 0, err
+    clean = tmp_path / "clean"
+    assert train_main(train_args(world, clean, "--epochs", "1")) == 0
+    assert len(list((tmp_path / "cache" / "decoded").glob("decoded-*"))) == 1
+
+    def never(*args, **kwargs):
+        raise AssertionError("an unchanged data set was decoded again")
+
+    monkeypatch.setattr(datasets_module, "decode_problems", never)
+    assert train_main(train_args(world, clean, "--epochs", "1", "--overwrite")) == 0

@@ -7,12 +7,14 @@ the test split ROOT/test.json (VGG-SS) or ROOT/test.txt + ROOT/Annotations/<id>.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +23,7 @@ import soundfile
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
+from tqdm import tqdm
 
 from jsa_fast.data.audio import AudioConfig, mask_spectrogram, wav_to_spectrogram
 from jsa_fast.data.groundtruth import (
@@ -205,7 +208,8 @@ class AudioVisualDataset(Dataset):
     style JSON to read instead of ROOT/test.json (a validation split). on_missing: what
     an id whose image or audio file is not on disk gets, "fail" (BadFilesError naming
     them) or "skip" (dropped without a warning, listed in `missing` for the caller to
-    report); None treats it as any bad file.
+    report); None treats it as any bad file. full_decode: every file decoded in full once
+    here (`FullDecode`), its problems named with the others.
     """
 
     def __init__(
@@ -219,6 +223,7 @@ class AudioVisualDataset(Dataset):
         subset: Collection[str] | None = None,
         ground_truth: str | Path | None = None,
         on_missing: Literal["fail", "skip"] | None = None,
+        full_decode: FullDecode | None = None,
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -275,6 +280,11 @@ class AudioVisualDataset(Dataset):
                 problems.setdefault(name, []).extend(entry_problems)
             elif name not in problems:
                 entries.append(entry)
+        if full_decode is not None:
+            decoded = _decoded_problems(entries, split, audio_cfg, image_cfg.size, full_decode)
+            for name, found in decoded.items():
+                problems.setdefault(name, []).extend(found)
+            entries = [entry for entry in entries if entry.id not in decoded]
         self.missing = [  # ids with a file not on disk, when on_missing decides about them
             name for name, _, _ in records
             if on_missing is not None and any(reason.startswith("missing") for _, reason in problems.get(name, ()))
@@ -389,6 +399,64 @@ class AudioVisualDataset(Dataset):
             if entry.mask_path is not None:
                 item["mask"] = _decode(entry.mask_path, lambda path: load_mask(path, size))
         return item
+
+
+@dataclass(frozen=True)
+class FullDecode:
+    """Decode every file of a data set once, in full, when it is opened (what only decoding
+    shows, e.g. a truncated JPEG, is then named with the other problems rather than hours
+    into training). workers: processes (0: this one); cache_dir: where a clean result is
+    remembered by the data set's fingerprint (paths, sizes, modification times, the clip's
+    settings), so that a rerun on unchanged files decodes nothing; progress: a bar."""
+
+    workers: int = 0
+    cache_dir: Path | None = None
+    progress: bool = True
+
+
+def _decoded_problems(
+    entries: Sequence[_Entry], split: str, audio_cfg: AudioConfig, size: int, how: FullDecode
+) -> dict[str, list[tuple[Path, str]]]:
+    """{id: problems} of the entries whose files do not decode in full (`decode_problems`)."""
+    digest = hashlib.sha256(repr((split, audio_cfg, size)).encode())
+    for entry in entries:
+        for path in (entry.image_path, entry.audio_path, entry.mask_path):
+            if path is not None:
+                stat = path.stat()
+                digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    marker = None if how.cache_dir is None else Path(how.cache_dir) / f"decoded-{digest.hexdigest()[:32]}"
+    if marker is not None and marker.exists():
+        return {}
+    check = partial(decode_problems, audio_cfg=audio_cfg, size=size)
+    pool = _worker_context().Pool(how.workers) if how.workers > 0 else None
+    try:
+        results = pool.imap(check, entries, chunksize=16) if pool is not None else map(check, entries)
+        progress = None if how.progress else True  # None: a bar when stderr is a terminal
+        found = list(tqdm(results, total=len(entries), desc=f"decode {split}", unit="item", disable=progress))
+    finally:
+        if pool is not None:
+            pool.terminate()
+    problems = {entry.id: listed for entry, listed in zip(entries, found, strict=True) if listed}
+    if not problems and marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{len(entries)} {split} items decoded without a problem\n")
+    return problems
+
+
+def decode_problems(entry: _Entry, audio_cfg: AudioConfig, size: int) -> list[tuple[Path, str]]:
+    """(path, reason) of each file of `entry` that does not decode in full or holds unusable
+    content, as reading it for training would find (no augmentation drawn)."""
+    problems = []
+    reads = [(entry.image_path, lambda path: load_image(path).load()),
+             (entry.audio_path, lambda path: wav_to_spectrogram(path, audio_cfg))]  # fmt: skip
+    if entry.mask_path is not None:
+        reads.append((entry.mask_path, lambda path: load_mask(path, size)))
+    for path, read in reads:
+        try:
+            _decode(path, read)
+        except BadFilesError as error:
+            problems += error.problems
+    return problems
 
 
 def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
