@@ -51,7 +51,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import soundfile
 from PIL import Image
@@ -61,6 +60,7 @@ from jsa_fast.cli import ArgumentParser, bounded, command, one_line
 from jsa_fast.data.audio import SAMPLE_RATE
 from jsa_fast.data.datasets import check_ids, read_id_list, read_vggss_json
 from jsa_fast.data.video import (
+    VIDEO_ERRORS,
     MissingStreamError,
     VideoProbe,
     decode_audio,
@@ -85,7 +85,7 @@ SETTINGS_FILE = "prepare.json"
 MANIFEST = "manifest.csv"
 PART_PATTERN = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.csv")
 # What decoding a broken file raises (PyAV, our checks, the OS, PIL/soundfile on write).
-_CLIP_ERRORS = (av.FFmpegError, ValueError, OSError, RuntimeError, EOFError)
+_CLIP_ERRORS = (*VIDEO_ERRORS, ValueError, OSError, RuntimeError, EOFError)
 
 Row = dict[str, str]
 
@@ -282,7 +282,7 @@ def prepare_clip(clip_id: str, source: Path | None, root: Path, settings: Prepar
     except MissingStreamError as error:
         return row | {"status": f"no-{error.kind}", "reason": one_line(error).removeprefix(f"{source}: ")}
     except _CLIP_ERRORS as error:
-        message = error.strerror if isinstance(error, av.FFmpegError) else one_line(error)
+        message = error.strerror if VIDEO_ERRORS and isinstance(error, VIDEO_ERRORS) else one_line(error)
         return row | {"status": "corrupt", "reason": f"{stage}: {message.removeprefix(f'{source}: ')}"}
     if settings.audio_format == "pcm16":
         window = np.clip(window, -1.0, 1.0)

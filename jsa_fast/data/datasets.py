@@ -18,7 +18,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-import av
 import soundfile
 import torch
 from PIL import Image
@@ -35,12 +34,13 @@ from jsa_fast.data.groundtruth import (
     vggss_gt_map,
 )
 from jsa_fast.data.image import ImageConfig, eval_transform, load_image, train_transform
+from jsa_fast.data.video import VIDEO_ERRORS, pyav
 from jsa_fast.errors import DataError
 from jsa_fast.seeds import derived_seed
 
 # What decoders raise on a broken file (PIL: OSError/SyntaxError, soundfile: RuntimeError,
 # PyAV: FFmpegError, ours: ValueError).
-_DECODE_ERRORS = (OSError, RuntimeError, ValueError, EOFError, SyntaxError, av.FFmpegError)
+_DECODE_ERRORS = (OSError, RuntimeError, ValueError, EOFError, SyntaxError, *VIDEO_ERRORS)
 MAX_LISTED = 20  # problems a message lists in full; `BadFilesError.problems` holds them all
 
 
@@ -160,7 +160,7 @@ def _probe_image(path: Path) -> str | None:
 
 def _probe_video(path: Path) -> str | None:
     try:
-        with av.open(str(path)) as container:
+        with pyav().open(str(path)) as container:
             if not container.streams.video:
                 return "the file has no video stream"
     except Exception as error:  # noqa: BLE001

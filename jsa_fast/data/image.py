@@ -6,12 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import torchvision.transforms as T
 from PIL import Image
 from torch import Tensor
 
-from jsa_fast.data.video import displayed_rgb
+from jsa_fast.data.video import displayed_rgb, pyav
 from jsa_fast.errors import DataError
 from jsa_fast.settings import check_fields, integer, one_of, setting
 
@@ -109,13 +108,13 @@ def train_transform(cfg: ImageConfig) -> ImageTransform:
 def video_frame_count(path: str | Path) -> int:
     """The number of frames of a video's first video stream, from its container (PyAV),
     without decoding any."""
-    with av.open(str(path)) as container:
+    with pyav().open(str(path)) as container:
         if not container.streams.video:
             raise DataError(f"{path}: the file has no video stream")
         num_frames = container.streams.video[0].frames
     if num_frames == 0:
         # Some containers do not record a frame count; counting packets needs no decoding.
-        with av.open(str(path)) as container:
+        with pyav().open(str(path)) as container:
             num_frames = sum(1 for packet in container.demux(video=0) if packet.size)
     return num_frames
 
@@ -126,7 +125,7 @@ def video_middle_frame(path: str | Path) -> Image.Image:
     num_frames = video_frame_count(path)
     if num_frames == 0:
         raise DataError(f"{path}: the video holds no frame")
-    with av.open(str(path)) as container:
+    with pyav().open(str(path)) as container:
         for index, frame in enumerate(container.decode(video=0)):
             if index == num_frames // 2:
                 return Image.fromarray(displayed_rgb(frame))

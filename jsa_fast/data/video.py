@@ -16,14 +16,21 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from types import ModuleType
 
-import av
 import numpy as np
 import torch
 import torchaudio.functional as AF
 from torch import Tensor
 
+try:
+    import av
+except ModuleNotFoundError:  # the [video] extra: what reads or writes a video says so when called
+    av = None
+
 __all__ = [
+    "VIDEO_ERRORS",
+    "pyav",
     "MissingStreamError",
     "VideoProbe",
     "probe_video",
@@ -34,6 +41,18 @@ __all__ = [
     "mono_resampled",
     "write_video",
 ]
+
+# What PyAV raises for a file it cannot read (none without PyAV).
+VIDEO_ERRORS: tuple[type[Exception], ...] = (av.FFmpegError,) if av is not None else ()
+
+
+def pyav() -> ModuleType:
+    """PyAV, or ModuleNotFoundError (naming "av", which the command lines turn into the
+    extra to install) where it is not installed."""
+    if av is None:
+        raise ModuleNotFoundError("reading and writing videos needs PyAV (the [video] extra)", name="av")
+    return av
+
 
 # Audio codecs that an MP4 file can hold as they are (copied packet for packet); any other
 # track is decoded and encoded as AAC.
@@ -90,7 +109,7 @@ class VideoProbe:
 def probe_video(path: str | Path) -> VideoProbe:
     """Stream facts of a video file; raises MissingStreamError without a video stream or
     frames, and PyAV's errors for a file it cannot read."""
-    with av.open(str(path)) as container:
+    with pyav().open(str(path)) as container:
         if not container.streams.video:
             raise MissingStreamError(path, "video")
         stream = container.streams.video[0]
@@ -108,7 +127,7 @@ def probe_video(path: str | Path) -> VideoProbe:
             if fps <= 0:
                 fps = (len(times) - 1) / times[-1] if times[-1] > 0 else 1.0
         frame_span = times[-1] + 1 / fps
-        duration = container.duration / av.time_base if container.duration else frame_span
+        duration = container.duration / pyav().time_base if container.duration else frame_span
         audio = container.streams.audio[0] if container.streams.audio else None
         container.seek(0)
         first = next(container.decode(stream), None)
@@ -144,7 +163,7 @@ def displayed_rgb(frame: av.VideoFrame) -> np.ndarray:
 def iter_frames(path: str | Path) -> Iterator[av.VideoFrame]:
     """The video's frames in presentation order (decoded lazily; convert the ones you keep
     with `displayed_rgb`)."""
-    with av.open(str(path)) as container:
+    with pyav().open(str(path)) as container:
         if not container.streams.video:
             raise MissingStreamError(path, "video")
         yield from container.decode(video=0)
@@ -157,7 +176,7 @@ def decode_frame(path: str | Path, index: int, stamp: int | None = None) -> np.n
     before it are decoded (a seek); without one, or when the seek does not meet the frame
     exactly, every frame up to it."""
     if stamp is not None:
-        with av.open(str(path)) as container:
+        with pyav().open(str(path)) as container:
             stream = container.streams.video[0]
             container.seek(stamp, stream=stream, backward=True)
             for frame in container.decode(stream):
@@ -179,12 +198,12 @@ def decode_audio(path: str | Path) -> tuple[np.ndarray, int]:
 
     Raises MissingStreamError without an audio stream or when it decodes to no samples.
     """
-    with av.open(str(path)) as container:
+    with pyav().open(str(path)) as container:
         if not container.streams.audio:
             raise MissingStreamError(path, "audio")
         stream = container.streams.audio[0]
         # Planar float at the stream's own rate and layout: a format conversion, no resampling.
-        to_float = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate)
+        to_float = pyav().AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate)
         chunks = []
         audio_start = None
         for frame in container.decode(stream):
@@ -244,7 +263,7 @@ def _aac_track(container: av.container.OutputContainer, samples: np.ndarray, rat
     stream = container.add_stream("aac", rate=rate, layout=layout)
 
     def mux() -> None:
-        frame = av.AudioFrame.from_ndarray(
+        frame = pyav().AudioFrame.from_ndarray(
             np.ascontiguousarray(samples, dtype=np.float32), format="fltp", layout=layout
         )
         frame.sample_rate, frame.pts = rate, 0
@@ -257,7 +276,7 @@ def _aac_track(container: av.container.OutputContainer, samples: np.ndarray, rat
 def _copied_track(container: av.container.OutputContainer, source: str | Path) -> Callable[[], None]:
     """Add `source`'s first audio track to `container`: its packets as they are when MP4 can
     hold its codec, else decoded and encoded as AAC. Returns what muxes them."""
-    with av.open(str(source)) as reader:
+    with pyav().open(str(source)) as reader:
         if not reader.streams.audio:
             raise MissingStreamError(source, "audio")
         track = reader.streams.audio[0]
@@ -266,7 +285,7 @@ def _copied_track(container: av.container.OutputContainer, source: str | Path) -
         stream = container.add_stream_from_template(track)
 
     def mux() -> None:
-        with av.open(str(source)) as reader:
+        with pyav().open(str(source)) as reader:
             for packet in reader.demux(reader.streams.audio[0]):
                 if packet.dts is None:  # the demuxer's empty flush packet
                     continue
@@ -295,7 +314,7 @@ def write_video(
     first = next(frames, None)
     if first is None:
         raise ValueError(f"{path}: no frames to write")
-    with av.open(str(path), "w", format="mp4") as container:
+    with pyav().open(str(path), "w", format="mp4") as container:
         options = X264_OPTIONS | {"g": str(max(1, round(KEY_FRAME_SECONDS * fps)))}
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options=options)
         stream.pix_fmt = "yuv420p"
@@ -307,7 +326,7 @@ def write_video(
             mux_audio = _copied_track(container, audio_from)
         count = 0
         for count, pixels in enumerate(itertools.chain([first], frames), start=1):
-            frame = av.VideoFrame.from_ndarray(
+            frame = pyav().VideoFrame.from_ndarray(
                 np.ascontiguousarray(pixels[: stream.height, : stream.width]), format="rgb24"
             )
             frame.pts = count - 1  # in the stream's time base of 1 / fps
