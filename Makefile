@@ -7,7 +7,7 @@ STAMP := $(VENV)/.jsa-fast-installed
 DALI_STAMP := $(VENV)/.jsa-fast-dali
 PYTEST_ARGS ?=
 
-.PHONY: setup demo lint test test-numeric-default test-all test-gpu bench-gpu clean
+.PHONY: setup demo lint test test-numeric-default test-wheel test-compat test-all test-gpu bench-gpu clean
 
 setup: $(STAMP)
 
@@ -72,6 +72,47 @@ test-numeric-default: $(STAMP) $(DALI_STAMP)
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -m "numeric and not slow and not gpu" \
 		$(foreach test,$(NUMERIC_SKIPPED),--deselect '$(test)') $(PYTEST_ARGS)
 
+# The package as others install it (tests/test_packaging.py, marked wheel): sdist and wheel
+# built with `python -m build --no-isolation`, the wheel installed with --no-deps in a fresh
+# venv that holds only the core dependencies (torch, numpy, triton and what they require,
+# linked from .venv), run from outside the tree. About 4 minutes on 2 cores (the extension's
+# compile); CI runs it after `make test`.
+test-wheel: $(STAMP)
+	$(PY) -m pytest -m wheel tests/test_packaging.py $(PYTEST_ARGS)
+
+# The oldest versions pyproject.toml claims (requirements-compat.txt) in a venv of their own,
+# with the extension built against that torch in a copy of the tree (.venv's build of
+# jsa_fast/_C stays), running the tests of the core: the reference, the fused operator
+# (under Triton's interpreter), the k-reciprocal op (opcheck included) and torch.compile.
+# About 7 minutes on 2 cores with pip's cache warm, 10 on a fresh machine (torch's CUDA
+# wheels to download, 7.3 GB of venv); CI runs it last (docs/build.md).
+COMPAT_VENV := .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_STAMP := $(COMPAT_VENV)/.jsa-fast-installed
+COMPAT_EXTENSION := $(COMPAT_VENV)/.jsa-fast-extension
+COMPAT_TESTS := tests/test_reference.py tests/test_fused.py tests/test_k_reciprocal.py tests/test_compile.py
+# The working tree as git sees it (tracked and untracked files, ignored ones left out).
+COPY_TREE = rm -rf $(1) && mkdir -p $(1) && git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(1)
+
+$(COMPAT_STAMP): requirements-compat.txt
+	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install --quiet --upgrade "pip>=24"
+	$(COMPAT_PY) -m pip install --quiet -r requirements-compat.txt
+	touch $(COMPAT_STAMP)
+
+# CPU-only (JSA_FAST_FORCE_CPU=1): these torch builds are for another CUDA than a toolkit
+# that may be installed here, and the tests run on the CPU.
+$(COMPAT_EXTENSION): $(COMPAT_STAMP) setup.py $(wildcard csrc/*)
+	$(call COPY_TREE,$(COMPAT_VENV)/build-tree)
+	cd $(COMPAT_VENV)/build-tree && JSA_FAST_FORCE_CPU=1 ../bin/python setup.py --quiet build_ext --inplace
+	cp $(COMPAT_VENV)/build-tree/jsa_fast/_C*.so $(COMPAT_VENV)/
+	touch $(COMPAT_EXTENSION)
+
+test-compat: $(COMPAT_EXTENSION)
+	$(call COPY_TREE,$(COMPAT_VENV)/tree)
+	rm -f $(COMPAT_VENV)/tree/jsa_fast/_C*.so && cp $(COMPAT_VENV)/_C*.so $(COMPAT_VENV)/tree/jsa_fast/
+	cd $(COMPAT_VENV)/tree && ../bin/python -m pytest -p no:cacheprovider $(COMPAT_TESTS) $(PYTEST_ARGS)
+
 test-all: $(STAMP) $(DALI_STAMP)
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
@@ -88,4 +129,4 @@ bench-gpu: $(STAMP) $(DALI_STAMP)
 	$(PY) bench/loader.py --device cuda --n 20000 --batch 256 --batches 20
 
 clean:
-	rm -rf build *.egg-info jsa_fast/_C*.so
+	rm -rf build dist *.egg-info jsa_fast/_C*.so
