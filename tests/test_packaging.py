@@ -187,9 +187,9 @@ def test_cli_missing_module_of_no_extra_is_not_hidden(monkeypatch):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the CLI modules import their extras at module level (tqdm; av, PIL, soundfile, torchaudio, "
-    "torchvision through jsa_fast.data): a console script's `from jsa_fast.train import main` fails "
-    "before `command` can name the extra",
+    reason="the CLI modules import the train extra's modules at module level (tqdm; PIL, soundfile, "
+    "torchaudio, torchvision through jsa_fast.data; matplotlib through jsa_fast.viz): a console script's "
+    "`from jsa_fast.train import main` fails before `command` can name the extra",
 )
 @pytest.mark.parametrize("target", CONSOLE_SCRIPTS.values())
 def test_cli_module_imports_without_its_extras(target):
