@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from jsa_fast import FusedJointSlotAttention, JointSlotAttention
+from jsa_fast import FusedJointSlotAttention, JointSlotAttention, reference
 from jsa_fast.reference import JSAOutput, slot_attention
 
 
@@ -236,3 +236,147 @@ def test_bad_input_raises_value_error_naming_the_argument(args, name):
 def test_bad_constructor_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         JointSlotAttention(**kwargs)
+
+
+# ----------------------------------------------------------------------------------
+# The reference k-reciprocal mask (paper eq. 12-13) against a slow implementation written
+# out here (issue #24); test_k_reciprocal.py checks the kernels against the reference.
+# Named *k_reciprocal*: tools/mutants.py selects these by name.
+# ----------------------------------------------------------------------------------
+
+
+def exact_rows(batch: int, seed: int, width: int = 8) -> torch.Tensor:
+    """batch x width rows of 4 entries +-1 (the others 0) times powers of two: norms are
+    powers of two, so the normalised entries are +-1/2 and every cosine is an exact
+    multiple of 1/4 in float32 and float64 (equal cosines are exact ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.zeros(batch, width)
+    for row in rows:
+        row[torch.randperm(width, generator=gen)[:4]] = torch.randint(0, 2, (4,), generator=gen).float() * 2 - 1
+    return rows * 2.0 ** torch.randint(-3, 4, (batch, 1), generator=gen).float()
+
+
+def k_reciprocal_by_hand(z_img: torch.Tensor, z_aud: torch.Tensor, k: int) -> torch.Tensor:
+    """Eq. 12-13 pair by pair: N(i) = the k rows of largest cosine with row i (itself
+    included, ties to the lower index); i and j (i != j) are false negatives when each is
+    in the other's N in both modalities."""
+
+    def neighbours(z):
+        z = z.double() / z.double().norm(dim=1, keepdim=True)
+        sim = (z @ z.T).tolist()
+        return [set(sorted(range(len(z)), key=lambda j: (-sim[i][j], j))[:k]) for i in range(len(z))]
+
+    n_img, n_aud = neighbours(z_img), neighbours(z_aud)
+    batch = len(n_img)
+    return torch.tensor(
+        [
+            [i != j and j in n_img[i] and i in n_img[j] and j in n_aud[i] and i in n_aud[j] for j in range(batch)]
+            for i in range(batch)
+        ]
+    )
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("batch,k", [(6, 1), (6, 3), (12, 4), (30, 7), (30, 20), (30, 30)])
+def test_reference_k_reciprocal_mask_matches_the_slow_one(batch, k):
+    z_img, z_aud = exact_rows(batch, seed=batch), exact_rows(batch, seed=batch + 100)
+    expected = k_reciprocal_by_hand(z_img, z_aud, k)
+    assert torch.equal(reference.k_reciprocal_mask(z_img, z_aud, k), expected)
+    assert torch.equal(reference.mutual_neighbour_mask(z_img, z_aud, k), expected)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):  # exact rows: the same mask
+        assert torch.equal(reference.k_reciprocal_mask(z_img.to(dtype), z_aud.to(dtype), k), expected)
+
+
+@pytest.mark.numeric
+def test_reference_k_reciprocal_needs_mutual_neighbours_in_both_modalities():
+    # Image rows on a line of angles 0, 10, 30, 70 degrees (k = 2: each row and its
+    # nearest): N(0) = {0, 1}, N(1) = {1, 0}, N(2) = {2, 1}, N(3) = {3, 2}. Mutual: only
+    # (0, 1); (2, 1) is one-way. Audio: the same, or with rows 0 and 1 far apart.
+    angles = torch.tensor([0.0, 10.0, 30.0, 70.0]).deg2rad()
+    line = torch.stack([angles.cos(), angles.sin()], dim=1)
+    assert torch.equal(k_reciprocal_by_hand(line, line, 2), pairs(4, [(0, 1)]))
+    assert torch.equal(reference.k_reciprocal_mask(line, line, 2), pairs(4, [(0, 1)]))
+    # Audio rows where 0 and 1 are not neighbours but 2 and 3 are: no pair is in both.
+    audio = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
+    assert torch.equal(k_reciprocal_by_hand(line, audio, 2), torch.zeros(4, 4, dtype=torch.bool))
+    assert torch.equal(reference.k_reciprocal_mask(line, audio, 2), torch.zeros(4, 4, dtype=torch.bool))
+    assert torch.equal(reference.k_reciprocal_mask(audio, audio, 2), pairs(4, [(2, 3)]))
+    # Lengths do not matter (cosine): rows scaled by 1e-3 .. 1e3 give the same mask.
+    scaled = line * torch.tensor([[1e-3], [1e3], [1.0], [7.0]])
+    assert torch.equal(reference.k_reciprocal_mask(scaled, line, 2), pairs(4, [(0, 1)]))
+
+
+def pairs(batch: int, listed: list[tuple[int, int]]) -> torch.Tensor:
+    mask = torch.zeros(batch, batch, dtype=torch.bool)
+    for i, j in listed:
+        mask[i, j] = mask[j, i] = True
+    return mask
+
+
+@pytest.mark.numeric
+def test_reference_k_reciprocal_ties_go_to_the_lower_index_and_default_k_is_20():
+    # Rows 0..4 identical (ties everywhere), k = 2: every row's N is {itself, the lowest
+    # other}: N(0) = {0, 1}, N(i > 0) = {0, i}. Mutual pairs: (0, 1) only.
+    same = torch.ones(5, 3)
+    assert torch.equal(reference.k_reciprocal_mask(same, same, 2), pairs(5, [(0, 1)]))
+    # A large tie group, where an unstable sort could reorder: 40 identical rows, k = 20:
+    # N(i) = {0..19} for every i (row i >= 20 is not among its own 20 nearest): mutual
+    # pairs exactly among rows 0..19.
+    many = torch.ones(40, 2)
+    expected = torch.zeros(40, 40, dtype=torch.bool)
+    expected[:20, :20] = True
+    expected.fill_diagonal_(False)
+    assert torch.equal(reference.k_reciprocal_mask(many, many, 20), expected)
+    # k defaults to the paper's 20: on 30 exact rows, 20 and 21 give different masks.
+    z_img, z_aud = exact_rows(30, seed=5), exact_rows(30, seed=6)
+    assert not torch.equal(k_reciprocal_by_hand(z_img, z_aud, 20), k_reciprocal_by_hand(z_img, z_aud, 21))
+    assert torch.equal(reference.k_reciprocal_mask(z_img, z_aud), k_reciprocal_by_hand(z_img, z_aud, 20))
+
+
+@pytest.mark.numeric
+def test_reference_k_reciprocal_single_row_and_width_one():
+    assert torch.equal(
+        reference.k_reciprocal_mask(torch.ones(1, 4), torch.ones(1, 4), 1), torch.zeros(1, 1, dtype=torch.bool)
+    )
+    # D = 1: rows are +1 or -1 directions. k = 2 over (+, +, -, -): N(0) = {0, 1},
+    # N(1) = {0, 1}, N(2) = {2, 3}, N(3) = {2, 3}.
+    column = torch.tensor([[1.0], [2.0], [-1.0], [-3.0]])
+    assert torch.equal(reference.k_reciprocal_mask(column, column, 2), pairs(4, [(0, 1), (2, 3)]))
+
+
+@pytest.mark.parametrize(
+    "args,name",
+    [
+        (("rows", torch.ones(2, 2), 1), "z_img"),
+        ((torch.ones(2, 2), None, 1), "z_aud"),
+        ((torch.ones(2), torch.ones(2), 1), "z_img"),
+        ((torch.ones(2, 2), torch.ones(2, 2, 1), 1), "z_aud"),
+        ((torch.ones(2, 2, dtype=torch.int64), torch.ones(2, 2), 1), "z_img"),
+        ((torch.ones(0, 2), torch.ones(0, 2), 1), "z_img"),
+        ((torch.ones(2, 0), torch.ones(2, 0), 1), "z_img"),
+        ((torch.ones(2, 2), torch.ones(2, 0), 1), "z_aud"),
+        ((torch.ones(2, 2), torch.ones(3, 2), 1), "one shape"),
+        ((torch.ones(2, 2), torch.ones(2, 2, device="meta"), 1), "one device"),
+        ((torch.ones(2, 2), torch.ones(2, 2), 0), "k must"),
+        ((torch.ones(2, 2), torch.ones(2, 2), 3), "k must"),
+        ((torch.ones(2, 2), torch.ones(2, 2), True), "k must"),
+        ((torch.ones(2, 2), torch.ones(2, 2), 1.0), "k must"),
+    ],
+)
+def test_reference_k_reciprocal_rejects_bad_input(args, name):
+    with pytest.raises(ValueError, match=name):
+        reference.k_reciprocal_mask(*args)
+
+
+def test_reference_k_reciprocal_rejects_rows_not_finite_in_float32():
+    good = torch.ones(3, 2)
+    for bad_value in (float("nan"), float("inf"), 1e39):
+        bad = torch.ones(3, 2, dtype=torch.float64)
+        bad[1, 0] = bad_value
+        with pytest.raises(ValueError, match="z_img holds values that are not finite"):
+            reference.k_reciprocal_mask(bad, good.double(), 2)
+        with pytest.raises(ValueError, match="z_aud holds values that are not finite"):
+            reference.mutual_neighbour_mask(good.double(), bad, 2)
+    # k = B and k = 1 are valid: all pairs, no pair.
+    assert torch.equal(reference.k_reciprocal_mask(good, good, 3), ~torch.eye(3, dtype=torch.bool))
+    assert not reference.k_reciprocal_mask(good, good, 1).any()
