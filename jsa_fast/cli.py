@@ -42,6 +42,8 @@ __all__ = [
     "bounded",
     "command",
     "one_line",
+    "missing_extra",
+    "EXTRA_MODULES",
     "DEBUG_ENV",
 ]
 
@@ -98,6 +100,26 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:  # n
     return f"warning: {one_line(message) if isinstance(message, Warning) else message}\n"
 
 
+# The modules of each optional extra (pyproject.toml), by the name a missing one is imported as.
+EXTRA_MODULES = {
+    **dict.fromkeys(("torchvision", "torchaudio", "soundfile", "PIL", "tqdm", "matplotlib"), "train"),
+    "av": "video",
+    "nvidia.dali": "dali",
+}
+
+
+def missing_extra(error: ModuleNotFoundError) -> str | None:
+    """What to say for a module of an optional extra that is not installed ("tqdm is not
+    installed: pip install 'jsa-fast[train]'"), or None when the module is no extra's."""
+    missing = error.name or ""
+    # Without any nvidia-* wheel (a CPU torch), `import nvidia.dali` misses "nvidia".
+    module = "nvidia.dali" if missing == "nvidia" else missing
+    module = next((name for name in EXTRA_MODULES if module == name or module.startswith(f"{name}.")), None)
+    if module is None:
+        return None
+    return f"{module} is not installed: pip install 'jsa-fast[{EXTRA_MODULES[module]}]'"
+
+
 def _raise_interrupted(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
@@ -126,25 +148,12 @@ def command(prog: str) -> Callable[[Callable[[list[str] | None], int]], Callable
                 print(f"{prog}: {said}", file=sys.stderr)
                 return 128 + signum
             except ModuleNotFoundError as error:
-                # A package of an optional extra (pyproject.toml) that this command needs:
-                # name the extra that installs it. Any other missing module is a bug.
-                extras = {
-                    **dict.fromkeys(("torchvision", "torchaudio", "soundfile", "PIL", "tqdm", "matplotlib"), "train"),
-                    "av": "video",
-                    "nvidia.dali": "dali",
-                }
-                missing = error.name or ""
-                # Without any nvidia-* wheel (a CPU torch), `import nvidia.dali` misses "nvidia".
-                module = "nvidia.dali" if missing == "nvidia" else missing
-                module = next((m for m in extras if module == m or module.startswith(f"{m}.")), None)
-                if module is None:
+                said = missing_extra(error)
+                if said is None:  # not an optional extra's: a bug, shown as one
                     raise
                 if debug:
                     traceback.print_exc()
-                print(
-                    f"{prog}: error: {module} is not installed: pip install 'jsa-fast[{extras[module]}]'",
-                    file=sys.stderr,
-                )
+                print(f"{prog}: error: {said}", file=sys.stderr)
                 return 2
             except (JsaFastError, ValueError, OSError) as error:
                 if debug:

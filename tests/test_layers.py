@@ -24,7 +24,7 @@ LIBRARY = {
 }  # fmt: skip
 APPLICATION = {
     "jsa_fast.config", "jsa_fast.runtime", "jsa_fast.checkpoint", "jsa_fast.distributed", "jsa_fast.viz",
-    "jsa_fast.cli", "jsa_fast.evaluation", "jsa_fast.train", "jsa_fast.evaluate", "jsa_fast.localize",
+    "jsa_fast.cli", "jsa_fast.entry_points", "jsa_fast.evaluation", "jsa_fast.train", "jsa_fast.evaluate", "jsa_fast.localize",
     "jsa_fast.prepare",
 }  # fmt: skip
 

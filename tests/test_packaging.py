@@ -51,10 +51,10 @@ EXTRA_MODULES = {
     "nvidia.dali": "dali",
 }
 CONSOLE_SCRIPTS = {
-    "jsa-train": "jsa_fast.train:main",
-    "jsa-evaluate": "jsa_fast.evaluate:main",
-    "jsa-prepare": "jsa_fast.prepare:main",
-    "jsa-localize": "jsa_fast.localize:main",
+    "jsa-train": "jsa_fast.entry_points:train",
+    "jsa-evaluate": "jsa_fast.entry_points:evaluate",
+    "jsa-prepare": "jsa_fast.entry_points:prepare",
+    "jsa-localize": "jsa_fast.entry_points:localize",
 }
 
 
@@ -130,12 +130,15 @@ def test_core_dependencies_are_ranges_and_extras_as_documented():
 
 def test_console_scripts_name_each_cli_main():
     assert PROJECT["scripts"] == CONSOLE_SCRIPTS
-    for target in CONSOLE_SCRIPTS.values():
-        module, function = target.split(":")
-        source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
-        # main(argv=None) -> int under @command: the console-script wrapper's sys.exit(main())
-        # makes the int the exit status (tested on the installed wrapper in the wheel test).
-        assert re.search(rf"@command\([^)]*\)\ndef {function}\(argv: list\[str\] \| None = None\) -> int:", source)
+    entry_points = (ROOT / "jsa_fast" / "entry_points.py").read_text()
+    for script, target in CONSOLE_SCRIPTS.items():
+        command_name = target.split(":")[1]
+        # each runs its command line's main(argv=None) -> int under @command; the wrapper's
+        # sys.exit(...) makes the int the exit status (tested on the installed wrapper in the
+        # wheel test)
+        assert f'return _run("jsa_fast.{command_name}", "{script}")' in entry_points
+        source = (ROOT / "jsa_fast" / f"{command_name}.py").read_text()
+        assert re.search(r"@command\([^)]*\)\ndef main\(argv: list\[str\] \| None = None\) -> int:", source)
 
 
 # ----------------------------------------------------------------------------------
@@ -185,20 +188,17 @@ def test_cli_missing_module_of_no_extra_is_not_hidden(monkeypatch):
         demo_main(["jsa_fast_no_such_module"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the CLI modules import the train extra's modules at module level (tqdm; PIL, soundfile, "
-    "torchaudio, torchvision through jsa_fast.data; matplotlib through jsa_fast.viz): a console script's "
-    "`from jsa_fast.train import main` fails before `command` can name the extra",
-)
-@pytest.mark.parametrize("target", CONSOLE_SCRIPTS.values())
-def test_cli_module_imports_without_its_extras(target):
-    # What `command` needs to name a missing extra in one line: the console script's import
-    # of main succeeds with every extra uninstalled, the extras imported once main runs.
-    module, function = target.split(":")
+@pytest.mark.parametrize("script", CONSOLE_SCRIPTS)
+def test_a_console_script_without_its_extras_names_them_in_one_line(script):
+    # The command lines import their extras when imported: the console script imports its
+    # command line inside the check that names the extra (jsa_fast.entry_points).
+    module, function = CONSOLE_SCRIPTS[script].split(":")
     hide = "".join(f"sys.modules[{name!r}] = None\n" for name in NOT_CORE)
-    result = run_python(f"import sys\n{hide}from {module} import {function}\n")
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_python(f"import sys\n{hide}from {module} import {function}\nsys.exit({function}())\n")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), lines
+    assert "is not installed: pip install 'jsa-fast[" in lines[0]
 
 
 # ----------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from jsa_fast.data.datasets import AudioVisualDataset, epoch_batches
 from jsa_fast.data.image import IMAGENET_MEAN, IMAGENET_STD, ImageConfig, is_video, load_image, video_frame_count
 from jsa_fast.seeds import derived_seed
 
-INSTALL_HINT = "pip install -r requirements-dali.txt"
+INSTALL_HINT = "pip install 'jsa-fast[dali]', or pip install -r requirements-dali.txt in a checkout"
 LOG_FLOOR = 1e-7
 
 
@@ -453,7 +453,8 @@ def make_dali_loader(
     process may use).
     """
     if not dali_available("cpu"):
-        raise ImportError(f"the DALI loader needs nvidia.dali ({INSTALL_HINT})")
+        # ModuleNotFoundError naming the module: the command lines name the extra to install
+        raise ModuleNotFoundError(f"the DALI loader needs nvidia.dali ({INSTALL_HINT})", name="nvidia.dali")
     threads = num_threads if num_threads is not None else len(os.sched_getaffinity(0))
     return DALILoader(
         dataset, batch_size, shuffle, seed, shard_id, num_shards, torch.device(device), drop_last, threads
