@@ -10,6 +10,9 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import av
@@ -497,3 +500,35 @@ def test_sigterm_stops_in_one_line_and_a_rerun_finishes(
     reference = tmp_path / "reference"
     assert run(videos, reference) == 0
     assert files(out) == files(reference)
+
+
+def test_workers_run_quietly_and_ctrl_c_stops_them_in_one_line(videos: Path, tmp_path: Path) -> None:
+    """#24 item 9: `--workers 2` prints no RuntimeWarning; Ctrl-C (SIGINT to the whole
+    process group, as a terminal sends it) ends in one line, exit 130, with no worker
+    traceback, and a rerun finishes the clips."""
+    many = tmp_path / "many"
+    many.mkdir()
+    source = videos / "clip_a.mp4"
+    for index in range(40):
+        shutil.copy(source, many / f"copy_{index:02d}.mp4")
+    command = [sys.executable, "-m", "jsa_fast.prepare", str(many), "--workers", "2", "--seconds", "0.5"]
+    quiet = subprocess.run([*command, "--out", str(tmp_path / "quiet")], capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0 and "Warning" not in quiet.stderr, quiet.stderr
+    out = tmp_path / "stopped"
+    process = subprocess.Popen(
+        [*command, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    journal = out / ".manifest.journal"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= 3:  # the header and two clips
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "jsa_fast.prepare: interrupted", err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "Warning" not in err, err
+    assert subprocess.run([*command, "--out", str(out)], capture_output=True, timeout=600).returncode == 0
+    assert manifest(out).keys() == manifest(tmp_path / "quiet").keys()
