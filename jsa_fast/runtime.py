@@ -221,6 +221,14 @@ def _take_lock(path: Path, record: dict[str, Any], flag: str) -> None:
             return
         except FileExistsError:
             holder = _read_lock(path)
+        except OSError as error:
+            if _read_lock(path) is None:  # a half-written lock of this run
+                path.unlink(missing_ok=True)
+            if is_disk_full(error):
+                raise RunError(
+                    f"no space left on the device of {path.parent} to take its lock ({path.name})"
+                ) from error
+            raise
         if holder is None:  # torn or being written: its writer is alive, or it is junk
             if time.time() - path.stat().st_mtime < 60:
                 raise UsageError(f"{flag} {path.parent} is being taken by another run ({path.name} is being written)")

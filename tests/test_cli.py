@@ -301,8 +301,14 @@ def test_4_resume_takes_the_configuration_and_data_from_the_checkpoint(good_run,
 # ---------------------------------------------------------------- 5. skipping shrinks a batch below k
 
 
-def test_5_a_batch_that_skipping_made_smaller_than_k_still_trains(nan_world, tmp_path, capsys):
+def test_5_a_batch_that_skipping_made_smaller_than_k_still_trains(nan_world, tmp_path, capsys, monkeypatch):
     root, name = nan_world
+    # Training decodes every file before its first step and drops this one there; a file
+    # that goes bad after that check (e.g. rewritten on disk) is skipped when read, which
+    # is what shrinks a batch: the check is left out to make that happen here.
+    import jsa_fast.train as train_module
+
+    monkeypatch.setattr(train_module, "FullDecode", lambda *args, **kwargs: None)
     out = tmp_path / "skip"
     with pytest.warns(UserWarning, match=f"{name}.wav"):
         status, err = in_process(
@@ -517,6 +523,7 @@ def test_8_a_full_disk_says_so_and_keeps_last_pt(good_run, tmp_path):
         mount -t tmpfs -o size=4m tmpfs {mount}
         cp -r {good_run} {out}
         dd if=/dev/zero of={mount}/filler bs=4096 2>/dev/null || true
+        truncate -s -64K {mount}/filler  # room for the run's lock and log lines, not a checkpoint
         set +e
         {sys.executable} -m jsa_fast.train --out {out} --resume --epochs 2 2>{tmp_path}/stderr
         echo $? > {tmp_path}/status
