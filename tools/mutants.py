@@ -682,9 +682,13 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or RESULTS / f"mutants-{utc}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    tracked = sorted({*args.files, *(t for f in args.files for t in TARGETS[f].tests)})
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
     record = {
         "benchmark": "mutants",
         "utc": utc,
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted": git("status", "--porcelain", "--", *tracked).splitlines(),  # targets and tests edited
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "duration_s": round(duration, 1),
         "jobs": jobs,
