@@ -393,7 +393,11 @@ def start_run(
     local_batch = optim.batch_size // world.size
     dali = None
     if resolve_loader(loader, device) == "dali":
-        dali = make_dali_loader(dataset, local_batch, shuffle=False, seed=optim.seed, device=device, drop_last=True)
+        # this process's shard: its own augmentation stream (the batches are planned here)
+        dali = make_dali_loader(
+            dataset, local_batch, shuffle=False, seed=optim.seed, shard_id=world.rank, num_shards=world.size,
+            device=device, drop_last=True,
+        )  # fmt: skip
     model = trained_model(saved, cfg, checkpoint_path) if saved else JSAModel(cfg.starting_model())
     encoder_start = saved.get("encoder_start", {}) if saved else {
         "image": model.image_encoder.started_from, "audio": model.audio_encoder.started_from,

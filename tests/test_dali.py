@@ -274,6 +274,22 @@ def test_sharded_loaders_split_the_data(synth_root: Path) -> None:
 
 
 @needs_dali
+def test_each_process_draws_its_own_augmentation(synth_root: Path) -> None:
+    """#22: training gives each process its shard id, so that the processes' DALI
+    pipelines draw different crops and flips for the same planned batches; one process's
+    stream is the same as a single process's."""
+
+    def crops(shard_id: int, num_shards: int) -> torch.Tensor:
+        dataset = AudioVisualDataset(synth_root, "train", IMAGE, AUDIO)
+        loader = make_dali_loader(dataset, 2, False, 5, shard_id, num_shards, "cpu", drop_last=True)
+        return _cat(list(loader.iterate([[0, 1], [2, 3]])), "image")
+
+    single, first, second = crops(0, 1), crops(0, 2), crops(1, 2)
+    assert torch.equal(single, first)
+    assert not torch.equal(first, second)
+
+
+@needs_dali
 def test_a_corrupt_jpeg_is_named_or_skipped(root_copy: Path) -> None:
     jpeg = root_copy / "frames" / "test_000004.jpg"
     jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])  # the header still opens
