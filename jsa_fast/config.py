@@ -190,16 +190,16 @@ def _sections(cls: type, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str
 
 # Every setting by name, e.g. "mlp_hidden": (("model", "mlp_hidden"), its declaration).
 # A leaf field without a declaration is no setting: derived by the run, or fixed.
-_DECLARED: dict[str, tuple[tuple[str, ...], Setting]] = {}
+_DECLARED: dict[str, tuple[tuple[str, ...], dataclasses.Field, Setting]] = {}
 for _path, _option in _sections(RunConfig):
     _declaration = declared_setting(_option)
     if _declaration is not None:
         _name = _declaration.name or _option.name
         if _name in _DECLARED:
             raise TypeError(f"two settings are named {_name}: {_DECLARED[_name][0]} and {_path}")
-        _DECLARED[_name] = (_path, _declaration)
+        _DECLARED[_name] = (_path, _option, _declaration)
 # setting name -> its path in RunConfig, e.g. "mlp_hidden" -> ("model", "mlp_hidden")
-SETTINGS: dict[str, tuple[str, ...]] = {name: path for name, (path, _) in _DECLARED.items()}
+SETTINGS: dict[str, tuple[str, ...]] = {name: path for name, (path, _, _) in _DECLARED.items()}
 _NAMES = {path: name for name, path in SETTINGS.items()}
 
 
@@ -219,10 +219,6 @@ def _replaced(config: Any, path: tuple[str, ...], values: Mapping[str, Any]) -> 
         elif place in _NAMES:
             changes[option.name] = values[_NAMES[place]]
     return dataclasses.replace(config, **changes)
-
-
-def _field(path: tuple[str, ...]) -> dataclasses.Field:
-    return next(option for place, option in _sections(RunConfig) if place == path)
 
 
 def _weights_file(choice: str | None) -> str | None:
@@ -251,7 +247,7 @@ def check_settings(values: Mapping[str, Any]) -> None:
     reaches the training loop as a ZeroDivisionError or a NaN."""
     problems = [
         f"--{name.replace('_', '-')} must be {declaration.check.expected}, got {values[name]!r}"
-        for name, (_, declaration) in _DECLARED.items()
+        for name, (_, _, declaration) in _DECLARED.items()
         if not declaration.check.valid(values[name])
     ]
     if problems:
@@ -322,7 +318,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `--preset` and one `--setting-name` option per setting (default: the preset's)."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="configuration preset")
     group = parser.add_argument_group("preset overrides")
-    for name, (path, declaration) in _DECLARED.items():
+    for name, (_, option, declaration) in _DECLARED.items():
         check = declaration.check
         flag = f"--{name.replace('_', '-')}"
         help_text = f"{declaration.help} [{_preset_defaults(name)}]".replace("%", "%%")
@@ -335,7 +331,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             )
         else:
             # The choices are shown, and checked with the other ranges (`check_settings`).
-            metavar = "{" + ",".join(check.choices) + "}" if check.choices else str(_field(path).type)
+            metavar = "{" + ",".join(check.choices) + "}" if check.choices else str(option.type)
             group.add_argument(
                 flag, *declaration.aliases, dest=name, type=check.parse, default=None, metavar=metavar, help=help_text
             )
@@ -398,7 +394,7 @@ def _migrated_flat(saved: Mapping[str, Any], source: str) -> dict[str, Any]:
     """A flat checkpoint configuration (the settings by name, as versions before the nested
     configs stored it) in today's settings, by each setting's `formerly`."""
     migrated = dict(saved)
-    for name, (_, declaration) in _DECLARED.items():
+    for name, (_, _, declaration) in _DECLARED.items():
         for old_name, convert in declaration.formerly.items():
             if old_name in migrated:
                 value = convert(migrated.pop(old_name))

@@ -1,32 +1,27 @@
 """The console scripts (`jsa-train`, `jsa-evaluate`, `jsa-prepare`, `jsa-localize`;
 pyproject.toml's [project.scripts]).
 
-Each imports its command line when run, inside the check that turns a missing optional
-extra into one line (`jsa_fast.cli.missing_extra`, exit 2): the command lines import
-their extras (torchvision, tqdm, matplotlib, ...) when they are imported, before their
-own `main` could say so. `python -m jsa_fast.train` and the others run the same `main`.
+Each imports its command line when run, under the command-line convention
+(`jsa_fast.cli.command`, which names a missing optional extra in one line, exit 2): the
+command lines import their extras (torchvision, tqdm, matplotlib, ...) when they are
+imported, before their own `main` could say so. `python -m jsa_fast.train` and the others run the same `main`.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 
-from jsa_fast.cli import missing_extra
+from jsa_fast.cli import command
 
 __all__ = ["train", "evaluate", "prepare", "localize"]
 
 
 def _run(module: str, prog: str) -> int:
-    try:
-        main = importlib.import_module(module).main
-    except ModuleNotFoundError as error:
-        said = missing_extra(error)
-        if said is None:
-            raise
-        print(f"{prog}: error: {said}", file=sys.stderr)
-        return 2
-    return main()
+    @command(prog)
+    def imported_main(argv: list[str] | None = None) -> int:
+        return importlib.import_module(module).main(argv)
+
+    return imported_main()
 
 
 def train() -> int:

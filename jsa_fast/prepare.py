@@ -40,7 +40,6 @@ import json
 import multiprocessing
 import os
 import re
-import secrets
 import signal
 import sys
 import warnings
@@ -69,7 +68,7 @@ from jsa_fast.data.video import (
     probe_video,
 )
 from jsa_fast.errors import DataError, UsageError
-from jsa_fast.runtime import LOCK_NAME, output_lock
+from jsa_fast.runtime import LOCK_NAME, output_lock, staged_outputs
 
 __all__ = ["PrepareSettings", "prepare", "merge_parts", "read_ids", "shard_of", "main"]
 
@@ -200,16 +199,11 @@ def _number(value: float) -> str:
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """write(temporary) then rename it to `path`: a reader never sees half a file, and an
-    interrupted write leaves only a hidden temporary (.<name>.<random>.tmp, unique even
-    between machines sharing ROOT), which the next run of its shard deletes."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    """write(temporary) then rename it to `path` (`staged_outputs`): a reader never sees half
+    a file, and a write killed on the way leaves only a hidden temporary
+    (.<name>.<random>.tmp), which the next run of its shard deletes."""
+    with staged_outputs({"file": path}) as staged:
+        write(staged["file"])
 
 
 class _ClipProblem(Exception):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import secrets
 import signal
 import socket
 import sys
@@ -173,10 +174,11 @@ def resolve_data_root(data: str | None, synth: SynthConfig) -> Path:
 
 @contextmanager
 def staged_outputs(finals: dict[str, Path]) -> Iterator[dict[str, Path]]:
-    """Temporary paths (hidden, beside each of `finals`) to write a result's files to; they
-    replace the finals together when the block ends, and are deleted when it fails or is
-    interrupted, so that an earlier result in the same place stays whole."""
-    temporaries = {kind: path.with_name(f".{path.name}.{os.getpid()}.tmp") for kind, path in finals.items()}
+    """Temporary paths (hidden, beside each of `finals`: .<name>.<random>.tmp, unique even
+    between machines sharing a folder) to write a result's files to; they replace the
+    finals together when the block ends, and are deleted when it fails or is interrupted,
+    so that an earlier result in the same place stays whole."""
+    temporaries = {kind: path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp") for kind, path in finals.items()}
     try:
         yield temporaries
         for kind, temporary in temporaries.items():

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from test_train import MICRO, MICRO_FLAGS
+from test_train import MICRO, MICRO_FLAGS, signalling_on_call
 
 from jsa_fast.checkpoint import load_checkpoint, non_finite_tensors
 from jsa_fast.cli import DEBUG_ENV
@@ -649,15 +649,7 @@ def test_sigterm_saves_the_step_and_exits_143(world, tmp_path, capsys, monkeypat
     import jsa_fast.train as train_module
 
     real_loss = train_module.jsa_loss
-    calls = {"n": 0}
-
-    def sigterm_during_the_third_step(out, loss_cfg):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(out, loss_cfg)
-
-    monkeypatch.setattr(train_module, "jsa_loss", sigterm_during_the_third_step)
+    monkeypatch.setattr(train_module, "jsa_loss", signalling_on_call(real_loss, 3, signal.SIGTERM))  # in step 3
     out = tmp_path / "run"
     two_epochs = train_args(world, out, "--epochs", "2")  # 2 steps each
     status, err = in_process(train_main, two_epochs, capsys)

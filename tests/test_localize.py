@@ -5,7 +5,6 @@ and on bad input; and the moving clip itself."""
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import signal
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_train import signalling_on_call
 
 from jsa_fast import localize as localize_module
 from jsa_fast.data import synth
@@ -240,16 +240,8 @@ def test_sigterm_leaves_the_previous_result_whole(
     assert localize_main(arguments) == 0
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
     assert sorted(before) == ["moving_heatmap.mp4", "moving_maps.npy", "moving_times.csv"]
-    real_maps = localize_module.Localizer.maps
-    calls = {"n": 0}
-
-    def terminated_during_the_second_batch(self, images, clips):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_maps(self, images, clips)
-
-    monkeypatch.setattr(localize_module.Localizer, "maps", terminated_during_the_second_batch)
+    in_the_second_batch = signalling_on_call(localize_module.Localizer.maps, 2, signal.SIGTERM)
+    monkeypatch.setattr(localize_module.Localizer, "maps", in_the_second_batch)
     capsys.readouterr()
     assert localize_main([*arguments, "--map", "iqr"]) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == "jsa_fast.localize: terminated (SIGTERM)"

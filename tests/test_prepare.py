@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import soundfile
 from PIL import Image
-from test_train import MICRO_FLAGS
+from test_train import MICRO_FLAGS, signalling_on_call
 
 from jsa_fast import prepare as prepare_module
 from jsa_fast.evaluate import main as evaluate_main
@@ -482,15 +482,7 @@ def test_sigterm_stops_in_one_line_and_a_rerun_finishes(
     rest (the same bytes as an uninterrupted run)."""
     out = tmp_path / "root"
     real = prepare_module.prepare_clip
-    calls = {"n": 0}
-
-    def terminated_on_the_second(clip_id, source, root, settings):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(clip_id, source, root, settings)
-
-    monkeypatch.setattr(prepare_module, "prepare_clip", terminated_on_the_second)
+    monkeypatch.setattr(prepare_module, "prepare_clip", signalling_on_call(real, 2, signal.SIGTERM))  # in clip 2
     capsys.readouterr()
     assert run(videos, out) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == "jsa_fast.prepare: terminated (SIGTERM)"

@@ -118,6 +118,21 @@ def test_resume_continues_exactly(world, tmp_path):
     assert metric_lines(straight) == metric_lines(split)
 
 
+def signalling_on_call(function, call: int, signum: int):
+    """`function`, made to send this process `signum` when called the `call`-th time (and
+    then to run as usual): a signal arriving in the middle of a step, a batch or a clip."""
+    calls = 0
+
+    def signalling(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            os.kill(os.getpid(), signum)
+        return function(*args, **kwargs)
+
+    return signalling
+
+
 @pytest.mark.numeric
 def test_ctrl_c_saves_and_resume_is_exact_mid_epoch(world, tmp_path, monkeypatch):
     cfg = MICRO.overridden(batch_size=3)  # 3 batches per epoch
@@ -125,15 +140,7 @@ def test_ctrl_c_saves_and_resume_is_exact_mid_epoch(world, tmp_path, monkeypatch
     run(cfg.overridden(num_workers=1), world, straight)
     interrupted = tmp_path / "interrupted"
     real_loss = train_module.jsa_loss
-    calls = {"n": 0}
-
-    def ctrl_c_during_fifth_step(out, loss_cfg):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(out, loss_cfg)
-
-    monkeypatch.setattr(train_module, "jsa_loss", ctrl_c_during_fifth_step)
+    monkeypatch.setattr(train_module, "jsa_loss", signalling_on_call(real_loss, 5, signal.SIGINT))  # Ctrl-C in step 5
     with pytest.raises(KeyboardInterrupt):
         run(cfg, world, interrupted)
     state = final_state(interrupted)  # the step in progress was finished first
