@@ -24,6 +24,7 @@ from jsa_fast.metrics import LocalizationEvaluator, SegmentationEvaluator, first
 from jsa_fast.model import JSAModel, ObjectSaliency
 from jsa_fast.protocol import PROTOCOLS, Protocol, scored_maps
 from jsa_fast.runtime import autocast_context
+from jsa_fast.seeds import SeedDomain, derived_seed
 from jsa_fast.viz import overlay_heatmap, save_overlays
 
 __all__ = [
@@ -215,10 +216,13 @@ class Validation:
                 raise UsageError(
                     f"--val-fraction {cfg.optim.val_fraction} of the {len(candidates)} training ids of {root} leaves none to train on"
                 )
-            order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(cfg.optim.seed))
+            order = torch.randperm(
+                len(candidates),
+                generator=torch.Generator().manual_seed(derived_seed(SeedDomain.VALIDATION_SPLIT, cfg.optim.seed)),
+            )
             held_out = {candidates[i] for i in order[:count].tolist()}
             dataset = AudioVisualDataset(root, "train", cfg.data.image, cfg.data.audio, on_bad_file, subset=held_out)
-            self.dataset = EpochSeededDataset(dataset, cfg.optim.seed)
+            self.dataset = EpochSeededDataset(dataset, cfg.optim.seed, SeedDomain.VALIDATION_AUGMENT)
         self.train_ids = [name for name in listed if name not in held_out]
         self.loader = make_loader(
             self.dataset, cfg.optim.batch_size, shuffle=False, num_workers=0, seed=cfg.optim.seed, drop_last=False

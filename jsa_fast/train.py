@@ -71,7 +71,7 @@ from jsa_fast.runtime import (
     restore_rng_state,
     rng_state,
 )
-from jsa_fast.seeds import derived_seed
+from jsa_fast.seeds import SeedDomain, derived_seed
 from jsa_fast.viz import plot_loss_curves
 
 __all__ = [
@@ -99,7 +99,7 @@ def token_masks(cfg: ModelConfig, batch: int, seed: int, step: int) -> tuple[Ten
     A function of (seed, step) alone, like the data: the same for any process count (each
     process takes its rows), on a resume, and with or without torch.compile.
     """
-    generator = torch.Generator().manual_seed(derived_seed(seed, step, 1))
+    generator = torch.Generator().manual_seed(derived_seed(SeedDomain.TOKEN_MASKS, seed, step))
     grid_h, grid_w = cfg.image_grid
     mask_img = torch.rand(batch, grid_h * grid_w, generator=generator) < cfg.mask_prob
     mask_aud = torch.rand(batch, cfg.audio_tokens, generator=generator) < cfg.mask_prob
@@ -362,8 +362,8 @@ def start_run(
     data_root = resolve_data_root(data, cfg.synth)
     if builds_data:
         world.barrier()
-    torch.manual_seed(optim.seed)
-    random.seed(optim.seed)
+    torch.manual_seed(derived_seed(SeedDomain.MODEL_INIT, optim.seed))
+    random.seed(derived_seed(SeedDomain.MODEL_INIT, optim.seed))
 
     validation = None
     if optim.val is not None or optim.val_fraction > 0:

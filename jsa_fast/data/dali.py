@@ -39,7 +39,7 @@ from torch.utils.data import default_collate
 from jsa_fast.data.audio import AudioConfig
 from jsa_fast.data.datasets import AudioVisualDataset, epoch_batches
 from jsa_fast.data.image import IMAGENET_MEAN, IMAGENET_STD, ImageConfig, is_video, load_image, video_frame_count
-from jsa_fast.seeds import derived_seed
+from jsa_fast.seeds import SeedDomain, derived_seed
 
 INSTALL_HINT = "pip install 'jsa-fast[dali]', or pip install -r requirements-dali.txt in a checkout"
 LOG_FLOOR = 1e-7
@@ -360,7 +360,7 @@ class DALILoader:
             self.dataset.audio_cfg,
             self.batch_size,
             (self.device.index or 0) if self.device.type == "cuda" else None,
-            derived_seed(self.seed, self.shard_id, bits=31),
+            derived_seed(SeedDomain.DALI_AUGMENT, self.seed, self.shard_id, bits=31),
             self.num_threads,
         )
         return DALIGenericIterator(pipeline, ["image", "spec", "index"], last_batch_policy=LastBatchPolicy.PARTIAL)

@@ -36,7 +36,7 @@ from jsa_fast.data.groundtruth import (
 from jsa_fast.data.image import ImageConfig, eval_transform, load_image, train_transform
 from jsa_fast.data.video import VIDEO_ERRORS, pyav
 from jsa_fast.errors import DataError
-from jsa_fast.seeds import derived_seed
+from jsa_fast.seeds import SeedDomain, derived_seed
 
 # What decoders raise on a broken file (PIL: OSError/SyntaxError, soundfile: RuntimeError,
 # PyAV: FFmpegError, ours: ValueError).
@@ -463,7 +463,7 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
     """The shuffled order of an epoch's items: a function of (seed, epoch) alone, shared by
     every loader (PyTorch, DALI) and process count so that runs are comparable and
     resumable."""
-    generator = torch.Generator().manual_seed(derived_seed(seed, epoch, bits=31))
+    generator = torch.Generator().manual_seed(derived_seed(SeedDomain.EPOCH_ORDER, seed, epoch))
     return torch.randperm(num_items, generator=generator).tolist()
 
 
@@ -508,15 +508,16 @@ def epoch_batches(
 
 
 class EpochSeededDataset(Dataset):
-    """Makes each item a function of (seed, epoch, index) alone.
+    """Makes each item a function of (domain, seed, epoch, index) alone: ITEM_AUGMENT for
+    training, VALIDATION_AUGMENT for a held-out split.
 
     The item's random draws run on a forked RNG, so they neither depend on nor disturb
     the process's RNG (saved in checkpoints). This is what lets --resume be exact from
     any batch, with any number of loader workers.
     """
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+    def __init__(self, dataset: Dataset, seed: int, domain: SeedDomain = SeedDomain.ITEM_AUGMENT) -> None:
+        self.dataset, self.seed, self.domain, self.epoch = dataset, seed, domain, 0
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -527,7 +528,7 @@ class EpochSeededDataset(Dataset):
         torch.set_num_threads(1)
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derived_seed(self.seed, self.epoch, index))
+                torch.manual_seed(derived_seed(self.domain, self.seed, self.epoch, index))
                 return self.dataset[index]
         finally:
             torch.set_num_threads(threads)
@@ -592,7 +593,7 @@ def make_loader(
         batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=collate_skip_none,
-        generator=torch.Generator().manual_seed(derived_seed(seed, epoch)),
+        generator=torch.Generator().manual_seed(derived_seed(SeedDomain.LOADER_WORKERS, seed, epoch)),
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         multiprocessing_context=_worker_context() if num_workers > 0 else None,

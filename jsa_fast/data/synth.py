@@ -34,10 +34,11 @@ from PIL import Image
 
 from jsa_fast.data.audio import SAMPLE_RATE
 from jsa_fast.data.video import write_video
+from jsa_fast.seeds import SeedDomain, derived_seed
 from jsa_fast.settings import check_fields, integer, number, setting
 
 # Part of every cache folder's name: bump it whenever the generator's output changes.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 COMPLETE_MARKER = ".complete"
 
 
@@ -308,8 +309,8 @@ def generate_synthetic_dataset(
     num_samples = round(audio_seconds * SAMPLE_RATE)
     train_ids = [f"train_{index:06d}" for index in range(n_train)]
     test_ids = [f"test_{index:06d}" for index in range(n_test)]
-    # One generator per item, all spawned from the seed.
-    item_seeds = np.random.SeedSequence(seed).spawn(n_train + n_test)
+    # One generator per item, all spawned from the world's seed.
+    item_seeds = np.random.SeedSequence(derived_seed(SeedDomain.SYNTHETIC_WORLD, seed)).spawn(n_train + n_test)
     test_records = []
     for index, (name, item_seed) in enumerate(zip(train_ids + test_ids, item_seeds, strict=True)):
         sample = _make_sample(np.random.default_rng(item_seed), classes, image_size, num_samples)
@@ -399,7 +400,7 @@ def render_moving_clip(
     num_frames = round(seconds * fps)
     if num_frames < 2:
         raise ValueError(f"a clip of {seconds} s at {fps} fps has fewer than 2 frames")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(derived_seed(SeedDomain.SYNTHETIC_CLIP, seed))
     classes = CLASSES[:num_classes]
     sounding_index, distractor_index = (int(i) for i in rng.choice(len(classes), size=2, replace=False))
     sounding, distractor = classes[sounding_index], classes[distractor_index]
