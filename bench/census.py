@@ -141,7 +141,7 @@ def _key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def _launches(func: Any, name: str, args: tuple, out: Any) -> bool:
+def launches(func: Any, name: str, args: tuple, out: Any) -> bool:
     """Whether an op launches a kernel. An op that may return its input (`to`, `contiguous`,
     `reshape`: composite ops reach a dispatch mode undecomposed inside a project op's body)
     launches one exactly when its result has storage of its own; an in-place op always does."""
@@ -194,7 +194,7 @@ class Census(TorchDispatchMode):
                 out = registry.IMPLEMENTATIONS[name](*args, **kwargs)
         else:
             out = func(*args, **kwargs)
-            if _launches(func, name, args, out):
+            if launches(func, name, args, out):
                 self.ops[name] += kernels_of(name, args)
                 self.flops += gemm_flops(name, args)
         inputs = {_key(t) for t in _tensors([*args, *kwargs.values()])}

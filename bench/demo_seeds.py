@@ -5,7 +5,7 @@ Runs `make demo`'s two commands (`python -m jsa_fast.train --out DIR --seed S`, 
 `python -m jsa_fast.evaluate --checkpoint DIR/last.pt --out DIR/eval`) for each seed, one
 after another, and records per seed: the field protocol's figures at its median threshold
 (AP50, AUC, mean cIoU of ca^{a,v}; AP50 of the IQR map and of the centre prior), R@1 both
-ways, the last logged training losses, and the wall time of each command. Then the spread
+ways, the last epoch's mean training losses, and the wall time of each command. Then the spread
 over the seeds (min, median, max) and whether every seed reached the demo's bar (AP50 >=
 0.7). Flags after `--` go to every training command (e.g. `-- --epochs 12`).
 
@@ -58,7 +58,7 @@ def run_seed(seed: int, work: Path, train_flags: list[str]) -> dict[str, Any]:
         times[f"{name}_s"] = time.perf_counter() - began
     scores = json.loads((out / "eval" / "eval.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    last_step = [record for record in records if record.get("kind") == "step"][-1]
+    last_epoch = [record for record in records if record.get("kind") == "epoch"][-1]
     return {
         "seed": seed,
         "ap50": scores["ap50"],
@@ -68,9 +68,9 @@ def run_seed(seed: int, work: Path, train_flags: list[str]) -> dict[str, Any]:
         "centre_prior_ap50": scores["ap50_centre_prior"],
         "r1_audio_to_image": scores["r1_a2i"],
         "r1_image_to_audio": scores["r1_i2a"],
-        "final_loss": last_step["loss"],
-        "final_loss_ctr": last_step["loss_ctr"],
-        "final_step": last_step["step"],
+        "final_loss": last_epoch["loss"],
+        "final_loss_ctr": last_epoch["loss_ctr"],
+        "final_step": last_epoch["step"],
         **times,
     }
 

@@ -96,6 +96,14 @@ class World:
         dist.all_reduce(values)
         return values / self.size
 
+    def min(self, value: Tensor) -> Tensor:
+        """The minimum over ranks of a detached one-element tensor."""
+        if self.size == 1:
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return value
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.control)

@@ -298,6 +298,7 @@ class TrainRun:
     local_batch: int
     dali: DALILoader | None
     validation: Validation | None
+    skips_bad_files: bool  # --on-bad-file skip
     log: MetricsLog
     layout: torch.memory_format
     step_module: nn.Module
@@ -317,10 +318,10 @@ class TrainRun:
         )
         return RunError(f"{reason}; stopped without saving: {kept}")
 
-    def stopped_at_step(self, state: TrainState, item_ids: list[str], what: str) -> RunError:
+    def stopped_at_step(self, state: TrainState, step: int, item_ids: list[str], what: str) -> RunError:
         return self.stopped(
             state,
-            f"step {state.step} (epoch {state.epoch + 1}) on the batch of items {', '.join(item_ids)}: {what}; "
+            f"step {step} (epoch {state.epoch + 1}) on the batch of items {', '.join(item_ids)}: {what}; "
             f"lower --lr (now {self.cfg.optim.lr:g}) or check those items",
         )
 
@@ -433,7 +434,7 @@ def start_run(
     run = TrainRun(
         cfg=cfg, data=data, out=out, device=device, world=world, data_root=data_root,
         dataset=EpochSeededDataset(dataset, optim.seed), fingerprint=fingerprint, epochs=epochs,
-        local_batch=local_batch, dali=dali, validation=validation, log=log, layout=layout,
+        local_batch=local_batch, dali=dali, validation=validation, skips_bad_files=on_bad_file == "skip", log=log, layout=layout,
         step_module=step_module, loss_for=BatchLoss(step_module, cfg, world),
     )  # fmt: skip
     return run, state
@@ -488,11 +489,95 @@ def epoch_loader(run: TrainRun, state: TrainState) -> tuple[Iterable[dict[str, A
     return loader, len(loader)
 
 
+class StepTally:
+    """An epoch's loss sums, trained and skipped steps and first non-finite step, kept on
+    the device so that a step needs no host sync (`add`); `read` brings them to the host
+    at a log point, the epoch's end or an interrupt, over all processes at once.
+
+    Keeps the ids of the batches since the last read, so that the first step whose loss
+    was not finite can be named with its items after the fact. Sums are float64, as the
+    host's running sums were: the epoch means are those of adding each step's float32
+    terms in float64 in order.
+    """
+
+    def __init__(self, state: TrainState, device: torch.device) -> None:
+        self.state, self.device = state, device
+        self.sums = torch.tensor([state.sums[name] for name in LOSS_TERMS], dtype=torch.float64, device=device)
+        self.batches = torch.tensor(state.sums["batches"], dtype=torch.int64, device=device)
+        self.skipped = torch.tensor(state.skipped_steps, dtype=torch.int64, device=device)
+        self.first_bad_step = torch.tensor(-1, dtype=torch.int64, device=device)
+        self.first_bad_terms = torch.zeros(len(LOSS_TERMS), device=device)
+        self.last_terms = torch.full((len(LOSS_TERMS),), math.nan, device=device)
+        self.batch_ids: dict[int, list[str]] = {}
+
+    def scale(self) -> Tensor | None:
+        """The fp16 loss scale as a device tensor (the public get_scale() reads it back to
+        the host); None without a scaler."""
+        scaler = self.state.scaler
+        if not scaler.is_enabled():
+            return None
+        if scaler._scale is None:  # set by the first scale()
+            return torch.tensor(scaler.get_scale(), dtype=torch.float32, device=self.device)
+        return scaler._scale.detach().clone()
+
+    def add(self, step: int, ids: list[str], terms: dict[str, Tensor], scale_before: Tensor | None) -> None:
+        """Count step `step` (on the batch of items `ids`) from its loss terms: summed when
+        finite and not skipped by the fp16 scaler (which lowers its scale exactly when it
+        skips), else counted as skipped or kept as the first non-finite step."""
+        values = torch.stack([terms[name].detach().float() for name in LOSS_TERMS])
+        finite = torch.isfinite(values).all()
+        no_scaler = torch.zeros((), dtype=torch.bool, device=self.device)
+        skipped = self.scale() < scale_before if scale_before is not None else no_scaler
+        counted = finite & ~skipped
+        self.sums += torch.where(counted, values.double(), 0.0)
+        self.batches += counted
+        self.skipped += skipped
+        newly_bad = ~finite & ~skipped & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(newly_bad, step, self.first_bad_step)
+        self.first_bad_terms = torch.where(newly_bad, values, self.first_bad_terms)
+        self.last_terms = values
+        self.batch_ids[step] = ids
+
+    def read(self, run: TrainRun) -> dict[str, float]:
+        """Bring the tally to the host (mean over processes; one all-reduce) into
+        `state.sums` and `state.skipped_steps`, and return the last step's terms; RunError
+        naming the first step whose loss was not finite, or when fp16 steps keep
+        overflowing. What was read is what a checkpoint may then save."""
+        world, state = run.world, self.state
+        bad = torch.where(self.first_bad_step < 0, torch.iinfo(torch.int64).max, self.first_bad_step)
+        packed = torch.cat([self.sums, self.last_terms.double(), self.first_bad_terms.double()])
+        counts = torch.stack([self.batches, self.skipped])
+        packed, counts, bad = world.mean(packed), world.mean(counts.double()), world.min(bad)
+        host = packed.tolist()
+        batches, skipped = (round(count) for count in counts.tolist())
+        first_bad = int(bad)
+        n = len(LOSS_TERMS)
+        state.sums = {"batches": batches, **dict(zip(LOSS_TERMS, host[:n]))}
+        state.skipped_steps = skipped
+        if first_bad != torch.iinfo(torch.int64).max:
+            shown = ", ".join(f"{name} {value:.4g}" for name, value in zip(LOSS_TERMS, host[2 * n :]))
+            raise run.stopped_at_step(state, first_bad, self.batch_ids[first_bad], f"the loss is not finite ({shown})")
+        if state.scaler.is_enabled() and state.scaler.get_scale() < 1:
+            raise run.stopped_at_step(
+                state,
+                state.step,
+                self.batch_ids.get(state.step, []),
+                f"fp16 steps keep overflowing ({skipped} skipped, loss scale now {state.scaler.get_scale():g}); try --amp bf16",
+            )
+        self.batch_ids.clear()
+        return dict(zip(LOSS_TERMS, host[n : 2 * n]))
+
+
 def train_epoch(run: TrainRun, state: TrainState, interrupt: DeferredInterrupt) -> dict[str, float]:
     """Train the rest of `state.epoch`, log it, score it on the validation split and save
-    the state (best.pt too when it scored best); returns its mean loss terms."""
+    the state (best.pt too when it scored best); returns its mean loss terms.
+
+    Between log points a step makes no host sync and no collective of its own (`StepTally`):
+    the loss terms are read every --log-every steps, at an interrupt and at the epoch's end.
+    """
     cfg, world, device = run.cfg, run.world, run.device
     batch_iterator, total = epoch_loader(run, state)
+    tally = StepTally(state, device)
     seen_items, started = 0, time.perf_counter()
     progress = tqdm(
         batch_iterator,
@@ -501,71 +586,65 @@ def train_epoch(run: TrainRun, state: TrainState, interrupt: DeferredInterrupt) 
         dynamic_ncols=True,
         disable=None if world.is_main else True,
     )
-    for batch in progress:
-        state.batch_in_epoch += 1  # the position a --resume continues from, skipped batches included
-        # None: every item was a skipped bad file. Several processes must also skip a
-        # batch that one of them could not load in full (the gathers need equal shards).
-        complete = batch is not None and (world.size == 1 or batch["image"].shape[0] == run.local_batch)
-        if world.any(not complete):
-            continue
-        global_batch = batch["image"].shape[0] * world.size
-        masks = (world.shard(mask) for mask in token_masks(cfg.model, global_batch, cfg.optim.seed, state.step))
-        inputs = (
-            batch["image"].to(device, non_blocking=True, memory_format=run.layout),
-            batch["spec"].to(device, non_blocking=True, memory_format=run.layout),
-            *(mask.to(device, non_blocking=True) for mask in masks),
-        )
-        state.step += 1
-        scaler = state.scaler
-        scale = scaler.get_scale()
-        try:
-            terms = train_step(run.loss_for(global_batch), state.optimizer, scaler, inputs, device, cfg.optim.amp)
-        except ValueError as error:  # e.g. the k-reciprocal op refusing non-finite embeddings
-            progress.close()
-            raise run.stopped_at_step(state, batch["id"], one_line(error)) from error
-        means = world.mean(torch.stack([terms[name].detach().float() for name in LOSS_TERMS]))
-        values = dict(zip(LOSS_TERMS, means.tolist()))
-        # The scaler lowers its scale exactly when it skipped the step (inf/NaN gradients).
-        if scaler.is_enabled() and scaler.get_scale() < scale:
-            state.skipped_steps += 1
-            if scaler.get_scale() < 1:
-                progress.close()
-                raise run.stopped_at_step(
-                    state,
-                    batch["id"],
-                    f"fp16 steps keep overflowing ({state.skipped_steps} skipped, loss scale now {scaler.get_scale():g}); try --amp bf16",
-                )
-        elif not all(math.isfinite(value) for value in values.values()):
-            progress.close()
-            shown = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
-            raise run.stopped_at_step(state, batch["id"], f"the loss is not finite ({shown})")
-        else:
-            state.sums["batches"] += 1
-            for name, value in values.items():
-                state.sums[name] += value
-        seen_items += global_batch
-        throughput = seen_items / (time.perf_counter() - started)
-        progress.set_postfix(
-            {name.removeprefix("loss_"): f"{v:.3g}" for name, v in values.items()} | {"samples/s": f"{throughput:.1f}"}
-        )
-        if state.step % cfg.optim.log_every == 0 and world.is_main:
-            run.log.write(
-                {
-                    "kind": "step",
-                    "step": state.step,
-                    "epoch": state.epoch,
-                    **values,
-                    "lr": state.optimizer.param_groups[0]["lr"],
-                    "samples_per_s": throughput,
-                    **state.scaler_record(),
-                }
+    try:
+        for batch in progress:
+            state.batch_in_epoch += 1  # the position a --resume continues from, skipped batches included
+            # None: every item was a skipped bad file. Several processes must also skip a
+            # batch that one of them could not load in full (the gathers need equal shards).
+            # Only a run that skips bad files meets such batches, so only it pays for the
+            # agreement (a collective per batch under several processes).
+            complete = batch is not None and (world.size == 1 or batch["image"].shape[0] == run.local_batch)
+            if world.any(not complete) if run.skips_bad_files else not complete:
+                continue
+            global_batch = batch["image"].shape[0] * world.size
+            masks = (world.shard(mask) for mask in token_masks(cfg.model, global_batch, cfg.optim.seed, state.step))
+            inputs = (
+                batch["image"].to(device, non_blocking=True, memory_format=run.layout),
+                batch["spec"].to(device, non_blocking=True, memory_format=run.layout),
+                *(mask.to(device, non_blocking=True) for mask in masks),
             )
-        if world.any(interrupt.requested):  # every rank stops after the same step
-            progress.close()
-            save_state(run, state)
-            if world.is_main:
-                print(f"interrupted: state saved to {run.checkpoint_path}; continue with --resume", file=sys.stderr)
-            raise interrupt.interrupted()
+            state.step += 1
+            scale_before = tally.scale()
+            try:
+                terms = train_step(
+                    run.loss_for(global_batch), state.optimizer, state.scaler, inputs, device, cfg.optim.amp
+                )
+            except ValueError as error:  # e.g. the k-reciprocal op refusing non-finite embeddings
+                tally.read(run)  # an earlier step's non-finite loss is named first
+                raise run.stopped_at_step(state, state.step, batch["id"], one_line(error)) from error
+            tally.add(state.step, batch["id"], terms, scale_before)
+            seen_items += global_batch
+            if state.step % cfg.optim.log_every == 0:
+                values = tally.read(run)
+                throughput = seen_items / (time.perf_counter() - started)
+                progress.set_postfix(
+                    {name.removeprefix("loss_"): f"{v:.3g}" for name, v in values.items()}
+                    | {"samples/s": f"{throughput:.1f}"}
+                )
+                if world.is_main:
+                    run.log.write(
+                        {
+                            "kind": "step",
+                            "step": state.step,
+                            "epoch": state.epoch,
+                            **values,
+                            "lr": state.optimizer.param_groups[0]["lr"],
+                            "samples_per_s": throughput,
+                            **state.scaler_record(),
+                        }
+                    )
+            # A flag of this process: free to look at every step; several processes agree
+            # (a collective) only where they read the tally anyway, and stop after the same step.
+            at_read = state.step % cfg.optim.log_every == 0
+            if interrupt.requested if world.size == 1 else (at_read and world.any(interrupt.requested)):
+                tally.read(run)
+                save_state(run, state)
+                if world.is_main:
+                    print(f"interrupted: state saved to {run.checkpoint_path}; continue with --resume", file=sys.stderr)
+                raise interrupt.interrupted()
+        tally.read(run)
+    finally:
+        progress.close()
     sums = state.sums
     if sums["batches"] == 0 and not seen_items:
         raise DataError(

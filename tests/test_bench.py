@@ -4,10 +4,12 @@ implementations they time agree where the benchmark checks it."""
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -172,3 +174,47 @@ def test_video_tools_benchmark(tmp_path):
     rows = read_record(out)["rows"]
     assert [(row["tool"], row["items"]) for row in rows] == [("prepare", 2), ("localize", 4)]  # 1 s at 4 maps/s
     assert all(row["per_s"] > 0 for row in rows)
+
+
+def test_step_census_dry_run_counts_no_host_sync_or_extra_collective_between_log_points(tmp_path):
+    """The training loop of the tiny preset, fp32 and fp16 eager, and 2 gloo processes: no
+    host sync and no collective but the two all-gathers of the global negatives (image and
+    audio embeddings) in a step between log points (issue #22's acceptance, on a CPU)."""
+    out = tmp_path / "census.json"
+    subprocess.run([sys.executable, str(BENCH / "step_census.py"), "--dry-run", "--json", str(out)], check=True)
+    rows = read_record(out)["rows"]
+    eager = [row for row in rows if row["mode"] == "eager"]
+    assert [row["amp"] for row in eager] == ["none", "fp16"]
+    for row in eager:
+        assert row["host_syncs_between_logs"] == 0, row["sync_kinds"]
+        assert row["host_syncs_at_log"] > 0  # the counter sees the reads where they belong
+        assert min(row[f"ops_{phase}"] for phase in ("forward", "backward", "optimizer", "loop")) > 0
+    (collectives,) = [row for row in rows if row["mode"] == "2 gloo processes"]
+    assert collectives["collective_kinds"] == {
+        "torch.distributed._functional_collectives.all_gather_tensor_autograd": 2 * (collectives["steps"] - 1)
+    }
+
+
+def test_step_census_counter_sees_each_kind_of_host_read():
+    census = load_benchmark("step_census")
+    counter = census.StepCounter()
+    t = torch.ones(3)
+    with census.counting(counter):
+        t.sum().item()  # before the first step: not counted
+        counter.begin_step()
+        t.sum().item()
+        bool(t.any())
+        t.tolist()
+        t.numpy()
+    assert counter.steps[0]["syncs"] == {"aten::_local_scalar_dense (cpu)": 2, "Tensor.tolist": 1, "Tensor.numpy": 1}
+
+
+def test_demo_seeds_dry_run(tmp_path):
+    out = tmp_path / "seeds.json"
+    assert load_benchmark("demo_seeds").main(["--dry-run", "--seeds", "0", "1", "--json", str(out)]) == 0
+    record = read_record(out)
+    assert [row["seed"] for row in record["rows"]] == [0, 1]
+    for row in record["rows"]:
+        assert 0 <= row["ap50"] <= 1 and row["final_step"] == 4 and row["train_s"] > 0
+    assert record["spread"]["ap50"]["min"] == min(row["ap50"] for row in record["rows"])
+    assert record["every_seed_reaches_bar"] == all(row["ap50"] >= 0.7 for row in record["rows"])
