@@ -39,7 +39,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -103,14 +103,23 @@ class StepCounter(TorchDispatchMode):
         return out
 
 
+# Host reads that bypass the dispatcher on a CPU tensor; with `dispatch=False` also those
+# that reach it as aten::_local_scalar_dense.
+DIRECT_READS = ("tolist", "numpy")
+SCALAR_READS = ("item", "__bool__", "__float__", "__int__")
+
+
 @contextmanager
-def counting(counter: StepCounter) -> Iterator[None]:
-    """The training loop with `counter` active: a step begins at each `train_step`, whose
+def counting(counter: StepCounter, dispatch: bool = True) -> Iterator[None]:
+    """The training loop with `counter` counting: a step begins at each `train_step`, whose
     loss function runs as "forward", the rest as "backward" until GradScaler.step and
-    update ("optimizer"); Tensor.tolist and Tensor.numpy count as host reads."""
-    real_step, real_loss_function = train_module.train_step, train_module.loss_function
+    update ("optimizer"). dispatch: count ops and syncs with the dispatch mode; without it
+    (a compiled run: dynamo does not compile under a dispatch mode) only the host reads of
+    tensors, by patching the Tensor methods that read."""
+    real_step = train_module.train_step
     real_scaler_step, real_update = torch.amp.GradScaler.step, torch.amp.GradScaler.update
-    real_tolist, real_numpy = torch.Tensor.tolist, torch.Tensor.numpy
+    reads = DIRECT_READS if dispatch else DIRECT_READS + SCALAR_READS
+    real_reads = {name: getattr(torch.Tensor, name) for name in reads}
 
     def in_phase(phase: str, fn: Any) -> Any:
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -126,9 +135,9 @@ def counting(counter: StepCounter) -> Iterator[None]:
         counter.begin_step()
         return in_phase("backward", real_step)(in_phase("forward", loss_fn), *args)
 
-    def reading(what: str, real: Any) -> Any:
+    def reading(name: str, real: Any) -> Any:
         def read(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            counter.sync(what)
+            counter.sync(f"Tensor.{name}")
             return real(tensor, *args, **kwargs)
 
         return read
@@ -136,14 +145,16 @@ def counting(counter: StepCounter) -> Iterator[None]:
     train_module.train_step = step
     torch.amp.GradScaler.step = in_phase("optimizer", real_scaler_step)
     torch.amp.GradScaler.update = in_phase("optimizer", real_update)
-    torch.Tensor.tolist, torch.Tensor.numpy = reading("Tensor.tolist", real_tolist), reading("Tensor.numpy", real_numpy)
+    for name, real in real_reads.items():
+        setattr(torch.Tensor, name, reading(name, real))
     try:
-        with counter:
+        with counter if dispatch else nullcontext():
             yield
     finally:
-        train_module.train_step, train_module.loss_function = real_step, real_loss_function
+        train_module.train_step = real_step
         torch.amp.GradScaler.step, torch.amp.GradScaler.update = real_scaler_step, real_update
-        torch.Tensor.tolist, torch.Tensor.numpy = real_tolist, real_numpy
+        for name, real in real_reads.items():
+            setattr(torch.Tensor, name, real)
 
 
 @contextmanager
@@ -198,7 +209,7 @@ def census_compiled(preset: str, amp: str, batch: int, steps: int, data: Path, o
     counter = StepCounter()
     cfg = run_config(preset, amp, batch, steps, True)
     graphs, breaks = [], Counter()
-    with fused_adamw(), counting(counter):
+    with fused_adamw(), counting(counter, dispatch=False):
         for epochs, resume in ((2, False), (3, True)):
             torch._dynamo.reset()
             counters.clear()

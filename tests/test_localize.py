@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_prepare import peak_hz, write_phone_clip
 from test_train import signalling_on_call
 
 from jsa_fast import localize as localize_module
 from jsa_fast.data import synth
+from jsa_fast.data.audio import AudioConfig
+from jsa_fast.data.image import video_middle_frame
 from jsa_fast.data.synth import CLASSES, generate_synthetic_dataset, render_moving_clip, write_moving_clip
 from jsa_fast.data.video import decode_audio, probe_video, write_video
 from jsa_fast.localize import centred_window, main as localize_main, output_times
@@ -258,3 +261,45 @@ def test_fps_above_the_videos_gives_one_map_per_frame(checkpoint: Path, tmp_path
     with pytest.warns(UserWarning, match="--fps 1000 is above slow.mp4's 10 fps: one map per frame"):
         assert localize_main(arguments) == 0
     assert np.load(tmp_path / "out" / "slow_maps.npy").shape[0] == 10
+
+
+class RecordingLocalizer:
+    """A Localizer's interface that records the pictures and clips it is given and answers
+    with constant maps: what localize_video feeds the model, without one."""
+
+    def __init__(self) -> None:
+        self.audio_cfg = AudioConfig(seconds=0.4)
+        self.pictures: list[np.ndarray] = []
+        self.clips: list[np.ndarray] = []
+
+    def maps(self, images, clips) -> np.ndarray:
+        self.pictures += [np.asarray(image.convert("L"), dtype=np.float32) for image in images]
+        self.clips += [clip.numpy() for clip in clips]
+        return np.full((len(images), 32, 32), 0.5, np.float32)
+
+
+def test_localize_sees_frames_as_displayed_and_sound_on_their_time_axis(tmp_path: Path) -> None:
+    """#24 items 1 and 2 in localize and the data reader: the portrait clip's frames reach
+    the model and the heatmap video 48 wide and 64 high, white quarter top right; the track
+    that starts 2 s in gives the frame at 2.25 s its first 440 Hz, the frame at 3.25 s the
+    880 Hz that follows (`write_phone_clip`)."""
+    portrait, late = tmp_path / "portrait.mp4", tmp_path / "late_audio.mp4"
+    write_phone_clip(portrait, -90, 0.0, [(660.0, 4.0)])
+    write_phone_clip(late, 0, 2.0, [(440.0, 0.5), (880.0, 1.5)])
+
+    localizer = RecordingLocalizer()
+    paths = localize_module.localize_video(localizer, portrait, tmp_path / "out", fps=2.0)
+    assert {picture.shape for picture in localizer.pictures} == {(64, 48)}
+    for picture in localizer.pictures:
+        assert picture[4:28, 28:44].mean() > 200 and picture[4:28, 4:20].mean() < 50
+    written = probe_video(paths["video"])
+    assert (written.width, written.height) == (48, 64)
+    middle = np.asarray(video_middle_frame(portrait).convert("L"), dtype=np.float32)
+    assert middle.shape == (64, 48) and middle[4:28, 28:44].mean() > 200 and middle[4:28, 4:20].mean() < 50
+
+    localizer = RecordingLocalizer()
+    localize_module.localize_video(localizer, late, tmp_path / "out", fps=4.0)
+    times = output_times(probe_video(late).duration_s, 4.0)
+    by_time = dict(zip(times, localizer.clips, strict=True))
+    assert abs(peak_hz(by_time[2.25]) - 440.0) <= 5 and abs(peak_hz(by_time[3.25]) - 880.0) <= 5
+    assert np.abs(by_time[0.25]).max() < 0.05  # before the track starts: silence
