@@ -175,7 +175,7 @@ def fused_adamw() -> Iterator[None]:
 
 def run_config(preset: str, amp: str, batch: int, steps: int, compile: bool) -> RunConfig:
     return PRESETS[preset].overridden(
-        **SMALL, amp=amp, batch_size=batch, epochs=1, log_every=steps, compile=compile, k=min(batch, 2),
+        **SMALL, amp=amp, batch_size=batch, epochs=1, log_every=steps, compile="default" if compile else "none", k=min(batch, 2),
         pretrained_image="none", pretrained_audio="none",
     )  # fmt: skip
 

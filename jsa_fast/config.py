@@ -10,7 +10,8 @@ those declarations the flags, the range checks (`check_settings`) and the readin
 checkpoints (`saved_config`). The presets are overrides of the defaults.
 
 Every setting is a flag `--setting-name VALUE` (`SETTINGS` maps each name to its place in
-the nested config; a boolean also takes `--setting-name` alone and `--no-setting-name`).
+the nested config; a boolean, or a choice with an on and an off value such as --compile,
+also takes `--setting-name` alone and `--no-setting-name`).
 What a run derives (the model's input sizes from the preprocessing, the spectrogram masks
 from --augment) is no setting of its own: its field carries no declaration.
 """
@@ -33,10 +34,10 @@ from jsa_fast.model import ModelConfig
 from jsa_fast.runtime import AMP_DTYPES
 from jsa_fast.settings import (
     Setting,
-    boolean,
     check_fields,
     declared_setting,
     integer,
+    modes,
     number,
     one_of,
     optional,
@@ -57,6 +58,10 @@ __all__ = [
     "saved_config",
     "released_epochs",
 ]
+
+
+# torch.compile's modes a run may choose; "none" runs eager.
+COMPILE_MODES = ("none", "default", "reduce-overhead")
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,12 @@ class OptimConfig:
         "training autocast: fp16 (with a GradScaler, as released), bf16 or none (fp32); evaluation runs fp32 unless given --amp",
         one_of(tuple(AMP_DTYPES)),
     )
-    compile: bool = setting(
-        True, "torch.compile the model and losses (pays off for long runs, not tiny ones)", boolean()
+    compile: str = setting(
+        "default",
+        "torch.compile the model, losses and backward as one graph: default, reduce-overhead (also CUDA graphs; "
+        "CUDA only) or none (eager); pays off for long runs, not tiny ones",
+        modes(COMPILE_MODES, on="default", off="none"),
+        formerly={"compile": lambda mode: {True: "default", False: "none"}.get(mode, mode)},  # a bool before
     )
     num_workers: int = setting(8, "data loader worker processes", integer(0))
     seed: int = setting(0, "seed of the initialisation, the data order, the augmentation and the masks", integer())
@@ -298,7 +307,7 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         pretrained_image="none",
         augment="flip",
         # compiling costs a 2-core CPU minutes, more than a tiny run saves
-        compile=False,
+        compile="none",
         num_workers=2,
         log_every=5,
         synth_image_size=128,
@@ -322,12 +331,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         check = declaration.check
         flag = f"--{name.replace('_', '-')}"
         help_text = f"{declaration.help} [{_preset_defaults(name)}]".replace("%", "%%")
-        if check.parse is parse_bool:
+        if check.switch is not None:
+            on, off = check.switch
+            metavar = "BOOL" if check.parse is parse_bool else "{" + ",".join(check.choices) + "}"
             group.add_argument(
-                flag, dest=name, type=check.parse, nargs="?", const=True, default=None, metavar="BOOL", help=help_text
+                flag, dest=name, type=check.parse, nargs="?", const=on, default=None, metavar=metavar, help=help_text
             )
             group.add_argument(
-                f"--no-{flag[2:]}", dest=name, action="store_const", const=False, help=f"the same as {flag} false"
+                f"--no-{flag[2:]}",
+                dest=name,
+                action="store_const",
+                const=off,
+                help=f"the same as {flag} {str(off).lower()}",
             )
         else:
             # The choices are shown, and checked with the other ranges (`check_settings`).
@@ -386,7 +401,12 @@ def _nested_settings(saved: Mapping[str, Any], cls: type, path: tuple[str, ...],
                 raise DataError(f"{source} holds a configuration whose {'.'.join(place)} is {value!r}, not a section")
             values |= _nested_settings(value, factory, place, source)  # type: ignore[arg-type]
         elif place in _NAMES:
-            values[_NAMES[place]] = value
+            name = _NAMES[place]
+            declaration = _DECLARED[name][2]
+            convert = declaration.formerly.get(name)
+            # A value of a form this version refuses (e.g. compile's bool before the modes)
+            # reads through the setting's converter; a valid one keeps its meaning.
+            values[name] = convert(value) if convert and not declaration.check.valid(value) else value
     return values
 
 

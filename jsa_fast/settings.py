@@ -35,6 +35,7 @@ __all__ = [
     "number",
     "one_of",
     "boolean",
+    "modes",
     "optional",
     "path_or_none",
     "parse_bool",
@@ -46,12 +47,14 @@ _KEY = "jsa_fast.setting"
 @dataclass(frozen=True)
 class Check:
     """What a setting's values must be: `expected` in words ("an integer >= 1"), `valid`
-    the test, `parse` the flag's text to a value, `choices` the values a flag lists."""
+    the test, `parse` the flag's text to a value, `choices` the values a flag lists,
+    `switch` the values of `--name` alone and of `--no-name` (None: the flag takes a value)."""
 
     expected: str
     valid: Callable[[Any], bool]
     parse: Callable[[str], Any]
     choices: tuple[str, ...] | None = None
+    switch: tuple[Any, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,22 @@ def one_of(values: tuple[str, ...]) -> Check:
 
 def boolean() -> Check:
     """True or False (a flag takes `--name`, `--name BOOL` and `--no-name`)."""
-    return Check("true or false", lambda value: isinstance(value, bool), parse_bool)
+    return Check("true or false", lambda value: isinstance(value, bool), parse_bool, switch=(True, False))
+
+
+def modes(values: tuple[str, ...], on: str, off: str) -> Check:
+    """One of the strings `values`, a switch: `--name` alone is `on`, `--no-name` `off`, and
+    a boolean word (true/false, yes/no, on/off, 1/0) means the same."""
+
+    def parse(text: str) -> str:
+        if text in values:
+            return text
+        try:
+            return on if parse_bool(text) else off
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(values)}, got {text!r}") from None
+
+    return Check(f"one of {', '.join(values)}", lambda value: value in values, parse, tuple(values), (on, off))
 
 
 def optional(check: Check) -> Check:

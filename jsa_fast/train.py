@@ -115,7 +115,8 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> t
 
 def loss_function(module: nn.Module, cfg: RunConfig, **loss_options: Any) -> Callable[..., dict[str, Tensor]]:
     """(image B x 3 x H x W, spec B x 1 x F x T, mask_img B x Lv, mask_aud B x La) -> the
-    `jsa_loss` terms of `module`'s output, torch.compile'd as one graph when cfg.optim.compile.
+    `jsa_loss` terms of `module`'s output, torch.compile'd as one graph in cfg.optim.compile's
+    mode ("reduce-overhead" also captures it in CUDA graphs) unless that is "none".
 
     module: the JSAModel, or its DDP wrapper; loss_options: keyword arguments of jsa_loss
     (`gather` under several processes, `false_negative_mask` for benchmarks).
@@ -125,7 +126,7 @@ def loss_function(module: nn.Module, cfg: RunConfig, **loss_options: Any) -> Cal
     def forward_loss(image: Tensor, spec: Tensor, mask_img: Tensor, mask_aud: Tensor) -> dict[str, Tensor]:
         return jsa_loss(module(image, spec, mask_img, mask_aud), loss_cfg, **loss_options)
 
-    return torch.compile(forward_loss) if cfg.optim.compile else forward_loss
+    return forward_loss if cfg.optim.compile == "none" else torch.compile(forward_loss, mode=cfg.optim.compile)
 
 
 def train_step(
@@ -348,6 +349,10 @@ def start_run(
             f"--batch-size {optim.batch_size} (the global batch) is not divisible by the {world.size} processes"
         )
     check_out_folder(out, resume, overwrite)
+    if optim.compile == "reduce-overhead" and device.type != "cuda":
+        raise UsageError(
+            f"--compile reduce-overhead captures CUDA graphs: it needs a CUDA device, got {device.type}; use --compile default"
+        )
     if optim.pretrained_image is None:
         raise UsageError(PRETRAINED_HINT)
     checkpoint_path = out / "last.pt"

@@ -329,6 +329,12 @@ def test_6_a_zero_batch_size_is_named_when_parsed(world, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_6_cuda_graphs_on_a_cpu_are_refused_in_one_line(world, tmp_path, capsys):
+    status, err = in_process(train_main, train_args(world, tmp_path / "out", "--compile", "reduce-overhead"), capsys)
+    error_line(err, 2, status, "--compile reduce-overhead", "needs a CUDA device, got cpu")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_train import MICRO
 
-from jsa_fast.config import PRESETS, add_config_arguments, config_from_args
+from jsa_fast.config import PRESETS, add_config_arguments, config_from_args, saved_config
 from jsa_fast.model import JSAModel
 from jsa_fast.train import loss_function, token_masks, train
 
@@ -47,13 +47,29 @@ def test_the_whole_objective_compiles_as_one_graph():
 def test_compile_flag_and_preset_defaults():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    assert PRESETS["paper"].optim.compile and not PRESETS["tiny"].optim.compile
-    assert config_from_args(parser.parse_args(["--preset", "tiny", "--compile"]), "paper").optim.compile
-    assert not config_from_args(parser.parse_args(["--no-compile"]), "paper").optim.compile
-    assert not config_from_args(parser.parse_args(["--compile", "false"]), "paper").optim.compile
+    assert (PRESETS["paper"].optim.compile, PRESETS["tiny"].optim.compile) == ("default", "none")
+    given = {
+        ("--preset", "tiny", "--compile"): "default",
+        ("--no-compile",): "none",
+        ("--compile", "false"): "none",
+        ("--compile", "yes"): "default",
+        ("--compile", "reduce-overhead"): "reduce-overhead",
+    }
+    for flags, mode in given.items():
+        assert config_from_args(parser.parse_args(list(flags)), "paper").optim.compile == mode, flags
     assert config_from_args(parser.parse_args(["--augment", "flip"]), "paper").data.image.augment == "flip"
     with pytest.raises(SystemExit):
         parser.parse_args(["--compile", "maybe"])
+
+
+def test_a_checkpoint_of_the_boolean_compile_reads_as_its_mode():
+    """Before the modes, compile was a bool: nested and flat checkpoints keep their meaning."""
+    for stored, mode in ((True, "default"), (False, "none")):
+        nested = PRESETS["tiny"].to_dict()
+        nested["optim"]["compile"] = stored
+        assert saved_config(nested, "old.pt").optim.compile == mode
+        flat = {"compile": stored, "dim": 32}
+        assert saved_config(flat, "old.pt").optim.compile == mode
 
 
 @pytest.mark.slow
@@ -61,5 +77,5 @@ def test_compiled_training_matches_eager(world, tmp_path):
     """Inductor on the CPU: minutes of compilation on a 2-core machine."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     means = train(MICRO.overridden(epochs=1), str(world), eager, torch.device("cpu"))
-    compiled_means = train(MICRO.overridden(epochs=1, compile=True), str(world), compiled, torch.device("cpu"))
+    compiled_means = train(MICRO.overridden(epochs=1, compile="default"), str(world), compiled, torch.device("cpu"))
     assert compiled_means == pytest.approx(means, rel=1e-4)

@@ -55,7 +55,7 @@ def test_every_flat_setting_is_a_flag_of_the_nested_config():
     ]
     cfg = config_from_args(parser.parse_args(args), "paper")
     assert (cfg.synth.n_train, cfg.data.image.size, cfg.data.audio.seconds) == (7, 96, 1.5)
-    assert (cfg.optim.pretrained_image, cfg.model.mlp_hidden, cfg.optim.compile) == ("w.pth", 48, False)
+    assert (cfg.optim.pretrained_image, cfg.model.mlp_hidden, cfg.optim.compile) == ("w.pth", 48, "none")
     # what the run derives follows: the model's input sizes, the spectrogram masks
     assert (cfg.model.image_size, cfg.model.spec_frames) == (96, cfg.data.audio.spectrogram_shape[2])
     assert cfg.model.pretrained_image is None and cfg.starting_model().pretrained_image == "w.pth"
