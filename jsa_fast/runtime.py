@@ -241,13 +241,35 @@ def _take_lock(path: Path, record: dict[str, Any], flag: str) -> None:
                 f"started {started}: {holder.get('command', '?')}); wait for it, or choose another {flag} "
                 f"(if that run is gone, delete {path})"
             )
-        else:
+        elif _moved_aside(path, holder):  # said once, by the run that removed it
             print(
                 f"{path.parent}: taking over the lock of a run that is gone (PID {holder.get('pid')} on {holder.get('host')})",
                 file=sys.stderr,
             )
-        path.unlink(missing_ok=True)
+        if holder is None:
+            path.unlink(missing_ok=True)
     raise UsageError(f"{flag} {path.parent}: another run took the lock at the same time; choose another {flag}")
+
+
+def _moved_aside(path: Path, stale: dict[str, Any]) -> bool:
+    """Remove the lock `path` if it still is `stale` (a dead run's); whether this process
+    did. A rename is atomic: of several runs taking over at once one moves the file; one
+    that moved a lock newer than the one it read (another run's, taken in between) puts it
+    back, so that the new owner keeps it. The run that removed it need not be the one that
+    then takes the folder: all of them try again."""
+    aside = path.with_name(f"{path.name}.{os.getpid()}.stale")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    moved_stale = _read_lock(aside) == stale
+    if not moved_stale:
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+    aside.unlink(missing_ok=True)
+    return moved_stale
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +31,11 @@ from jsa_fast.checkpoint import load_checkpoint, non_finite_tensors
 from jsa_fast.cli import DEBUG_ENV
 from jsa_fast.data import datasets as datasets_module
 from jsa_fast.data.datasets import epoch_batches
+from jsa_fast.errors import UsageError
 from jsa_fast.evaluate import main as evaluate_main
 from jsa_fast.localize import main as localize_main
 from jsa_fast.prepare import main as prepare_main
-from jsa_fast.runtime import LOCK_NAME, MetricsLog
+from jsa_fast.runtime import LOCK_NAME, MetricsLog, output_lock
 from jsa_fast.train import main as train_main, train
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -426,6 +429,8 @@ def test_7_other_bad_input_is_one_line_too(world, good_run, tmp_path, capsys):
     ("case", "culprit"),
     [
         ("half the weights", "tensor(s) missing, e.g. "),
+        ("an extra weight", "1 tensor(s) unknown here, e.g. extra.weight"),
+        ("weights a list", "holds model weights of type list, not tensors by name"),
         ("dim 32 over dim-16 weights", "of another shape, e.g. "),
         ("config a string", "holds a configuration of type str, not a mapping"),
         ("config empty", "its weights do not fit its configuration"),
@@ -440,6 +445,10 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_configuration_is_one_line(
     if case == "half the weights":
         names = sorted(state["model"])
         state["model"] = {name: state["model"][name] for name in names[: len(names) // 2]}
+    elif case == "an extra weight":
+        state["model"]["extra.weight"] = torch.zeros(2)
+    elif case == "weights a list":
+        state["model"] = list(state["model"].values())
     elif case == "dim 32 over dim-16 weights":
         assert state["config"]["model"]["dim"] == 16
         state["config"]["model"]["dim"] = 32
@@ -646,6 +655,47 @@ def test_an_out_folder_is_owned_by_one_run_at_a_time(good_run, world, tmp_path, 
     _lock(other_host, _dead_pid(), host="another-machine")
     status, err = in_process(evaluate_main, ["--checkpoint", checkpoint, "--out", str(other_host)], capsys)
     error_line(err, 2, status, "is in use by another run", "on another-machine")
+
+
+def _hold_for_a_second(folder: str, start, results) -> None:
+    """One of several runs started together: take `folder`'s lock, hold it 1 s, report."""
+    import contextlib
+    import io
+
+    start.wait()
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), output_lock(Path(folder)):
+            time.sleep(1.0)
+        results.put(("held", said.getvalue()))
+    except UsageError as error:
+        results.put(("refused", f"{error}\n{said.getvalue()}"))
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["free", "stale"])
+def test_runs_started_at_the_same_moment_get_the_folder_one_at_a_time(tmp_path, stale):
+    """#24 items 3 and 8 with real processes: four runs released by one barrier onto a free
+    --out, or onto one a dead run still holds, exactly one holds it; the others are refused
+    naming the holder; the dead run's lock is removed and said so once (by the run that
+    removed it, which another may beat to the folder)."""
+    folder = tmp_path / "out"
+    if stale:
+        _lock(folder, _dead_pid())
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(4), context.Queue()
+    runs = [context.Process(target=_hold_for_a_second, args=(str(folder), start, results)) for _ in range(4)]
+    for run in runs:
+        run.start()
+    outcomes = [results.get(timeout=120) for _ in runs]
+    for run in runs:
+        run.join(timeout=60)
+    assert sorted(kind for kind, _ in outcomes) == ["held", "refused", "refused", "refused"], outcomes
+    for kind, text in outcomes:
+        if kind == "refused":
+            assert "is in use by another run" in text or "at the same time" in text or "being taken" in text, text
+    said = "".join(text for _, text in outcomes).count("taking over the lock of a run that is gone")
+    assert said == int(stale), outcomes
+    assert not folder.exists() or not list(folder.iterdir())  # the lock gone, nothing set aside left behind
 
 
 def test_sigterm_saves_the_step_and_exits_143(world, tmp_path, capsys, monkeypatch):
