@@ -290,8 +290,11 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         dim=64,
         mlp_hidden=128,
         encoder_width=8,
-        image_size=112,
-        train_resize=123,  # int(1.1 x 112), as the released int(1.1 x 224) = 246
+        # 5 x 5 tokens: a side the encoder's stride 32 divides, as the paper's 224 (7 x 7). At
+        # 112 (3.5 strides) the 4 x 4 grid overhangs the image and its maps, stretched over
+        # it, sit off the objects; seeds then scored AP50 0.58-0.90 (docs/results.md).
+        image_size=160,
+        train_resize=176,  # int(1.1 x 160), as the released int(1.1 x 224) = 246
         audio_seconds=1.0,
         n_fft=256,
         win_length=256,

@@ -18,6 +18,7 @@ from test_prepare import peak_hz, write_phone_clip
 from test_train import signalling_on_call
 
 from jsa_fast import localize as localize_module
+from jsa_fast.config import PRESETS
 from jsa_fast.data import synth
 from jsa_fast.data.audio import AudioConfig
 from jsa_fast.data.image import video_middle_frame
@@ -98,7 +99,8 @@ def test_video_maps_times_and_sound_agree(checkpoint: Path, moving: tuple, tmp_p
     assert localize_main(["--checkpoint", str(checkpoint), str(video), "--out", str(tmp_path), "--fps", "5",
                           "--batch-size", "4", "--map", "iqr"]) == 0  # fmt: skip
     maps = np.load(tmp_path / "moving_maps.npy")
-    assert maps.shape == (15, 112, 112) and maps.dtype == np.float32  # 3 s at 5 fps, the model's image size
+    side = PRESETS["tiny"].data.image.size  # the model's image size
+    assert maps.shape == (15, side, side) and maps.dtype == np.float32  # 3 s at 5 fps
     assert maps.min() >= 0 and maps.max() <= 1 and np.allclose(maps.max(axis=(1, 2)), 1)
     with (tmp_path / "moving_times.csv").open() as file:
         rows = list(csv.DictReader(file))
@@ -126,7 +128,8 @@ def test_an_image_with_a_wav(checkpoint: Path, tmp_path: Path) -> None:
     with Image.open(tmp_path / "out" / "test_000000_heatmap.png") as overlay:
         assert overlay.size == (80, 80) and overlay.mode == "RGB"
     heatmap = np.load(tmp_path / "out" / "test_000000_map.npy")
-    assert heatmap.shape == (112, 112) and 0 <= heatmap.min() and heatmap.max() == pytest.approx(1)
+    side = PRESETS["tiny"].data.image.size
+    assert heatmap.shape == (side, side) and 0 <= heatmap.min() and heatmap.max() == pytest.approx(1)
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
