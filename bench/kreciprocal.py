@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--batch", type=int, nargs="+", default=None, help="default: 256 1024 4096 (CPU), 4096 16384 65536 (CUDA)"
+        "--batch", type=int, nargs="+", default=None, help="default: 64 128 ... 16384 (CPU), 4096 16384 65536 (CUDA)"
     )
     parser.add_argument(
         "--inputs", type=input_kind, nargs="+", default=list(INPUTS), help=f"default: {' '.join(INPUTS)}"
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    batches = args.batch or ([4096, 16384, 65536] if device.type == "cuda" else [256, 1024, 4096])
+    batches = args.batch or ([4096, 16384, 65536] if device.type == "cuda" else [64 << i for i in range(9)])
     if not extension_available(device):
         print(f"note: jsa_fast._C has no {device.type} kernel; 'extension' runs the reference path")
 
