@@ -19,10 +19,11 @@ between log points, and counts per step:
   `bool(t)`, `float(t)`), copies from a non-CPU device to the CPU, and reads that bypass
   the dispatcher on a CPU tensor (`Tensor.tolist`, `Tensor.numpy`), each counted once.
   On a GPU, `torch.cuda.set_sync_debug_mode("warn")` gives the same count.
-- collectives (with 2 gloo processes, unless --no-collectives): calls of
-  `torch.distributed`'s collectives and of the functional all-gather per step; DDP's
-  gradient all-reduce (its C++ reducer) is not among them, the embeddings' all-gather for
-  the global negatives is.
+- collectives (with 2 gloo processes, unless --no-collectives): the collective ops
+  dispatched per step (`CollectiveCounter`: c10d's, as the loop's agreements call them, and
+  the functional ones of the model and losses: each GlobalBatchNorm2d's statistics, the
+  embeddings' all-gather for the global negatives and its backward's reduce-scatter); DDP's
+  gradient all-reduce (its C++ reducer calls the process group directly) is not among them.
 - with --compile, over two epochs and a resume (each of `--steps` steps): graph breaks,
   recompiles and graphs from dynamo's counters, after the first step.
 
@@ -45,7 +46,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -60,10 +60,6 @@ from jsa_fast.distributed import World  # noqa: E402
 from jsa_fast.kernels import registry  # noqa: E402
 
 PHASES = ("forward", "backward", "optimizer", "loop")
-COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "barrier",
-    "all_to_all_single", "_broadcast_coalesced",
-)  # fmt: skip
 # Small shapes that keep each preset's structure (layers, slots, iterations, token grids).
 SMALL = {"image_size": 64, "train_resize": 72, "num_workers": 1}  # the loader in a worker, as on a GPU
 
@@ -226,45 +222,52 @@ def census_compiled(preset: str, amp: str, batch: int, steps: int, data: Path, o
     }  # fmt: skip
 
 
+class CollectiveCounter(TorchDispatchMode):
+    """Collective ops dispatched (c10d's and the functional ones; waits and wrappers
+    excluded) per optimiser step, named "step: OP" inside `train_step` (the model's, the
+    losses' and DDP's gradient buckets, which reach the dispatcher as c10d::allreduce_) and
+    "loop: OP" outside it (the training loop's own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[Counter] = []
+        self.in_step = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (dispatch signature)
+        namespace, _, name = func._schema.name.partition("::")
+        if self.steps and namespace in ("c10d", "_c10d_functional") and not name.startswith(("wait", "_wrap")):
+            self.steps[-1][f"{'step' if self.in_step else 'loop'}: {func._schema.name}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _collective_worker(rank: int, port: int, preset: str, batch: int, steps: int, data: str, out: str, q: Any) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
     )
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    calls: list[Counter] = []
-    patched = {}
-    for module, names in ((dist, COLLECTIVES), (funcol, ("all_gather_tensor_autograd", "all_gather_tensor"))):
-        for name in names:
-            real = getattr(module, name, None)
-            if real is None:
-                continue
-
-            def counted(*args: Any, _real: Any = real, _name: str = f"{module.__name__}.{name}", **kwargs: Any) -> Any:
-                if calls:
-                    calls[-1][_name] += 1
-                return _real(*args, **kwargs)
-
-            patched[module, name] = real
-            setattr(module, name, counted)
+    counter = CollectiveCounter()
     real_step = train_module.train_step
 
     def step(*args: Any) -> Any:
-        calls.append(Counter())
-        return real_step(*args)
+        counter.steps.append(Counter())
+        counter.in_step = True
+        try:
+            return real_step(*args)
+        finally:
+            counter.in_step = False
 
     train_module.train_step = step
     try:
         world = World(rank, 2, rank, dist.group.WORLD)
-        train_module.train(
-            run_config(preset, "none", batch, steps, False), data, Path(out), torch.device("cpu"), world=world
-        )
+        with counter:
+            train_module.train(
+                run_config(preset, "none", batch, steps, False), data, Path(out), torch.device("cpu"), world=world
+            )
     finally:
         train_module.train_step = real_step
-        for (module, name), real in patched.items():
-            setattr(module, name, real)
         dist.destroy_process_group()
     if rank == 0:
-        q.put([dict(c) for c in calls])
+        q.put([dict(c) for c in counter.steps])
 
 
 def census_collectives(preset: str, batch: int, steps: int, data: Path, out: Path) -> dict[str, Any]:
@@ -283,12 +286,18 @@ def census_collectives(preset: str, batch: int, steps: int, data: Path, out: Pat
         start_method="spawn",
     )
     calls = [Counter(c) for c in queue.get()]
-    between = calls[:-1]  # the last step is the log point
+    # DDP's first two steps are its warm-up (the first pass; then the buckets rebuilt in the
+    # gradients' order, which broadcasts it), the last step is the log point.
+    between = calls[2:-1]
+    per_step = dict(between[0])
     return {
         "preset": preset, "mode": "2 gloo processes", "batch": batch, "steps": len(calls),
         "collectives_between_logs": max(sum(c.values()) for c in between),
-        "collective_kinds": dict(sum(between, Counter())),
-        "collectives_at_log": sum(calls[-1].values()),
+        "loop_collectives_between_logs": max(sum(n for op, n in c.items() if op.startswith("loop:")) for c in between),
+        "collective_kinds": per_step,
+        "same_every_step": all(c == between[0] for c in between),
+        "collectives_warm_up": [dict(c) for c in calls[:2]],
+        "collectives_at_log": dict(calls[-1]),
     }  # fmt: skip
 
 
@@ -297,16 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=["tiny", "paper"])
     parser.add_argument("--amp", nargs="+", choices=["none", "bf16", "fp16"], default=["none", "bf16", "fp16"])
     parser.add_argument("--batch", type=int, default=4, help="global batch (small: the counts do not depend on it)")
-    parser.add_argument("--steps", type=int, default=6, help="steps per epoch (>= 3)")
+    parser.add_argument("--steps", type=int, default=6, help="steps per epoch (>= 4)")
     parser.add_argument("--compile", action="store_true", help="also compiled: two epochs and a resume")
     parser.add_argument("--no-collectives", action="store_true", help="skip the 2-process run")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--dry-run", action="store_true", help="tiny preset, fp32 and fp16, 3 steps")
+    parser.add_argument("--dry-run", action="store_true", help="tiny preset, fp32 and fp16, 4 steps")
     args = parser.parse_args(argv)
     if args.dry_run:
-        args.presets, args.amp, args.steps = ["tiny"], ["none", "fp16"], 3
-    if args.steps < 3:
-        parser.error(f"--steps must be >= 3, got {args.steps}")
+        args.presets, args.amp, args.steps = ["tiny"], ["none", "fp16"], 4
+    if args.steps < 4:
+        parser.error(f"--steps must be >= 4, got {args.steps}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="step-census-") as scratch:
         folder = Path(scratch)
@@ -322,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(census_collectives(preset, args.batch, args.steps, data, folder / f"{preset}-ddp"))
     print_table(
         rows,
-        ["preset", "amp", "mode", *(f"ops_{p}" for p in PHASES), "host_syncs_between_logs", "collectives_between_logs",
+        ["preset", "amp", "mode", *(f"ops_{p}" for p in PHASES), "host_syncs_between_logs", "loop_collectives_between_logs",
          "graph_breaks", "recompiles"],
     )  # fmt: skip
     config = {k: getattr(args, k) for k in ("presets", "amp", "batch", "steps", "compile", "dry_run")}

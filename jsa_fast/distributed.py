@@ -96,6 +96,14 @@ class World:
         dist.all_reduce(values)
         return values / self.size
 
+    def sum(self, values: Tensor) -> Tensor:
+        """The sum over ranks of a detached tensor."""
+        if self.size == 1:
+            return values
+        values = values.detach().clone()
+        dist.all_reduce(values)
+        return values
+
     def min(self, value: Tensor) -> Tensor:
         """The minimum over ranks of a detached one-element tensor."""
         if self.size == 1:

@@ -216,7 +216,9 @@ def output_lock(folder: Path, flag: str = "--out", name: str = LOCK_NAME) -> Ite
 
 
 def _take_lock(path: Path, record: dict[str, Any], flag: str) -> None:
-    for _ in range(2):  # the second try after a stale lock was removed
+    # A few tries: after a dead run's lock was removed (by this run or another), or while
+    # another run removes one, the exclusive create is tried again.
+    for _ in range(_LOCK_TRIES):
         try:
             with open(path, "x", encoding="utf-8") as file:
                 file.write(json.dumps(record) + "\n")
@@ -231,8 +233,11 @@ def _take_lock(path: Path, record: dict[str, Any], flag: str) -> None:
                     f"no space left on the device of {path.parent} to take its lock ({path.name})"
                 ) from error
             raise
-        if holder is None:  # torn or being written: its writer is alive, or it is junk
-            if time.time() - path.stat().st_mtime < 60:
+        if holder is None:  # torn, being written, or gone since the create failed
+            age = _age_s(path)
+            if age is None:
+                continue
+            if age < _JUNK_AFTER_S:
                 raise UsageError(f"{flag} {path.parent} is being taken by another run ({path.name} is being written)")
         elif holder.get("host") != record["host"] or _process_alive(holder.get("pid")):
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
@@ -241,35 +246,50 @@ def _take_lock(path: Path, record: dict[str, Any], flag: str) -> None:
                 f"started {started}: {holder.get('command', '?')}); wait for it, or choose another {flag} "
                 f"(if that run is gone, delete {path})"
             )
-        elif _moved_aside(path, holder):  # said once, by the run that removed it
+        if _removed_if_still(path, holder) and holder is not None:  # said once, by the run that removed it
             print(
                 f"{path.parent}: taking over the lock of a run that is gone (PID {holder.get('pid')} on {holder.get('host')})",
                 file=sys.stderr,
             )
-        if holder is None:
-            path.unlink(missing_ok=True)
     raise UsageError(f"{flag} {path.parent}: another run took the lock at the same time; choose another {flag}")
 
 
-def _moved_aside(path: Path, stale: dict[str, Any]) -> bool:
-    """Remove the lock `path` if it still is `stale` (a dead run's); whether this process
-    did. A rename is atomic: of several runs taking over at once one moves the file; one
-    that moved a lock newer than the one it read (another run's, taken in between) puts it
-    back, so that the new owner keeps it. The run that removed it need not be the one that
-    then takes the folder: all of them try again."""
-    aside = path.with_name(f"{path.name}.{os.getpid()}.stale")
+_LOCK_TRIES = 20
+_JUNK_AFTER_S = 60  # a lock file unreadable for this long is no run's
+
+
+def _age_s(path: Path) -> float | None:
+    """Seconds since `path` was last written; None when it is gone."""
     try:
-        os.rename(path, aside)
+        return time.time() - path.stat().st_mtime
     except FileNotFoundError:
+        return None
+
+
+def _removed_if_still(path: Path, seen: dict[str, Any] | None) -> bool:
+    """Remove the lock `path` if it still holds `seen` (a dead run's record, or None for a
+    junk file); whether this process removed it. Removals go through the exclusive guard
+    file path.takeover, so that no run removes a lock another has taken in between (a lock
+    is created only where none is, and removed only here or by its owner). A guard held by
+    another run: wait a moment and let the caller try again; a guard older than a minute
+    is a crashed run's and is removed."""
+    guard = path.with_name(f"{path.name}.takeover")
+    try:
+        with open(guard, "x", encoding="utf-8") as file:
+            file.write(f"{os.getpid()}\n")
+    except FileExistsError:
+        age = _age_s(guard)
+        if age is not None and age >= _JUNK_AFTER_S:
+            guard.unlink(missing_ok=True)
+        time.sleep(0.05)
         return False
-    moved_stale = _read_lock(aside) == stale
-    if not moved_stale:
-        try:
-            os.link(aside, path)
-        except FileExistsError:
-            pass
-    aside.unlink(missing_ok=True)
-    return moved_stale
+    try:
+        if _read_lock(path) != seen or (seen is None and not path.exists()):
+            return False
+        path.unlink(missing_ok=True)
+        return True
+    finally:
+        guard.unlink(missing_ok=True)
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:

@@ -513,6 +513,7 @@ class StepTally:
         self.first_bad_step = torch.tensor(-1, dtype=torch.int64, device=device)
         self.first_bad_terms = torch.zeros(len(LOSS_TERMS), device=device)
         self.last_terms = torch.full((len(LOSS_TERMS),), math.nan, device=device)
+        self.no_scaler = torch.zeros((), dtype=torch.bool, device=device)  # never skipped without one
         self.batch_ids: dict[int, list[str]] = {}
 
     def scale(self) -> Tensor | None:
@@ -531,8 +532,7 @@ class StepTally:
         skips), else counted as skipped or kept as the first non-finite step."""
         values = torch.stack([terms[name].detach().float() for name in LOSS_TERMS])
         finite = torch.isfinite(values).all()
-        no_scaler = torch.zeros((), dtype=torch.bool, device=self.device)
-        skipped = self.scale() < scale_before if scale_before is not None else no_scaler
+        skipped = self.scale() < scale_before if scale_before is not None else self.no_scaler
         counted = finite & ~skipped
         self.sums += torch.where(counted, values.double(), 0.0)
         self.batches += counted
@@ -550,7 +550,7 @@ class StepTally:
         overflowing. What was read is what a checkpoint may then save."""
         world, state = run.world, self.state
         bad = torch.where(self.first_bad_step < 0, torch.iinfo(torch.int64).max, self.first_bad_step)
-        packed = torch.cat([self.sums, self.last_terms.double(), self.first_bad_terms.double()])
+        packed = torch.cat([self.sums, self.last_terms.double()])
         counts = torch.stack([self.batches, self.skipped])
         packed, counts, bad = world.mean(packed), world.mean(counts.double()), world.min(bad)
         host = packed.tolist()
@@ -560,7 +560,11 @@ class StepTally:
         state.sums = {"batches": batches, **dict(zip(LOSS_TERMS, host[:n]))}
         state.skipped_steps = skipped
         if first_bad != torch.iinfo(torch.int64).max:
-            shown = ", ".join(f"{name} {value:.4g}" for name, value in zip(LOSS_TERMS, host[2 * n :]))
+            # That step's terms, averaged over the processes whose first bad step it is
+            # (every process takes this branch: the minimum is the same everywhere).
+            mine = (self.first_bad_step == first_bad).double()
+            terms = world.sum(torch.cat([self.first_bad_terms.double() * mine, mine[None]])).tolist()
+            shown = ", ".join(f"{name} {value / terms[-1]:.4g}" for name, value in zip(LOSS_TERMS, terms[:-1]))
             raise run.stopped_at_step(state, first_bad, self.batch_ids[first_bad], f"the loss is not finite ({shown})")
         if state.scaler.is_enabled() and state.scaler.get_scale() < 1:
             raise run.stopped_at_step(
@@ -718,6 +722,12 @@ def train(
     with DeferredInterrupt() as interrupt:
         while state.epoch < run.epochs:
             epoch_means = train_epoch(run, state, interrupt)
+            # A signal after the epoch's last check (its end, validation, the save): the
+            # state is saved already; every process stops here (one agreement per epoch).
+            if world.any(interrupt.requested):
+                if world.is_main:
+                    print(f"interrupted: state saved to {run.checkpoint_path}; continue with --resume", file=sys.stderr)
+                raise interrupt.interrupted()
     if world.is_main:
         try:
             plot_loss_curves(run.log.path, out / "loss_curves.png")

@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from jsa_fast.config import PRESETS
+from jsa_fast.distributed import GlobalBatchNorm2d, convert_batchnorm
+from jsa_fast.model import JSAModel
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -177,9 +181,11 @@ def test_video_tools_benchmark(tmp_path):
 
 
 def test_step_census_dry_run_counts_no_host_sync_or_extra_collective_between_log_points(tmp_path):
-    """The training loop of the tiny preset, fp32 and fp16 eager, and 2 gloo processes: no
-    host sync and no collective but the two all-gathers of the global negatives (image and
-    audio embeddings) in a step between log points (issue #22's acceptance, on a CPU)."""
+    """The training loop of the tiny preset, fp32 and fp16 eager, and 2 gloo processes: in a
+    step between log points no host sync, and no collective of the loop's own; the step's
+    are the model's global BatchNorm statistics (forward and backward of each layer), the
+    global negatives' two all-gathers and their backward's reduce-scatters, and DDP's
+    gradient buckets (issue #22's acceptance, on a CPU)."""
     out = tmp_path / "census.json"
     subprocess.run([sys.executable, str(BENCH / "step_census.py"), "--dry-run", "--json", str(out)], check=True)
     rows = read_record(out)["rows"]
@@ -190,9 +196,16 @@ def test_step_census_dry_run_counts_no_host_sync_or_extra_collective_between_log
         assert row["host_syncs_at_log"] > 0  # the counter sees the reads where they belong
         assert min(row[f"ops_{phase}"] for phase in ("forward", "backward", "optimizer", "loop")) > 0
     (collectives,) = [row for row in rows if row["mode"] == "2 gloo processes"]
-    assert collectives["collective_kinds"] == {
-        "torch.distributed._functional_collectives.all_gather_tensor_autograd": 2 * (collectives["steps"] - 1)
-    }
+    assert collectives["loop_collectives_between_logs"] == 0 and collectives["same_every_step"]
+    model = convert_batchnorm(JSAModel(PRESETS["tiny"].model))
+    batchnorms = sum(isinstance(module, GlobalBatchNorm2d) for module in model.modules())
+    kinds = collectives["collective_kinds"]
+    assert kinds.pop("step: _c10d_functional::all_reduce") == 2 * batchnorms
+    assert kinds.pop("step: _c10d_functional::all_gather_into_tensor") == 2
+    assert kinds.pop("step: _c10d_functional::reduce_scatter_tensor") == 2
+    assert kinds.pop("step: c10d::allreduce_") >= 1  # DDP's buckets
+    assert not kinds, kinds
+    assert sum(n for op, n in collectives["collectives_at_log"].items() if op.startswith("loop:")) > 0
 
 
 def test_step_census_counter_sees_each_kind_of_host_read():
