@@ -76,16 +76,14 @@ def run_seed(seed: int, work: Path, train_flags: list[str]) -> dict[str, Any]:
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """min / median / max over the seeds of each figure, and whether all reach the bar."""
+    """min / median / max over the seeds of each figure (of the seeds that have it: a last
+    epoch whose every step the fp16 scaler skipped logs a null loss), and whether all reach
+    the bar."""
     figures = ("ap50", "auc", "mean_ciou", "final_loss", "train_s")
-    spread = {
-        name: {
-            "min": min(row[name] for row in rows),
-            "median": statistics.median(row[name] for row in rows),
-            "max": max(row[name] for row in rows),
-        }
-        for name in figures
-    }
+    spread = {}
+    for name in figures:
+        values = [row[name] for row in rows if row[name] is not None]
+        spread[name] = {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None
     return {"spread": spread, "ap50_bar": AP50_BAR, "every_seed_reaches_bar": all(r["ap50"] >= AP50_BAR for r in rows)}
 
 

@@ -237,3 +237,15 @@ def test_demo_seeds_dry_run(tmp_path):
         assert 0 <= row["ap50"] <= 1 and row["final_step"] == 4 and row["train_s"] > 0
     assert record["spread"]["ap50"]["min"] == min(row["ap50"] for row in record["rows"])
     assert record["every_seed_reaches_bar"] == all(row["ap50"] >= 0.7 for row in record["rows"])
+
+
+def test_demo_seeds_spread_skips_a_null_loss():
+    summary = load_benchmark("demo_seeds").summary
+    rows = [
+        {"ap50": 0.8, "auc": 0.6, "mean_ciou": 0.6, "final_loss": None, "train_s": 10.0},
+        {"ap50": 0.6, "auc": 0.5, "mean_ciou": 0.5, "final_loss": 4.0, "train_s": 12.0},
+    ]
+    result = summary(rows)
+    assert result["spread"]["final_loss"] == {"min": 4.0, "median": 4.0, "max": 4.0}
+    assert result["spread"]["ap50"]["median"] == pytest.approx(0.7)
+    assert result["every_seed_reaches_bar"] is False
