@@ -56,7 +56,7 @@ from jsa_fast.data.dali import DALILoader, make_dali_loader, resolve_loader
 from jsa_fast.data.datasets import AudioVisualDataset, EpochSeededDataset, FullDecode, epoch_batches, make_loader
 from jsa_fast.data.synth import default_cache_dir
 from jsa_fast.distributed import World, convert_batchnorm, gather_with_grad, process_group, wrap_ddp
-from jsa_fast.errors import DataError, RunError, UsageError
+from jsa_fast.errors import DataError, Interrupted, RunError, UsageError
 from jsa_fast.evaluation import Validation
 from jsa_fast.losses import jsa_loss
 from jsa_fast.model import JSAModel, ModelConfig
@@ -319,6 +319,29 @@ class TrainRun:
         )
         return RunError(f"{reason}; stopped without saving: {kept}")
 
+    def log_progress(self, kind: str, state: TrainState, losses: dict[str, float], samples_per_s: float) -> None:
+        """A metrics line (rank 0) of `kind` ("step": that step's loss terms; "epoch": the
+        epoch's means) at `state`'s step, with the learning rate, the throughput and, under
+        fp16, the loss scale."""
+        if self.world.is_main:
+            self.log.write(
+                {
+                    "kind": kind,
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    **losses,
+                    "lr": state.optimizer.param_groups[0]["lr"],
+                    "samples_per_s": samples_per_s,
+                    **state.scaler_record(),
+                }
+            )
+
+    def interrupted(self, interrupt: DeferredInterrupt) -> Interrupted:
+        """The error that ends a run stopped by a signal once its state is saved, said once."""
+        if self.world.is_main:
+            print(f"interrupted: state saved to {self.checkpoint_path}; continue with --resume", file=sys.stderr)
+        return interrupt.interrupted()
+
     def stopped_at_step(self, state: TrainState, step: int, item_ids: list[str], what: str) -> RunError:
         return self.stopped(
             state,
@@ -505,12 +528,14 @@ class StepTally:
     terms in float64 in order.
     """
 
+    NO_STEP = torch.iinfo(torch.int64).max  # first_bad_step while every loss was finite (the min's identity)
+
     def __init__(self, state: TrainState, device: torch.device) -> None:
         self.state, self.device = state, device
         self.sums = torch.tensor([state.sums[name] for name in LOSS_TERMS], dtype=torch.float64, device=device)
         self.batches = torch.tensor(state.sums["batches"], dtype=torch.int64, device=device)
         self.skipped = torch.tensor(state.skipped_steps, dtype=torch.int64, device=device)
-        self.first_bad_step = torch.tensor(-1, dtype=torch.int64, device=device)
+        self.first_bad_step = torch.tensor(self.NO_STEP, dtype=torch.int64, device=device)
         self.first_bad_terms = torch.zeros(len(LOSS_TERMS), device=device)
         self.last_terms = torch.full((len(LOSS_TERMS),), math.nan, device=device)
         self.no_scaler = torch.zeros((), dtype=torch.bool, device=device)  # never skipped without one
@@ -537,7 +562,7 @@ class StepTally:
         self.sums += torch.where(counted, values.double(), 0.0)
         self.batches += counted
         self.skipped += skipped
-        newly_bad = ~finite & ~skipped & (self.first_bad_step < 0)
+        newly_bad = ~finite & ~skipped & (self.first_bad_step == self.NO_STEP)
         self.first_bad_step = torch.where(newly_bad, step, self.first_bad_step)
         self.first_bad_terms = torch.where(newly_bad, values, self.first_bad_terms)
         self.last_terms = values
@@ -549,17 +574,16 @@ class StepTally:
         naming the first step whose loss was not finite, or when fp16 steps keep
         overflowing. What was read is what a checkpoint may then save."""
         world, state = run.world, self.state
-        bad = torch.where(self.first_bad_step < 0, torch.iinfo(torch.int64).max, self.first_bad_step)
         packed = torch.cat([self.sums, self.last_terms.double()])
         counts = torch.stack([self.batches, self.skipped])
-        packed, counts, bad = world.mean(packed), world.mean(counts.double()), world.min(bad)
+        packed, counts, first_bad = world.mean(packed), world.mean(counts.double()), world.min(self.first_bad_step)
         host = packed.tolist()
         batches, skipped = (round(count) for count in counts.tolist())
-        first_bad = int(bad)
+        first_bad = int(first_bad)
         n = len(LOSS_TERMS)
         state.sums = {"batches": batches, **dict(zip(LOSS_TERMS, host[:n]))}
         state.skipped_steps = skipped
-        if first_bad != torch.iinfo(torch.int64).max:
+        if first_bad != self.NO_STEP:
             # That step's terms, averaged over the processes whose first bad step it is
             # (every process takes this branch: the minimum is the same everywhere).
             mine = (self.first_bad_step == first_bad).double()
@@ -623,34 +647,21 @@ def train_epoch(run: TrainRun, state: TrainState, interrupt: DeferredInterrupt) 
                 raise run.stopped_at_step(state, state.step, batch["id"], one_line(error)) from error
             tally.add(state.step, batch["id"], terms, scale_before)
             seen_items += global_batch
-            if state.step % cfg.optim.log_every == 0:
+            at_read = state.step % cfg.optim.log_every == 0
+            if at_read:
                 values = tally.read(run)
                 throughput = seen_items / (time.perf_counter() - started)
                 progress.set_postfix(
                     {name.removeprefix("loss_"): f"{v:.3g}" for name, v in values.items()}
                     | {"samples/s": f"{throughput:.1f}"}
                 )
-                if world.is_main:
-                    run.log.write(
-                        {
-                            "kind": "step",
-                            "step": state.step,
-                            "epoch": state.epoch,
-                            **values,
-                            "lr": state.optimizer.param_groups[0]["lr"],
-                            "samples_per_s": throughput,
-                            **state.scaler_record(),
-                        }
-                    )
+                run.log_progress("step", state, values, throughput)
             # A flag of this process: free to look at every step; several processes agree
             # (a collective) only where they read the tally anyway, and stop after the same step.
-            at_read = state.step % cfg.optim.log_every == 0
             if interrupt.requested if world.size == 1 else (at_read and world.any(interrupt.requested)):
                 tally.read(run)
                 save_state(run, state)
-                if world.is_main:
-                    print(f"interrupted: state saved to {run.checkpoint_path}; continue with --resume", file=sys.stderr)
-                raise interrupt.interrupted()
+                raise run.interrupted(interrupt)
         tally.read(run)
     finally:
         progress.close()
@@ -661,18 +672,7 @@ def train_epoch(run: TrainRun, state: TrainState, interrupt: DeferredInterrupt) 
         )
     # NaN (null in metrics.jsonl) when the scaler skipped every step of the epoch
     epoch_means = {name: sums[name] / sums["batches"] if sums["batches"] else math.nan for name in LOSS_TERMS}
-    if world.is_main:
-        run.log.write(
-            {
-                "kind": "epoch",
-                "step": state.step,
-                "epoch": state.epoch,
-                **epoch_means,
-                "lr": state.optimizer.param_groups[0]["lr"],
-                "samples_per_s": seen_items / (time.perf_counter() - started),
-                **state.scaler_record(),
-            }
-        )
+    run.log_progress("epoch", state, epoch_means, seen_items / (time.perf_counter() - started))
     improved = False
     if run.validation is not None and world.is_main:
         scores = run.validation.score(state.model, device)
@@ -725,9 +725,7 @@ def train(
             # A signal after the epoch's last check (its end, validation, the save): the
             # state is saved already; every process stops here (one agreement per epoch).
             if world.any(interrupt.requested):
-                if world.is_main:
-                    print(f"interrupted: state saved to {run.checkpoint_path}; continue with --resume", file=sys.stderr)
-                raise interrupt.interrupted()
+                raise run.interrupted(interrupt)
     if world.is_main:
         try:
             plot_loss_curves(run.log.path, out / "loss_curves.png")
