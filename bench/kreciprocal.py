@@ -1,10 +1,14 @@
 """Benchmark k-reciprocal masks: `python bench/kreciprocal.py [--device cpu|cuda]
 [--batch 256 4096 ...] [--inputs random collapsed-0.1 collapsed-0.01] [--dim 512] [--k 20]
-[--repeats 10] [--json PATH]`.
+[--repeats 10] [--paths] [--json PATH]`.
 
 Compares jsa_fast.k_reciprocal_mask (the jsa_fast._C kernel for the device), as a B x B
 bool mask ("extension") and as packed bit words ("packed"), with the reference (torch
-sort on the full B x B similarity) on three kinds of rows:
+sort on the full B x B similarity) on three kinds of rows. With --paths, also the
+kernel's two paths whatever B is ("direct": every row against all rows, which the CPU
+takes up to its crossover; "filter": the bfloat16 filter and refinement), by setting
+JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH around each call: the measurement that places the
+crossover (csrc/k_reciprocal_cpu.cpp). The rows:
 
 - random: independent Gaussian rows;
 - collapsed-S: one shared Gaussian mean plus S times Gaussian noise per row, the target
@@ -23,8 +27,10 @@ Writes JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,6 +43,26 @@ from jsa_fast import k_reciprocal_mask, reference  # noqa: E402
 from jsa_fast.ops import extension_available, pack_mask  # noqa: E402
 
 INPUTS = ("random", "collapsed-0.1", "collapsed-0.01")
+DIRECT_MAX_BATCH = "JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH"
+# The largest batch each path is forced for: a direct path over every batch, or none.
+PATH_LIMITS = {"direct": str(2**62), "filter": "0"}
+
+
+def on_path(path: str, call: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """call, run with the kernel forced onto `path` ("direct" or "filter")."""
+
+    def forced() -> torch.Tensor:
+        before = os.environ.get(DIRECT_MAX_BATCH)
+        os.environ[DIRECT_MAX_BATCH] = PATH_LIMITS[path]
+        try:
+            return call()
+        finally:
+            if before is None:
+                del os.environ[DIRECT_MAX_BATCH]
+            else:
+                os.environ[DIRECT_MAX_BATCH] = before
+
+    return forced
 
 
 def make_rows(kind: str, batch: int, dim: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -71,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument(
+        "--paths", action="store_true", help="also time the kernel's direct and filter paths at every B (see above)"
+    )
+    parser.add_argument(
         "--json", default=None, help="output path (default: bench/results/kreciprocal-<device>-<time>.json)"
     )
     args = parser.parse_args(argv)
@@ -92,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                 "packed": lambda z_img=z_img, z_aud=z_aud: k_reciprocal_mask(z_img, z_aud, args.k, packed=True),
                 "reference": lambda z_img=z_img, z_aud=z_aud: reference.k_reciprocal_mask(z_img, z_aud, args.k),
             }
+            if args.paths:
+                for path in PATH_LIMITS:
+                    implementations[path] = on_path(path, implementations["extension"])
             results = {}
             for name, call in implementations.items():  # the warm-up call gives the masks
                 try:
@@ -104,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                     row[f"{name}_ms"], row[f"{name}_error"] = None, str(error).splitlines()[0]
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            if args.paths:  # the two paths give one mask: the same similarities, the same selection
+                row["paths_identical"] = all(torch.equal(results[path], results["extension"]) for path in PATH_LIMITS)
             if "reference" in results:
                 expected = results.pop("reference")
                 row["differing_entries"] = int((results["extension"] != expected).sum())
@@ -121,16 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             if row.get("reference_ms") is not None:
                 row["speedup"] = row["reference_ms"] / row["extension_ms"]
             rows.append(row)
-        columns = [
-            "B",
-            "input",
-            "extension_ms",
-            "packed_ms",
-            "reference_ms",
-            "speedup",
-            "vs_random",
-            "differing_entries",
-        ]
+        columns = ["B", "input", "extension_ms", "packed_ms", "reference_ms", "speedup", "vs_random"]
+        if args.paths:
+            columns += [f"{path}_ms" for path in PATH_LIMITS]
+        columns.append("differing_entries")
         print_table(list(rows_at_batch.values()), columns)
     path = write_results("kreciprocal", device, vars(args) | {"batch": batches}, rows, args.json)
     print(f"wrote {path}")

@@ -44,8 +44,11 @@ void check_inputs(const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k) {
 // Step 1: B x D any float -> B x D contiguous float32 rows of unit norm (or zero).
 at::Tensor normalized_rows(const at::Tensor& z, const char* name) {
   const at::Tensor rows = z.to(at::kFloat);
-  // Checked after the cast: a finite float64 beyond float32's range becomes inf here.
-  TORCH_CHECK_VALUE(at::isfinite(rows).all().item<bool>(), name, " holds values that are not finite in float32");
+  // Checked after the cast: a finite float64 beyond float32's range becomes inf here. A
+  // float64 sum of float32 values cannot overflow, so it is finite exactly when they all
+  // are: one reduction instead of isfinite's four passes.
+  TORCH_CHECK_VALUE(
+      std::isfinite(rows.sum(at::kDouble).item<double>()), name, " holds values that are not finite in float32");
   const at::Tensor norms = at::linalg_vector_norm(rows, 2, {1}, /*keepdim=*/true).clamp_min(1e-12);
   return (rows / norms).contiguous();
 }
@@ -64,6 +67,22 @@ int64_t scratch_bytes(const Kernels& kernels) {
       end != mib && *end == '\0' && value > 0, "JSA_FAST_KRECIPROCAL_SCRATCH_MIB must be a positive number, got '",
       mib, "'");
   return std::max<int64_t>(1, static_cast<int64_t>(value * (1 << 20)));
+}
+
+// The largest batch that takes the direct path: JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH when
+// set (0 sends every batch through steps 2-4, which is how the tests reach them at small
+// B), else the device's measured crossover.
+int64_t direct_max_batch(const Kernels& kernels) {
+  const char* rows = std::getenv("JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH");
+  if (rows == nullptr || *rows == '\0') {
+    return kernels.default_direct_max_batch;
+  }
+  char* end = nullptr;
+  const long long value = std::strtoll(rows, &end, 10);
+  TORCH_CHECK_VALUE(
+      end != rows && *end == '\0' && value >= 0,
+      "JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH must be a whole number >= 0, got '", rows, "'");
+  return static_cast<int64_t>(value);
 }
 
 // Step 2's bound, from the rows (B x D float32, norms <= N) and their bfloat16 roundings
@@ -181,15 +200,19 @@ void general_path(
 at::Tensor nearest_lists(const at::Tensor& rows, int64_t k, const Kernels& kernels) {
   const int64_t batch = rows.size(0);
   const at::Tensor neighbours = at::empty({batch, k}, rows.options().dtype(at::kInt));
-  const at::Tensor general = at::zeros({batch}, rows.options().dtype(at::kByte));
-  if (k <= candidate_limit(batch)) {
-    filter_rows_in_tiles(rows, k, kernels, neighbours, general);
+  if (kernels.direct != nullptr && batch <= direct_max_batch(kernels)) {
+    kernels.direct(rows, k, scratch_bytes(kernels), neighbours);
   } else {
-    general.fill_(1);  // no row can have k candidates or fewer than limit
-  }
-  const at::Tensor general_rows = general.nonzero().flatten();
-  if (general_rows.numel() > 0) {
-    general_path(rows, general_rows, k, kernels, neighbours);
+    const at::Tensor general = at::zeros({batch}, rows.options().dtype(at::kByte));
+    if (k <= candidate_limit(batch)) {
+      filter_rows_in_tiles(rows, k, kernels, neighbours, general);
+    } else {
+      general.fill_(1);  // no row can have k candidates or fewer than limit
+    }
+    const at::Tensor general_rows = general.nonzero().flatten();
+    if (general_rows.numel() > 0) {
+      general_path(rows, general_rows, k, kernels, neighbours);
+    }
   }
   // Sorted by index for binary searches, a chunk of rows at a time: a sort's values,
   // int64 indices and buffers take ~16 bytes per entry.

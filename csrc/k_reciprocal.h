@@ -26,6 +26,10 @@
 //      both sides) with a running top-k per row (merge_largest). When most rows of the
 //      first (small) filter tile take this path, the rest of the batch goes straight to
 //      it, without the filter.
+//   Direct path, instead of steps 2-4 where the device has one and B is at most its
+//      measured crossover (Kernels::default_direct_max_batch): s against all B rows as a
+//      float64 GEMM, a tile of rows at a time, and each row's k largest keys selected
+//      (neighbour_key): the same lists, without the filter's fixed costs.
 //   5. Assemble R from the B x k neighbour lists (each sorted by index, so that
 //      membership is a binary search): O(B k log k) work, O(B k) memory.
 //
@@ -101,6 +105,14 @@ struct MaskView {
 struct Kernels {
   // The scratch bound the device gets when JSA_FAST_KRECIPROCAL_SCRATCH_MIB is not set.
   int64_t (*default_scratch_bytes)();
+  // Batches of up to this many rows take the direct path instead of steps 2-4 (unless
+  // JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH says otherwise): every row's exact similarities
+  // to all rows and a selection of its k largest keys, the same lists as steps 2-4. 0 for
+  // a device without one (direct is null).
+  int64_t default_direct_max_batch;
+  // The direct path: rows (B x D normalised float32) -> neighbours (B x k int32, any
+  // order), with at most `scratch` bytes of products at a time.
+  void (*direct)(const at::Tensor& rows, int64_t k, int64_t scratch, const at::Tensor& neighbours);
   // Step 2's GEMM: filter_rows (B x D bfloat16) rows [start, start + count) against all
   // rows -> count x B bfloat16, float32 sums of the (exact) products rounded once.
   at::Tensor (*filter_tile)(const at::Tensor& filter_rows, int64_t start, int64_t count);

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <vector>
 
 // AVX2 and AVX-512 clones of the similarity loop, picked when the library loads.
@@ -24,6 +25,13 @@ namespace {
 // Work units (multiply-adds or row entries) each thread gets at least: below this,
 // waking threads costs more than it saves.
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 15;
+
+// The largest batch that takes the direct path. Measured (bench/kreciprocal.py --paths, D =
+// 512, k = 20, 2-core Xeon; bench/results/kreciprocal-cpu-20261205T062821Z-paths.json): at
+// B = 512 and 576 the two paths take the same time on random rows (6.6 / 6.6 and 8.2 / 8.0
+// ms) and the direct one 21-26% less on collapsed rows; from 640 on, the direct path takes
+// longer on random rows (8% at 640, 29% at 1,024).
+constexpr int64_t kDirectMaxBatch = 576;
 
 int64_t default_scratch_bytes_cpu() {
   return int64_t{256} << 20;
@@ -117,6 +125,38 @@ void merge_cpu(
   });
 }
 
+// The direct path (k_reciprocal.h): a tile of rows' float64 products against all rows,
+// one GEMM, then each row's k largest keys. Up to kDirectMaxBatch rows this costs no more
+// than the filter: on the CPU the filter's bfloat16 GEMM runs in float32 (filter_tile_cpu),
+// which saves at most half of a float64 GEMM, and its fixed costs (the bound, the tiles'
+// conversions, radix selections, the refinement) outweigh that at small B.
+void direct_cpu(const at::Tensor& rows, int64_t k, int64_t scratch, const at::Tensor& neighbours) {
+  const int64_t batch = rows.size(0);
+  const at::Tensor exact = rows.to(at::kDouble);
+  int32_t* lists = neighbours.mutable_data_ptr<int32_t>();
+  // Per tile row: its products (8 bytes per column).
+  const int64_t tile_rows = std::clamp<int64_t>(scratch / (8 * batch), 1, batch);
+  for (int64_t start = 0; start < batch; start += tile_rows) {
+    const int64_t count = std::min(tile_rows, batch - start);
+    const at::Tensor products = at::mm(exact.narrow(0, start, count), exact.t()).contiguous();
+    const double* sums = products.const_data_ptr<double>();
+    at::parallel_for(0, count, std::max<int64_t>(1, kMinWorkPerThread / batch), [&](int64_t begin, int64_t end) {
+      std::vector<uint64_t> keys(batch);
+      for (int64_t r = begin; r < end; ++r) {
+        const double* row_sums = sums + r * batch;
+        for (int64_t j = 0; j < batch; ++j) {
+          keys[j] = neighbour_key(static_cast<float>(row_sums[j]), static_cast<int32_t>(j));
+        }
+        std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint64_t>());
+        int32_t* list = lists + (start + r) * k;
+        for (int64_t slot = 0; slot < k; ++slot) {
+          list[slot] = key_index(keys[slot]);
+        }
+      }
+    });
+  }
+}
+
 void assemble_cpu(const at::Tensor& img, const at::Tensor& aud, const MaskView& mask) {
   const int64_t k = img.size(1);
   const int32_t* img_lists = img.const_data_ptr<int32_t>();
@@ -128,7 +168,9 @@ void assemble_cpu(const at::Tensor& img, const at::Tensor& aud, const MaskView& 
   });
 }
 
-constexpr Kernels kCpuKernels{&default_scratch_bytes_cpu, &filter_tile_cpu, &refine_cpu, &merge_cpu, &assemble_cpu};
+constexpr Kernels kCpuKernels{
+    &default_scratch_bytes_cpu, kDirectMaxBatch, &direct_cpu, &filter_tile_cpu, &refine_cpu, &merge_cpu,
+    &assemble_cpu};
 
 at::Tensor k_reciprocal_mask_cpu(const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k, bool packed) {
   return k_reciprocal_mask(z_img, z_aud, k, packed, kCpuKernels);

@@ -203,8 +203,9 @@ void assemble_cuda(const at::Tensor& img, const at::Tensor& aud, const MaskView&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// No direct path on CUDA: no GPU has measured where it would pay.
 constexpr Kernels kCudaKernels{
-    &default_scratch_bytes_cuda, &filter_tile_cuda, &refine_cuda, &merge_cuda, &assemble_cuda};
+    &default_scratch_bytes_cuda, 0, nullptr, &filter_tile_cuda, &refine_cuda, &merge_cuda, &assemble_cuda};
 
 at::Tensor k_reciprocal_mask_cuda(const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k, bool packed) {
   const c10::cuda::CUDAGuard device_guard(z_img.device());

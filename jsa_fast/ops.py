@@ -91,6 +91,9 @@ def k_reciprocal_mask(z_img: Tensor, z_aud: Tensor, k: int = 20, *, packed: bool
     than a tile of the B x B similarity (a bounded scratch), O(B k) neighbour lists and
     O(B D) copies of the rows (csrc/k_reciprocal.h). Rows whose similarities crowd
     together (collapsed embeddings) take a general path of about the cost of spread ones.
+    On the CPU, small B (up to kDirectMaxBatch, csrc/k_reciprocal_cpu.cpp) takes a direct
+    path (all similarities of a tile of rows, then a selection per row), which costs less
+    there and gives the same mask.
     """
     # The one validation of the arguments: metadata only, so no device sync, and compiled
     # graphs run it too. Finiteness needs the values: the C++ op checks it where it casts

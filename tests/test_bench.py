@@ -37,7 +37,8 @@ def test_kreciprocal_benchmark(tmp_path):
     out = tmp_path / "kreciprocal.json"
     assert (
         load_benchmark("kreciprocal").main(
-            ["--device", "cpu", "--batch", "16", "64", "--dim", "8", "--k", "4", "--repeats", "2", "--json", str(out)]
+            ["--device", "cpu", "--batch", "16", "64", "--dim", "8", "--k", "4", "--repeats", "2", "--paths"]
+            + ["--json", str(out)]
         )
         == 0
     )
@@ -46,6 +47,7 @@ def test_kreciprocal_benchmark(tmp_path):
         (b, i) for b in (16, 64) for i in ("random", "collapsed-0.1", "collapsed-0.01")
     ]
     assert all(row["identical"] for row in record["rows"])  # extension == reference, bit for bit
+    assert all(row["paths_identical"] and row["direct_ms"] > 0 and row["filter_ms"] > 0 for row in record["rows"])
 
 
 def test_slot_attention_benchmark_dry_run(tmp_path):

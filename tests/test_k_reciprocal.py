@@ -22,6 +22,11 @@ IMPLEMENTATIONS = {
     "reference": reference.k_reciprocal_mask,
     "cpp": torch.ops.jsa_fast.k_reciprocal_mask if ops.extension_available(CPU) else None,
 }
+# The kernels take a direct path (every row against all rows) up to a device's crossover
+# and the filter (steps 2-4 of csrc/k_reciprocal.h) above it; these values of the
+# variable force one path at any B.
+DIRECT_MAX_BATCH = "JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH"
+PATH_LIMITS = {"filter": "0", "direct": str(2**62)}
 
 
 def basis_rows(*columns: int, width: int = 4) -> torch.Tensor:
@@ -61,9 +66,26 @@ def k_values(batch: int) -> list[int]:
     return sorted({1, min(2, batch), min(5, batch), min(20, batch), batch})
 
 
-@pytest.fixture(params=sorted(IMPLEMENTATIONS))
-def implementation(request):
-    op = IMPLEMENTATIONS[request.param]
+@pytest.fixture(autouse=True)
+def filter_path_unless_asked(monkeypatch):
+    """The kernels run their filter path here unless a test asks for `kernel_path`: at
+    the small B of tests the CPU would otherwise always take its direct path."""
+    monkeypatch.setenv(DIRECT_MAX_BATCH, PATH_LIMITS["filter"])
+
+
+@pytest.fixture(params=sorted(PATH_LIMITS))
+def kernel_path(request, monkeypatch):
+    """Runs the test on each of the kernels' paths."""
+    monkeypatch.setenv(DIRECT_MAX_BATCH, PATH_LIMITS[request.param])
+    return request.param
+
+
+@pytest.fixture(params=["reference", "cpp-filter", "cpp-direct"])
+def implementation(request, monkeypatch):
+    name, _, path = request.param.partition("-")
+    if path:
+        monkeypatch.setenv(DIRECT_MAX_BATCH, PATH_LIMITS[path])
+    op = IMPLEMENTATIONS[name]
     assert op is not None, "jsa_fast._C is not built: run `pip install -e . --no-build-isolation`"
     return op
 
@@ -277,7 +299,7 @@ def assert_matches_exact_similarities(z_img: torch.Tensor, z_aud: torch.Tensor, 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("batch", BATCH_SIZES)
-def test_kernel_matches_reference_on_exact_ties(batch, dtype, device):
+def test_kernel_matches_reference_on_exact_ties(batch, dtype, device, kernel_path):
     for seed in range(12 if batch <= 64 else 4):
         z_img, z_aud = tied_rows(batch, 2 * seed, dtype), tied_rows(batch, 2 * seed + 1, dtype)
         for k in k_values(batch):
@@ -289,7 +311,7 @@ def test_kernel_matches_reference_on_exact_ties(batch, dtype, device):
 @pytest.mark.parametrize("width", [32, 512])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("batch", BATCH_SIZES)
-def test_kernel_matches_reference_on_random_rows(batch, dtype, width, device):
+def test_kernel_matches_reference_on_random_rows(batch, dtype, width, device, kernel_path):
     # Here the similarities are rounded, and the reference's matrix product sums in
     # another order than the kernel: the masks agree unless two similarities at a row's
     # k-th place lie within rounding of each other, which random rows practically never do.
@@ -304,7 +326,7 @@ def test_kernel_matches_reference_on_random_rows(batch, dtype, width, device):
 @pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("clusters", [40, 4])
-def test_kernel_on_tight_clusters(device, clusters):
+def test_kernel_on_tight_clusters(device, clusters, kernel_path):
     # Rows within ~3e-2 of a few centres: a cluster's similarities (1 - 2e-3 .. 1) differ by
     # less than the bfloat16 filter's error, so whole clusters become candidates. 40
     # clusters of 15 rows stay within the filter's 128 candidates (max(B / 8, 128)), so the
@@ -379,9 +401,10 @@ def test_kernel_general_path_for_rows_with_many_candidates(device):
 
 @pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
-def test_kernel_with_many_tiles_and_chunks(device, monkeypatch):
+def test_kernel_with_many_tiles_and_chunks(device, monkeypatch, kernel_path):
     # A 0.05 MiB scratch bound: filter tiles of ~12 rows, general-path block rows of 1-4
-    # rows and list-sorting chunks of 10-3276 rows, so tile and block boundaries are crossed.
+    # rows, direct-path tiles of 12-13 rows and list-sorting chunks of 10-3276 rows, so
+    # tile and block boundaries are crossed.
     monkeypatch.setenv("JSA_FAST_KRECIPROCAL_SCRATCH_MIB", "0.05")
     gen = torch.Generator().manual_seed(9)
     z_img, z_aud = tied_rows(540, 3, torch.float32), torch.randn(540, 32, generator=gen)
@@ -397,10 +420,28 @@ def test_bad_scratch_bound_is_named(monkeypatch):
         torch.ops.jsa_fast.k_reciprocal_mask(GOOD, GOOD, 2)
 
 
+@pytest.mark.parametrize("value", ["many", "-1", "1.5", "12x"])
+def test_bad_direct_path_limit_is_named(monkeypatch, value):
+    monkeypatch.setenv(DIRECT_MAX_BATCH, value)
+    with pytest.raises(ValueError, match=f"{DIRECT_MAX_BATCH} must be a whole number >= 0, got '{re.escape(value)}'"):
+        torch.ops.jsa_fast.k_reciprocal_mask(GOOD, GOOD, 2)
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("batch", [64, 2048])
+def test_default_paths_give_the_exact_mask(monkeypatch, batch):
+    # Unforced, the CPU takes its direct path at B = 64 and the filter at B = 2,048 (its
+    # crossover lies between, csrc/k_reciprocal_cpu.cpp); either gives the mask of the
+    # kernels' similarities, on spread and on collapsed rows.
+    monkeypatch.delenv(DIRECT_MAX_BATCH)
+    gen = torch.Generator().manual_seed(batch)
+    assert_matches_exact_similarities(torch.randn(batch, 256, generator=gen), collapsed_rows(batch, 1e-2, 3), 20)
+
+
 @pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [128, 129, 256, 299])
-def test_kernel_large_k_takes_the_general_path(device, k):
+def test_kernel_large_k_takes_the_general_path(device, k, kernel_path):
     # At B = 300 the filter serves k <= max(B / 8, 128) = 128; above it every row takes the
     # general path.
     z_img, z_aud = tied_rows(300, 5, torch.float32), tied_rows(300, 6, torch.float32)
@@ -447,7 +488,7 @@ def crowded(z: torch.Tensor, k: int) -> torch.Tensor:
 @pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("flips", [1, 2, 4])
-def test_kernel_matches_reference_on_collapsed_exact_rows(device, flips):
+def test_kernel_matches_reference_on_collapsed_exact_rows(device, flips, kernel_path):
     # Every row within a few flips of one row: similarities crowd into a few exact values
     # near 1, with ties at every row's k-th place; at k = 50 most rows take the general path.
     z_img, z_aud = collapsed_exact_rows(700, flips, 0), collapsed_exact_rows(700, flips, 1)
@@ -459,7 +500,7 @@ def test_kernel_matches_reference_on_collapsed_exact_rows(device, flips):
 @pytest.mark.numeric
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spread", [0.03, 0.01, 1e-3])
-def test_kernel_on_collapsed_rows_without_ties(device, spread):
+def test_kernel_on_collapsed_rows_without_ties(device, spread, kernel_path):
     # Shared mean plus noise: all similarities within 2^-8 of 1, far inside the bfloat16
     # filter's window, so every row is a candidate of every row and takes the general path.
     # Near-ties within float32 rounding are the norm here (at 1e-3 the similarities span
@@ -582,7 +623,7 @@ def test_cuda_kernel_on_collapsed_rows_at_a_large_global_batch():
 
 
 @pytest.mark.numeric
-def test_kernel_matches_reference_on_strided_input():
+def test_kernel_matches_reference_on_strided_input(kernel_path):
     base = tied_rows(64, 7, torch.float32).T.contiguous()
     z_img = base.T  # 64 x 32, column-major
     z_aud = tied_rows(128, 8, torch.float32)[::2]
