@@ -41,14 +41,20 @@ void check_inputs(const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k) {
       z_img.size(0) <= std::numeric_limits<int32_t>::max(), "z_img has more than 2^31 - 1 rows: ", z_img.size(0));
 }
 
-// Step 1: B x D any float -> B x D contiguous float32 rows of unit norm (or zero).
-at::Tensor normalized_rows(const at::Tensor& z, const char* name) {
-  const at::Tensor rows = z.to(at::kFloat);
-  // Checked after the cast: a finite float64 beyond float32's range becomes inf here. A
-  // float64 sum of float32 values cannot overflow, so it is finite exactly when they all
-  // are: one reduction instead of isfinite's four passes.
-  TORCH_CHECK_VALUE(
-      std::isfinite(rows.sum(at::kDouble).item<double>()), name, " holds values that are not finite in float32");
+// Step 1: B x D any float -> B x D contiguous float32 rows of unit norm (or zero). With
+// check_finite, a value that is not finite in float32 raises ValueError (one host read);
+// without, its row counts as a zero row (similarity 0 to every row), without a read.
+at::Tensor normalized_rows(const at::Tensor& z, const char* name, bool check_finite) {
+  at::Tensor rows = z.to(at::kFloat);
+  // After the cast: a finite float64 beyond float32's range becomes inf here.
+  if (check_finite) {
+    // A float64 sum of float32 values cannot overflow, so it is finite exactly when they
+    // all are: one reduction instead of isfinite's four passes.
+    TORCH_CHECK_VALUE(
+        std::isfinite(rows.sum(at::kDouble).item<double>()), name, " holds values that are not finite in float32");
+  } else {
+    rows = rows.masked_fill(at::isfinite(rows).all(1, /*keepdim=*/true).logical_not(), 0.0f);
+  }
   const at::Tensor norms = at::linalg_vector_norm(rows, 2, {1}, /*keepdim=*/true).clamp_min(1e-12);
   return (rows / norms).contiguous();
 }
@@ -162,9 +168,12 @@ void general_path(
     const at::Tensor& rows, const at::Tensor& ids, int64_t k, const Kernels& kernels, const at::Tensor& neighbours) {
   const int64_t batch = rows.size(0);
   const int64_t count = ids.numel();
-  at::Tensor listed = at::zeros({batch}, rows.options().dtype(at::kBool));
-  listed.index_fill_(0, ids, true);
-  const at::Tensor order = at::cat({ids, listed.logical_not().nonzero().flatten()});
+  at::Tensor order = ids;
+  if (count < batch) {
+    at::Tensor listed = at::zeros({batch}, rows.options().dtype(at::kBool));
+    listed.index_fill_(0, ids, true);
+    order = at::cat({ids, listed.logical_not().nonzero().flatten()});
+  }
   const at::Tensor order32 = order.to(at::kInt);
   const at::Tensor ordered_rows = rows.index_select(0, order).to(at::kDouble);
   const at::Tensor state = at::zeros({count, k}, rows.options().dtype(at::kLong));
@@ -200,15 +209,16 @@ void general_path(
 at::Tensor nearest_lists(const at::Tensor& rows, int64_t k, const Kernels& kernels) {
   const int64_t batch = rows.size(0);
   const at::Tensor neighbours = at::empty({batch, k}, rows.options().dtype(at::kInt));
-  if (kernels.direct != nullptr && batch <= direct_max_batch(kernels)) {
+  const bool direct = batch <= direct_max_batch(kernels);
+  if (direct && kernels.direct != nullptr) {
     kernels.direct(rows, k, scratch_bytes(kernels), neighbours);
+  } else if (direct || k > candidate_limit(batch)) {
+    // Every row through step 4 (for a large k: no row can have k candidates and at most
+    // limit). Nothing here depends on the values, so nothing is read back to the host.
+    general_path(rows, at::arange(batch, rows.options().dtype(at::kLong)), k, kernels, neighbours);
   } else {
     const at::Tensor general = at::zeros({batch}, rows.options().dtype(at::kByte));
-    if (k <= candidate_limit(batch)) {
-      filter_rows_in_tiles(rows, k, kernels, neighbours, general);
-    } else {
-      general.fill_(1);  // no row can have k candidates or fewer than limit
-    }
+    filter_rows_in_tiles(rows, k, kernels, neighbours, general);
     const at::Tensor general_rows = general.nonzero().flatten();
     if (general_rows.numel() > 0) {
       general_path(rows, general_rows, k, kernels, neighbours);
@@ -227,11 +237,12 @@ at::Tensor nearest_lists(const at::Tensor& rows, int64_t k, const Kernels& kerne
 }  // namespace
 
 at::Tensor k_reciprocal_mask(
-    const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k, bool packed, const Kernels& kernels) {
+    const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k, bool packed, bool check_finite,
+    const Kernels& kernels) {
   check_inputs(z_img, z_aud, k);
   // One modality's rows at a time: their float32 copy is the largest input-sized buffer.
-  const at::Tensor img = nearest_lists(normalized_rows(z_img, "z_img"), k, kernels);
-  const at::Tensor aud = nearest_lists(normalized_rows(z_aud, "z_aud"), k, kernels);
+  const at::Tensor img = nearest_lists(normalized_rows(z_img, "z_img", check_finite), k, kernels);
+  const at::Tensor aud = nearest_lists(normalized_rows(z_aud, "z_aud", check_finite), k, kernels);
   const int64_t batch = z_img.size(0);
   const int64_t words = (batch + 31) / 32;
   at::Tensor mask = packed ? at::zeros({batch, words}, img.options())
@@ -246,7 +257,7 @@ at::Tensor k_reciprocal_mask(
 TORCH_LIBRARY(jsa_fast, m) {
   // The fake (meta) implementation for torch.compile is registered in Python.
   m.set_python_module("jsa_fast.ops");
-  m.def("k_reciprocal_mask(Tensor z_img, Tensor z_aud, int k, bool packed=False) -> Tensor");
+  m.def("k_reciprocal_mask(Tensor z_img, Tensor z_aud, int k, bool packed=False, bool check_finite=True) -> Tensor");
 }
 
 }  // namespace k_reciprocal

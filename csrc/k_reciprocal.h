@@ -26,10 +26,12 @@
 //      both sides) with a running top-k per row (merge_largest). When most rows of the
 //      first (small) filter tile take this path, the rest of the batch goes straight to
 //      it, without the filter.
-//   Direct path, instead of steps 2-4 where the device has one and B is at most its
-//      measured crossover (Kernels::default_direct_max_batch): s against all B rows as a
-//      float64 GEMM, a tile of rows at a time, and each row's k largest keys selected
-//      (neighbour_key): the same lists, without the filter's fixed costs.
+//   Direct path, instead of steps 2-4 when B is at most the device's crossover
+//      (Kernels::default_direct_max_batch): s against all B rows as a float64 GEMM, a tile
+//      of rows at a time, and each row's k largest keys selected (neighbour_key): the same
+//      lists, without the filter's fixed costs, and without a host read (steps 2-4 read
+//      the filter bound, the first tile's crowded count and the general rows' number).
+//      The CPU has its own (a selection per row); on CUDA step 4 for every row serves.
 //   5. Assemble R from the B x k neighbour lists (each sorted by index, so that
 //      membership is a binary search): O(B k log k) work, O(B k) memory.
 //
@@ -107,11 +109,11 @@ struct Kernels {
   int64_t (*default_scratch_bytes)();
   // Batches of up to this many rows take the direct path instead of steps 2-4 (unless
   // JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH says otherwise): every row's exact similarities
-  // to all rows and a selection of its k largest keys, the same lists as steps 2-4. 0 for
-  // a device without one (direct is null).
+  // to all rows and a selection of its k largest keys, the same lists as steps 2-4.
   int64_t default_direct_max_batch;
   // The direct path: rows (B x D normalised float32) -> neighbours (B x k int32, any
-  // order), with at most `scratch` bytes of products at a time.
+  // order), with at most `scratch` bytes of products at a time. Null: step 4 for every
+  // row serves instead.
   void (*direct)(const at::Tensor& rows, int64_t k, int64_t scratch, const at::Tensor& neighbours);
   // Step 2's GEMM: filter_rows (B x D bfloat16) rows [start, start + count) against all
   // rows -> count x B bfloat16, float32 sums of the (exact) products rounded once.
@@ -134,9 +136,11 @@ struct Kernels {
 };
 
 // Steps 1-5 for both modalities on the device whose kernels are given; raises ValueError
-// (TORCH_CHECK_VALUE), naming the argument, for inputs the op cannot take.
+// (TORCH_CHECK_VALUE), naming the argument, for inputs the op cannot take (values that are
+// not finite only with check_finite: without, their rows count as zero rows).
 at::Tensor k_reciprocal_mask(
-    const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k, bool packed, const Kernels& kernels);
+    const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k, bool packed, bool check_finite,
+    const Kernels& kernels);
 
 // ---------------------------------------------------------------------------------------
 // Keys and bounds, the same on both devices

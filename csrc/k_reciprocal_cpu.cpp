@@ -172,8 +172,9 @@ constexpr Kernels kCpuKernels{
     &default_scratch_bytes_cpu, kDirectMaxBatch, &direct_cpu, &filter_tile_cpu, &refine_cpu, &merge_cpu,
     &assemble_cpu};
 
-at::Tensor k_reciprocal_mask_cpu(const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k, bool packed) {
-  return k_reciprocal_mask(z_img, z_aud, k, packed, kCpuKernels);
+at::Tensor k_reciprocal_mask_cpu(
+    const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k, bool packed, bool check_finite) {
+  return k_reciprocal_mask(z_img, z_aud, k, packed, check_finite, kCpuKernels);
 }
 
 }  // namespace

@@ -203,13 +203,23 @@ void assemble_cuda(const at::Tensor& img, const at::Tensor& aud, const MaskView&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// No direct path on CUDA: no GPU has measured where it would pay.
-constexpr Kernels kCudaKernels{
-    &default_scratch_bytes_cuda, 0, nullptr, &filter_tile_cuda, &refine_cuda, &merge_cuda, &assemble_cuda};
+// The largest batch that takes the direct path (step 4 for every row), which reads nothing
+// back to the host, where the filter's steps 2-4 read four values per modality (the
+// bound's two norms, the first tile's crowded count, the number of rows for step 4), each
+// a sync that drains the launch queue. Not measured (no GPU has run this code yet):
+// up to 1,024 rows it is a float64 GEMM of at most B^2 D FLOPs (1 GFLOP at D = 512) and B
+// selections over B keys, estimated well under a millisecond on an H100. `make bench-gpu`
+// times both paths (bench/kreciprocal.py --paths) to place it.
+constexpr int64_t kDirectMaxBatch = 1024;
 
-at::Tensor k_reciprocal_mask_cuda(const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k, bool packed) {
+constexpr Kernels kCudaKernels{
+    &default_scratch_bytes_cuda, kDirectMaxBatch, nullptr, &filter_tile_cuda, &refine_cuda, &merge_cuda,
+    &assemble_cuda};
+
+at::Tensor k_reciprocal_mask_cuda(
+    const at::Tensor& z_img, const at::Tensor& z_aud, int64_t k, bool packed, bool check_finite) {
   const c10::cuda::CUDAGuard device_guard(z_img.device());
-  return k_reciprocal_mask(z_img, z_aud, k, packed, kCudaKernels);
+  return k_reciprocal_mask(z_img, z_aud, k, packed, check_finite, kCudaKernels);
 }
 
 }  // namespace

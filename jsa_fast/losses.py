@@ -25,7 +25,7 @@ from jsa_fast.ops import k_reciprocal_mask
 from jsa_fast.reference import info_nce_loss, match_loss, reconstruction_loss
 from jsa_fast.settings import check_fields, integer, number, one_of, setting
 
-__all__ = ["LossConfig", "DIRECTIONS", "jsa_loss", "target_divergence"]
+__all__ = ["LossConfig", "DIRECTIONS", "jsa_loss", "k_reciprocal_mask_unchecked", "target_divergence"]
 
 DIRECTIONS = ("sum", "mean")  # how the two InfoNCE directions combine
 
@@ -59,12 +59,19 @@ def target_divergence(slots: Tensor, targets: int) -> Tensor:
     return (z[:, :targets] @ z[:, targets:].transpose(1, 2)).relu().mean()
 
 
+def k_reciprocal_mask_unchecked(z_img: Tensor, z_aud: Tensor, k: int) -> Tensor:
+    """`k_reciprocal_mask` without its finiteness check, a host read (a device sync every
+    step on CUDA). A target slot that is not finite needs no check here: it makes L_ctr,
+    and so the loss, not finite, which training detects and reports with the step."""
+    return k_reciprocal_mask(z_img, z_aud, k, check_finite=False)
+
+
 def jsa_loss(
     out: ModelOutput,
     cfg: LossConfig,
     *,
     gather: Callable[[Tensor], Tensor] | None = None,
-    false_negative_mask: Callable[[Tensor, Tensor, int], Tensor] = k_reciprocal_mask,
+    false_negative_mask: Callable[[Tensor, Tensor, int], Tensor] = k_reciprocal_mask_unchecked,
 ) -> dict[str, Tensor]:
     """All loss terms of one batch from the model's output (slots B x S x d, tokens and
     their reconstructions B x L x d, the T target slots' cross-modal maps B x L x T).

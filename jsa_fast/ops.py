@@ -43,7 +43,9 @@ else:
     )
 
     @torch.library.register_fake(_OP_NAME)
-    def _k_reciprocal_mask_fake(z_img: Tensor, z_aud: Tensor, k: int, packed: bool = False) -> Tensor:
+    def _k_reciprocal_mask_fake(
+        z_img: Tensor, z_aud: Tensor, k: int, packed: bool = False, check_finite: bool = True
+    ) -> Tensor:
         batch = z_img.shape[0]
         if packed:
             return z_img.new_empty((batch, (batch + 31) // 32), dtype=torch.int32)
@@ -75,7 +77,9 @@ def extension_available(device: torch.device | str) -> bool:
     return torch.device(device).type in _KERNEL_DEVICE_TYPES
 
 
-def k_reciprocal_mask(z_img: Tensor, z_aud: Tensor, k: int = 20, *, packed: bool = False) -> Tensor:
+def k_reciprocal_mask(
+    z_img: Tensor, z_aud: Tensor, k: int = 20, *, packed: bool = False, check_finite: bool = True
+) -> Tensor:
     """Predicted false negatives R (paper eq. 12-13), as in docs/model.md.
 
     z_img, z_aud: B x D float (fp32, fp64, bf16, fp16; rows are L2-normalised inside)
@@ -85,26 +89,34 @@ def k_reciprocal_mask(z_img: Tensor, z_aud: Tensor, k: int = 20, *, packed: bool
     and what was seen, for k < 1, k > B, mismatched shapes or devices, non-float or
     non-finite input.
 
+    check_finite=False skips the finiteness check, which reads a flag back to the host (a
+    device sync on CUDA; a graph break on the reference path under torch.compile): a row
+    holding a value that is not finite then counts as a zero row (similarity 0 to every
+    row). For callers that detect non-finite values downstream, as training does through
+    its loss.
+
     packed=True returns B x ceil(B / 32) int32 words instead (`pack_mask`'s layout, bit b
     of word w of row i is R[i, 32 w + b]; `unpack_mask` expands it): the form for large
     global batches, 512 MiB instead of 4 GiB at B = 65,536. The kernels never hold more
     than a tile of the B x B similarity (a bounded scratch), O(B k) neighbour lists and
     O(B D) copies of the rows (csrc/k_reciprocal.h). Rows whose similarities crowd
     together (collapsed embeddings) take a general path of about the cost of spread ones.
-    On the CPU, small B (up to kDirectMaxBatch, csrc/k_reciprocal_cpu.cpp) takes a direct
-    path (all similarities of a tile of rows, then a selection per row), which costs less
-    there and gives the same mask.
+    Small B (up to the device's kDirectMaxBatch, csrc/k_reciprocal_cpu.cpp and _cuda.cu)
+    takes a direct path (all similarities of a tile of rows, then a selection per row):
+    the same mask without the filter's fixed costs, and without reading anything back to
+    the host when check_finite is False.
     """
     # The one validation of the arguments: metadata only, so no device sync, and compiled
     # graphs run it too. Finiteness needs the values: the C++ op checks it where it casts
     # the rows to float32 (and repeats the metadata checks for direct torch.ops callers),
     # the reference in `mutual_neighbour_mask`.
     reference.check_k_reciprocal_inputs(z_img, z_aud, k)
-    if not isinstance(packed, bool):
-        raise ValueError(f"packed must be a bool, got {packed!r}")
+    for name, flag in (("packed", packed), ("check_finite", check_finite)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
     if extension_available(z_img.device):
-        return torch.ops.jsa_fast.k_reciprocal_mask(z_img, z_aud, k, packed)
+        return torch.ops.jsa_fast.k_reciprocal_mask(z_img, z_aud, k, packed, check_finite)
     if _EXTENSION_ERROR is not None:
         _warn_fallback_once()
-    mask = reference.mutual_neighbour_mask(z_img, z_aud, k)
+    mask = reference.mutual_neighbour_mask(z_img, z_aud, k, check_finite=check_finite)
     return pack_mask(mask) if packed else mask

@@ -292,20 +292,24 @@ def _k_nearest(z: Tensor, k: int) -> Tensor:
     return neighbours.scatter_(1, order, True)
 
 
-def mutual_neighbour_mask(z_img: Tensor, z_aud: Tensor, k: int) -> Tensor:
+def mutual_neighbour_mask(z_img: Tensor, z_aud: Tensor, k: int, *, check_finite: bool = True) -> Tensor:
     """`k_reciprocal_mask` for inputs that `check_k_reciprocal_inputs` accepted (callers
     that validated them already, as jsa_fast.ops does, call this to validate once).
 
-    Raises ValueError, naming the argument, when a row is not finite in float32 (where the
-    similarities are computed: a large float64 becomes inf there); both arguments' flags
-    come back to the host in one read.
+    check_finite: raise ValueError, naming the argument, when a row is not finite in
+    float32 (where the similarities are computed: a large float64 becomes inf there); both
+    arguments' flags come back to the host in one read. Without it, such a row counts as a
+    zero row, and nothing is read back.
     """
     with torch.no_grad():
         rows = (z_img.float(), z_aud.float())
-        finite = torch.stack([torch.isfinite(r).all() for r in rows]).tolist()
-        for name, z, ok in zip(("z_img", "z_aud"), (z_img, z_aud), finite, strict=True):
-            if not ok:
-                raise ValueError(f"{name} holds values that are not finite in float32 ({_describe(z)})")
+        if check_finite:
+            finite = torch.stack([torch.isfinite(r).all() for r in rows]).tolist()
+            for name, z, ok in zip(("z_img", "z_aud"), (z_img, z_aud), finite, strict=True):
+                if not ok:
+                    raise ValueError(f"{name} holds values that are not finite in float32 ({_describe(z)})")
+        else:
+            rows = tuple(r.masked_fill(~torch.isfinite(r).all(1, keepdim=True), 0.0) for r in rows)
         n_img, n_aud = _k_nearest(rows[0], k), _k_nearest(rows[1], k)
         mask = n_img & n_img.T & n_aud & n_aud.T
         mask.fill_diagonal_(False)

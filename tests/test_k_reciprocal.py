@@ -251,6 +251,63 @@ def test_float64_beyond_float32_range_is_rejected(op):
         op(z, torch.ones(3, 2, dtype=torch.float64), 1)
 
 
+def with_bad_rows(z: torch.Tensor) -> torch.Tensor:
+    """z (float64, at least 6 rows) with row 1 holding a NaN, row 3 an inf and row 5 a value
+    finite in float64 but not in float32."""
+    bad = z.to(torch.float64).clone()
+    bad[1, 0], bad[3, -1], bad[5, 0] = float("nan"), float("-inf"), 1e300
+    return bad
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["extension", "reference fallback"])
+def test_unchecked_rows_that_are_not_finite_count_as_zero_rows(monkeypatch, kernel_path, kernel):
+    if not kernel:
+        monkeypatch.setattr(ops, "_KERNEL_DEVICE_TYPES", frozenset())
+    z_img, z_aud = with_bad_rows(tied_rows(40, 0, torch.float32)), with_bad_rows(tied_rows(40, 1, torch.float32))
+    zeroed_img, zeroed_aud = (z.clone().index_fill_(0, torch.tensor([1, 3, 5]), 0.0) for z in (z_img, z_aud))
+    for k in (3, 20, 40):
+        expected = reference.k_reciprocal_mask(zeroed_img, zeroed_aud, k)
+        assert torch.equal(ops.k_reciprocal_mask(z_img, z_aud, k, check_finite=False), expected)
+        packed = ops.k_reciprocal_mask(z_img, z_aud, k, packed=True, check_finite=False)
+        assert torch.equal(packed, reference.pack_mask(expected))
+    with pytest.raises(ValueError, match="z_img holds values that are not finite"):
+        ops.k_reciprocal_mask(z_img, z_aud, 3)
+
+
+# What reads a value back to the host inside the op (on CUDA each waits for the GPU):
+# .item() and the like reach the dispatcher as aten::_local_scalar_dense, and nonzero
+# must learn its output's size.
+HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero")
+
+
+def host_reads(call) -> list[str]:
+    """The ops of HOST_READS that call() dispatches, nested ones included (the profiler
+    records every op the dispatcher runs, also those a C++ kernel calls)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        call()
+    return [event.name for event in profile.events() if event.name in HOST_READS]
+
+
+@pytest.mark.parametrize(
+    "path,k",
+    [("direct", 20), ("direct", 200), ("filter", 200)],
+    ids=["direct", "direct, large k", "every row through step 4 (CUDA's direct path)"],
+)
+def test_unchecked_op_reads_nothing_back_on_the_direct_paths(monkeypatch, path, k):
+    # On the CPU's direct path, and through step 4 for every row: what CUDA's direct path
+    # runs, reached here by a k above the filter's limit of max(B / 8, 128) = 128.
+    monkeypatch.setenv(DIRECT_MAX_BATCH, PATH_LIMITS[path])
+    gen = torch.Generator().manual_seed(k)
+    z_img, z_aud = torch.randn(300, 32, generator=gen), torch.randn(300, 32, generator=gen)
+    assert host_reads(lambda: ops.k_reciprocal_mask(z_img, z_aud, k, check_finite=False)) == []
+    # Checked, each modality's finiteness is one read.
+    assert host_reads(lambda: ops.k_reciprocal_mask(z_img, z_aud, k)) == ["aten::_local_scalar_dense"] * 2
+    # The filter reads back what it found (its bound, the first tile's crowded rows, the
+    # rows for step 4): the count sees reads where there are some.
+    monkeypatch.setenv(DIRECT_MAX_BATCH, PATH_LIMITS["filter"])
+    assert len(host_reads(lambda: ops.k_reciprocal_mask(z_img, z_aud, 20, check_finite=False))) >= 6
+
+
 # ---------------------------------------------------------------------------------------
 # The C++ op against the reference, bit for bit
 # ---------------------------------------------------------------------------------------
@@ -662,9 +719,10 @@ def test_pack_unpack_reject_bad_input():
             ops.unpack_mask(torch.ones(3, 1, dtype=torch.int32), columns)
 
 
-def test_public_op_rejects_non_bool_packed():
-    with pytest.raises(ValueError, match="packed"):
-        ops.k_reciprocal_mask(GOOD, GOOD, 2, packed=1)
+@pytest.mark.parametrize("flag", ["packed", "check_finite"])
+def test_public_op_rejects_non_bool_flags(flag):
+    with pytest.raises(ValueError, match=f"^{flag} must be a bool, got 1$"):
+        ops.k_reciprocal_mask(GOOD, GOOD, 2, **{flag: 1})
 
 
 # ---------------------------------------------------------------------------------------
