@@ -1,14 +1,17 @@
 """Benchmark k-reciprocal masks: `python bench/kreciprocal.py [--device cpu|cuda]
 [--batch 256 4096 ...] [--inputs random collapsed-0.1 collapsed-0.01] [--dim 512] [--k 20]
-[--repeats 10] [--paths] [--json PATH]`.
+[--repeats 10] [--paths] [--unchecked] [--json PATH]`.
 
 Compares jsa_fast.k_reciprocal_mask (the jsa_fast._C kernel for the device), as a B x B
-bool mask ("extension") and as packed bit words ("packed"), with the reference (torch
-sort on the full B x B similarity) on three kinds of rows. With --paths, also the
+bool mask ("extension") and as packed bit words ("packed"), with the reference
+(`reference.mutual_neighbour_mask`: torch sort on the full B x B similarity) on three
+kinds of rows. With --paths, also the
 kernel's two paths whatever B is ("direct": every row against all rows, which the CPU
 takes up to its crossover; "filter": the bfloat16 filter and refinement), by setting
-JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH around each call: the measurement that places the
-crossover (csrc/k_reciprocal_cpu.cpp). The rows:
+JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH around each call: the measurement that places a
+device's crossover (kDirectMaxBatch in csrc/k_reciprocal_cpu.cpp and _cuda.cu). With
+--unchecked, every call passes check_finite=False, as training does (no host read on the
+direct path). The rows:
 
 - random: independent Gaussian rows;
 - collapsed-S: one shared Gaussian mean plus S times Gaussian noise per row, the target
@@ -45,7 +48,7 @@ from jsa_fast.ops import extension_available, pack_mask  # noqa: E402
 INPUTS = ("random", "collapsed-0.1", "collapsed-0.01")
 DIRECT_MAX_BATCH = "JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH"
 # The largest batch each path is forced for: a direct path over every batch, or none.
-PATH_LIMITS = {"direct": str(2**62), "filter": "0"}
+PATH_LIMITS = {"direct": str(2**31 - 1), "filter": "0"}
 
 
 def on_path(path: str, call: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -99,11 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--paths", action="store_true", help="also time the kernel's direct and filter paths at every B (see above)"
     )
+    parser.add_argument("--unchecked", action="store_true", help="call with check_finite=False, as training does")
     parser.add_argument(
         "--json", default=None, help="output path (default: bench/results/kreciprocal-<device>-<time>.json)"
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    check_finite = not args.unchecked
     batches = args.batch or ([4096, 16384, 65536] if device.type == "cuda" else [64 << i for i in range(9)])
     if not extension_available(device):
         print(f"note: jsa_fast._C has no {device.type} kernel; 'extension' runs the reference path")
@@ -117,9 +122,15 @@ def main(argv: list[str] | None = None) -> int:
             z_aud = make_rows(kind, batch, args.dim, gen, device)
             row = rows_at_batch[kind] = {"B": batch, "D": args.dim, "k": args.k, "input": kind}
             implementations = {
-                "extension": lambda z_img=z_img, z_aud=z_aud: k_reciprocal_mask(z_img, z_aud, args.k),
-                "packed": lambda z_img=z_img, z_aud=z_aud: k_reciprocal_mask(z_img, z_aud, args.k, packed=True),
-                "reference": lambda z_img=z_img, z_aud=z_aud: reference.k_reciprocal_mask(z_img, z_aud, args.k),
+                "extension": lambda z_img=z_img, z_aud=z_aud: k_reciprocal_mask(
+                    z_img, z_aud, args.k, check_finite=check_finite
+                ),
+                "packed": lambda z_img=z_img, z_aud=z_aud: k_reciprocal_mask(
+                    z_img, z_aud, args.k, packed=True, check_finite=check_finite
+                ),
+                "reference": lambda z_img=z_img, z_aud=z_aud: reference.mutual_neighbour_mask(
+                    z_img, z_aud, args.k, check_finite=check_finite
+                ),
             }
             if args.paths:
                 for path in PATH_LIMITS:

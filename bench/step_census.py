@@ -17,8 +17,11 @@ between log points, and counts per step:
   JSA's GPU launches are `bench/census.py`'s count.
 - host syncs: what would wait for the GPU: `aten::_local_scalar_dense` (`.item()`,
   `bool(t)`, `float(t)`), copies from a non-CPU device to the CPU, and reads that bypass
-  the dispatcher on a CPU tensor (`Tensor.tolist`, `Tensor.numpy`), each counted once.
-  On a GPU, `torch.cuda.set_sync_debug_mode("warn")` gives the same count.
+  the dispatcher on a CPU tensor (`Tensor.tolist`, `Tensor.numpy`), each counted once;
+  inside jsa_fast's C++ op, whose own calls do not pass through a dispatch mode, the
+  profiler's record of its nested `aten::_local_scalar_dense` and `aten::nonzero` (which
+  learns its output's size from the device). On a GPU,
+  `torch.cuda.set_sync_debug_mode("warn")` gives the same count.
 - collectives (with 2 gloo processes, unless --no-collectives): the collective ops
   dispatched per step (`CollectiveCounter`: c10d's, as the loop's agreements call them, and
   the functional ones of the model and losses: each GlobalBatchNorm2d's statistics, the
@@ -60,6 +63,8 @@ from jsa_fast.distributed import World  # noqa: E402
 from jsa_fast.kernels import registry  # noqa: E402
 
 PHASES = ("forward", "backward", "optimizer", "loop")
+# What reads a value back to the host inside a C++ op (each a sync on CUDA).
+NESTED_HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero")
 # Small shapes that keep each preset's structure (layers, slots, iterations, token grids).
 SMALL = {"image_size": 64, "train_resize": 72, "num_workers": 1}  # the loader in a worker, as on a GPU
 
@@ -85,9 +90,16 @@ class StepCounter(TorchDispatchMode):
         if name in registry.IMPLEMENTATIONS:  # a project op counts by what runs inside it
             with self:
                 return registry.IMPLEMENTATIONS[name](*args, **kwargs)
-        out = func(*args, **kwargs)
         if not self.steps:
-            return out
+            return func(*args, **kwargs)
+        if name.startswith("jsa_fast::"):  # the C++ op: what it calls, the profiler records
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                out = func(*args, **kwargs)
+            for event in profile.events():
+                if event.name in NESTED_HOST_READS:
+                    self.sync(f"{event.name} (inside {name})")
+        else:
+            out = func(*args, **kwargs)
         if name == "aten::_local_scalar_dense":
             self.sync(f"{name} ({args[0].device.type})")
         elif name in ("aten::_to_copy", "aten::copy_"):

@@ -1,8 +1,8 @@
 // k-reciprocal false-negative masks: the steps both devices share (k_reciprocal.h), the
 // op's schema, and the module that loads it.
 //
-// torch.ops.jsa_fast.k_reciprocal_mask(z_img: B x D, z_aud: B x D, k, packed=False)
-//   -> B x B bool, or B x ceil(B / 32) int32 bit words when packed.
+// torch.ops.jsa_fast.k_reciprocal_mask(z_img: B x D, z_aud: B x D, k, packed=False,
+//   check_finite=True) -> B x B bool, or B x ceil(B / 32) int32 bit words when packed.
 
 #include "k_reciprocal.h"
 
@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -77,18 +78,19 @@ int64_t scratch_bytes(const Kernels& kernels) {
 
 // The largest batch that takes the direct path: JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH when
 // set (0 sends every batch through steps 2-4, which is how the tests reach them at small
-// B), else the device's measured crossover.
+// B), else the device's crossover.
 int64_t direct_max_batch(const Kernels& kernels) {
   const char* rows = std::getenv("JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH");
   if (rows == nullptr || *rows == '\0') {
     return kernels.default_direct_max_batch;
   }
-  char* end = nullptr;
-  const long long value = std::strtoll(rows, &end, 10);
+  // Decimal digits only (strtoll alone would take signs and spaces), at most 18 of them
+  // so that the value fits.
+  const size_t digits = std::strlen(rows);
   TORCH_CHECK_VALUE(
-      end != rows && *end == '\0' && value >= 0,
+      digits <= 18 && std::all_of(rows, rows + digits, [](char c) { return c >= '0' && c <= '9'; }),
       "JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH must be a whole number >= 0, got '", rows, "'");
-  return static_cast<int64_t>(value);
+  return static_cast<int64_t>(std::strtoll(rows, nullptr, 10));
 }
 
 // Step 2's bound, from the rows (B x D float32, norms <= N) and their bfloat16 roundings

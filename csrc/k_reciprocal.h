@@ -6,7 +6,9 @@
 // index). Both devices run the same steps (k_reciprocal.cpp), per modality:
 //
 //   1. rows <- z / max(||z||, 1e-12) in float32, through the ATen calls F.normalize
-//      makes, so the rows are the reference's rows bit for bit on that device.
+//      makes, so the rows are the reference's rows bit for bit on that device. Values
+//      that are not finite raise ValueError (check_finite, one host read), or else make
+//      their row a zero row.
 //   2. Filter, one tile of T rows at a time (never the whole B x B): v[i, j] = the
 //      float32 sum of the products of the bfloat16-rounded rows, rounded to bfloat16 (a
 //      tensor-core GEMM on CUDA). With |acc - s| <= e for the sum acc before its rounding
@@ -27,11 +29,14 @@
 //      first (small) filter tile take this path, the rest of the batch goes straight to
 //      it, without the filter.
 //   Direct path, instead of steps 2-4 when B is at most the device's crossover
-//      (Kernels::default_direct_max_batch): s against all B rows as a float64 GEMM, a tile
-//      of rows at a time, and each row's k largest keys selected (neighbour_key): the same
-//      lists, without the filter's fixed costs, and without a host read (steps 2-4 read
-//      the filter bound, the first tile's crowded count and the general rows' number).
-//      The CPU has its own (a selection per row); on CUDA step 4 for every row serves.
+//      (Kernels::default_direct_max_batch): s against all B rows as a float64 GEMM and
+//      each row's k largest keys (neighbour_key): the same lists, without the filter's
+//      fixed costs, and without reading anything back to the host. Steps 2-4 read, per
+//      modality: the filter bound's two norms (per chunk of rows), the first tile's count
+//      of crowded rows (when it is not the whole batch), and the number of rows for step 4
+//      (twice when some but not all rows go there). The CPU has its own direct path (a
+//      tile of rows at a time, then nth_element per row); on CUDA step 4 for every row
+//      serves (symmetric blocks, running top-k).
 //   5. Assemble R from the B x k neighbour lists (each sorted by index, so that
 //      membership is a binary search): O(B k log k) work, O(B k) memory.
 //

@@ -204,12 +204,12 @@ void assemble_cuda(const at::Tensor& img, const at::Tensor& aud, const MaskView&
 }
 
 // The largest batch that takes the direct path (step 4 for every row), which reads nothing
-// back to the host, where the filter's steps 2-4 read four values per modality (the
-// bound's two norms, the first tile's crowded count, the number of rows for step 4), each
-// a sync that drains the launch queue. Not measured (no GPU has run this code yet):
-// up to 1,024 rows it is a float64 GEMM of at most B^2 D FLOPs (1 GFLOP at D = 512) and B
-// selections over B keys, estimated well under a millisecond on an H100. `make bench-gpu`
-// times both paths (bench/kreciprocal.py --paths) to place it.
+// back to the host where the filter's steps 2-4 read several values per modality
+// (k_reciprocal.h), each a sync that drains the launch queue. Not measured (no GPU has run
+// this code yet), an estimate: up to 1,024 rows that path is a float64 GEMM of about
+// B^2 D / 2 multiply-adds (symmetry; 0.3 G at D = 512) and running top-k merges of B keys
+// per row, well under a millisecond on an H100. `make bench-gpu` times
+// both paths (bench/kreciprocal.py --paths --unchecked) to place it.
 constexpr int64_t kDirectMaxBatch = 1024;
 
 constexpr Kernels kCudaKernels{

@@ -62,7 +62,8 @@ def target_divergence(slots: Tensor, targets: int) -> Tensor:
 def k_reciprocal_mask_unchecked(z_img: Tensor, z_aud: Tensor, k: int) -> Tensor:
     """`k_reciprocal_mask` without its finiteness check, a host read (a device sync every
     step on CUDA). A target slot that is not finite needs no check here: it makes L_ctr,
-    and so the loss, not finite, which training detects and reports with the step."""
+    and so the loss, not finite, which training detects (naming the step; under fp16 the
+    scaler skips such a step, and training stops when skipped steps keep coming)."""
     return k_reciprocal_mask(z_img, z_aud, k, check_finite=False)
 
 

@@ -24,23 +24,34 @@ __all__ = ["k_reciprocal_mask", "extension_available", "pack_mask", "unpack_mask
 
 _OP_NAME = "jsa_fast::k_reciprocal_mask"
 
-try:
-    import jsa_fast._C  # noqa: F401  (loading the library registers torch.ops.jsa_fast.*)
-except (ImportError, OSError) as error:
-    # Absent (a checkout not built, a platform without a compiler) or unloadable (built
-    # against another torch: undefined symbols): the PyTorch reference path serves, and
-    # the first call that takes it says so (`_warn_fallback_once`).
-    _EXTENSION_ERROR: str | None = " ".join(str(error).split()) or type(error).__name__
-    _KERNEL_DEVICE_TYPES: frozenset[str] = frozenset()
-else:
-    _EXTENSION_ERROR = None
-    # Looked up once here, not per call: torch.compile can trace a set lookup but not the
-    # dispatcher query.
-    _KERNEL_DEVICE_TYPES = frozenset(
-        device_type
-        for device_type, dispatch_key in (("cpu", "CPU"), ("cuda", "CUDA"))
-        if torch._C._dispatch_has_kernel_for_dispatch_key(_OP_NAME, dispatch_key)
-    )
+
+def _extension_error() -> str | None:
+    """None when jsa_fast._C loads and has the op this module calls, else why not."""
+    try:
+        import jsa_fast._C  # noqa: F401  (loading the library registers torch.ops.jsa_fast.*)
+    except (ImportError, OSError) as error:
+        # Absent (a checkout not built, a platform without a compiler) or unloadable (built
+        # against another torch: undefined symbols).
+        return " ".join(str(error).split()) or type(error).__name__
+    arguments = [argument.name for argument in torch.ops.jsa_fast.k_reciprocal_mask.default._schema.arguments]
+    if "check_finite" not in arguments:
+        # Built from older sources (an editable install not rebuilt): every call would fail.
+        return f"built from older sources, its op takes ({', '.join(arguments)})"
+    return None
+
+
+# Where the extension is not usable the PyTorch reference path serves, and the first call
+# that takes it says so (`_warn_fallback_once`).
+_EXTENSION_ERROR = _extension_error()
+# Looked up once here, not per call: torch.compile can trace a set lookup but not the
+# dispatcher query.
+_KERNEL_DEVICE_TYPES = frozenset(
+    device_type
+    for device_type, dispatch_key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if _EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(_OP_NAME, dispatch_key)
+)
+
+if _EXTENSION_ERROR is None:
 
     @torch.library.register_fake(_OP_NAME)
     def _k_reciprocal_mask_fake(
@@ -57,14 +68,14 @@ _fallback_warned = False
 
 def _warn_fallback_once() -> None:
     """One RuntimeWarning per process, on the first call that takes the reference path
-    because jsa_fast._C did not load (never while torch.compile traces: a warning there
+    because jsa_fast._C is not usable (never while torch.compile traces: a warning there
     would break the graph)."""
     global _fallback_warned
     if _fallback_warned or torch.compiler.is_compiling():
         return
     _fallback_warned = True
     warnings.warn(
-        f"jsa_fast._C did not load ({_EXTENSION_ERROR}): k_reciprocal_mask runs the PyTorch reference "
+        f"jsa_fast._C is not usable ({_EXTENSION_ERROR}): k_reciprocal_mask runs the PyTorch reference "
         "path instead (slower). Build the extension against the installed torch: "
         "`pip install --no-build-isolation .` (or `-e .`) in a jsa-fast checkout (docs/build.md).",
         RuntimeWarning,
@@ -86,8 +97,8 @@ def k_reciprocal_mask(
     -> B x B bool, diagonal False. R[i, j] says that j is among the k rows nearest to i
     and i among the k nearest to j, by cosine similarity of both the image and the audio
     rows (self included, ties to the lower index). Raises ValueError, naming the argument
-    and what was seen, for k < 1, k > B, mismatched shapes or devices, non-float or
-    non-finite input.
+    and what was seen, for k < 1, k > B, mismatched shapes or devices, non-float input,
+    or (check_finite=True) non-finite input.
 
     check_finite=False skips the finiteness check, which reads a flag back to the host (a
     device sync on CUDA; a graph break on the reference path under torch.compile): a row
@@ -101,10 +112,10 @@ def k_reciprocal_mask(
     than a tile of the B x B similarity (a bounded scratch), O(B k) neighbour lists and
     O(B D) copies of the rows (csrc/k_reciprocal.h). Rows whose similarities crowd
     together (collapsed embeddings) take a general path of about the cost of spread ones.
-    Small B (up to the device's kDirectMaxBatch, csrc/k_reciprocal_cpu.cpp and _cuda.cu)
-    takes a direct path (all similarities of a tile of rows, then a selection per row):
-    the same mask without the filter's fixed costs, and without reading anything back to
-    the host when check_finite is False.
+    Small B (up to the device's kDirectMaxBatch, csrc/k_reciprocal_cpu.cpp and
+    csrc/k_reciprocal_cuda.cu) takes a direct path, every row's exact similarities to all
+    rows and its k nearest: the same mask without the filter's fixed costs, and without
+    reading anything back to the host when check_finite is False (docs/api.md, "Paths").
     """
     # The one validation of the arguments: metadata only, so no device sync, and compiled
     # graphs run it too. Finiteness needs the values: the C++ op checks it where it casts

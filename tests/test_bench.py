@@ -14,6 +14,7 @@ import torch
 from jsa_fast.config import PRESETS
 from jsa_fast.distributed import GlobalBatchNorm2d, convert_batchnorm
 from jsa_fast.model import JSAModel
+from jsa_fast.ops import k_reciprocal_mask
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -33,11 +34,13 @@ def read_record(path: Path) -> dict:
     return record
 
 
-def test_kreciprocal_benchmark(tmp_path):
+@pytest.mark.parametrize("checks", [[], ["--unchecked"]], ids=["checked", "unchecked"])
+def test_kreciprocal_benchmark(tmp_path, checks):
     out = tmp_path / "kreciprocal.json"
     assert (
         load_benchmark("kreciprocal").main(
             ["--device", "cpu", "--batch", "16", "64", "--dim", "8", "--k", "4", "--repeats", "2", "--paths"]
+            + checks
             + ["--json", str(out)]
         )
         == 0
@@ -228,6 +231,25 @@ def test_step_census_counter_sees_each_kind_of_host_read():
             t.tolist()
             t.numpy()
         assert counter.steps[0]["syncs"] == counts, dispatch
+
+
+def test_step_census_sees_host_reads_inside_the_cpp_op(monkeypatch):
+    """The C++ op's own reads pass no dispatch mode: the counter takes them from the
+    profiler. At B = 16 (the CPU's direct path): checked, one finiteness read per modality;
+    unchecked, none. The filter path, unchecked: per modality the bound's two norms, the
+    first tile's crowded count and the nonzero of the rows for step 4."""
+    monkeypatch.delenv("JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH", raising=False)
+    census = load_benchmark("step_census")
+    z = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    counter = census.StepCounter()
+    with census.counting(counter):
+        counter.begin_step()
+        k_reciprocal_mask(z, z.flip(0), 4)
+        k_reciprocal_mask(z, z.flip(0), 4, check_finite=False)
+        monkeypatch.setenv("JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH", "0")
+        k_reciprocal_mask(z, z.flip(0), 4, check_finite=False)
+    inside = " (inside jsa_fast::k_reciprocal_mask)"
+    assert counter.steps[0]["syncs"] == {f"aten::_local_scalar_dense{inside}": 2 + 6, f"aten::nonzero{inside}": 2}
 
 
 def test_demo_seeds_dry_run(tmp_path):

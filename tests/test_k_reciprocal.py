@@ -26,7 +26,7 @@ IMPLEMENTATIONS = {
 # and the filter (steps 2-4 of csrc/k_reciprocal.h) above it; these values of the
 # variable force one path at any B.
 DIRECT_MAX_BATCH = "JSA_FAST_KRECIPROCAL_DIRECT_MAX_BATCH"
-PATH_LIMITS = {"filter": "0", "direct": str(2**62)}
+PATH_LIMITS = {"filter": "0", "direct": str(2**31 - 1)}
 
 
 def basis_rows(*columns: int, width: int = 4) -> torch.Tensor:
@@ -259,10 +259,12 @@ def with_bad_rows(z: torch.Tensor) -> torch.Tensor:
     return bad
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["extension", "reference fallback"])
-def test_unchecked_rows_that_are_not_finite_count_as_zero_rows(monkeypatch, kernel_path, kernel):
-    if not kernel:
+@pytest.mark.parametrize("path", [*sorted(PATH_LIMITS), None], ids=[*sorted(PATH_LIMITS), "reference fallback"])
+def test_unchecked_rows_that_are_not_finite_count_as_zero_rows(monkeypatch, path):
+    if path is None:
         monkeypatch.setattr(ops, "_KERNEL_DEVICE_TYPES", frozenset())
+    else:
+        monkeypatch.setenv(DIRECT_MAX_BATCH, PATH_LIMITS[path])
     z_img, z_aud = with_bad_rows(tied_rows(40, 0, torch.float32)), with_bad_rows(tied_rows(40, 1, torch.float32))
     zeroed_img, zeroed_aud = (z.clone().index_fill_(0, torch.tensor([1, 3, 5]), 0.0) for z in (z_img, z_aud))
     for k in (3, 20, 40):
@@ -302,10 +304,11 @@ def test_unchecked_op_reads_nothing_back_on_the_direct_paths(monkeypatch, path, 
     assert host_reads(lambda: ops.k_reciprocal_mask(z_img, z_aud, k, check_finite=False)) == []
     # Checked, each modality's finiteness is one read.
     assert host_reads(lambda: ops.k_reciprocal_mask(z_img, z_aud, k)) == ["aten::_local_scalar_dense"] * 2
-    # The filter reads back what it found (its bound, the first tile's crowded rows, the
-    # rows for step 4): the count sees reads where there are some.
+    # The filter reads back what it found, per modality: its bound's two norms (one chunk
+    # of rows here), the first tile's count of crowded rows and the rows for step 4.
     monkeypatch.setenv(DIRECT_MAX_BATCH, PATH_LIMITS["filter"])
-    assert len(host_reads(lambda: ops.k_reciprocal_mask(z_img, z_aud, 20, check_finite=False))) >= 6
+    reads = host_reads(lambda: ops.k_reciprocal_mask(z_img, z_aud, 20, check_finite=False))
+    assert reads == (["aten::_local_scalar_dense"] * 3 + ["aten::nonzero"]) * 2
 
 
 # ---------------------------------------------------------------------------------------
@@ -460,14 +463,14 @@ def test_kernel_general_path_for_rows_with_many_candidates(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernel_with_many_tiles_and_chunks(device, monkeypatch, kernel_path):
     # A 0.05 MiB scratch bound: filter tiles of ~12 rows, general-path block rows of 1-4
-    # rows, direct-path tiles of 12-13 rows and list-sorting chunks of 10-3276 rows, so
-    # tile and block boundaries are crossed.
+    # rows, direct-path tiles of 12 rows (10 at B = 600) and list-sorting chunks of
+    # 10-3276 rows, so tile and block boundaries are crossed.
     monkeypatch.setenv("JSA_FAST_KRECIPROCAL_SCRATCH_MIB", "0.05")
     gen = torch.Generator().manual_seed(9)
     z_img, z_aud = tied_rows(540, 3, torch.float32), torch.randn(540, 32, generator=gen)
     for k in (1, 20, 300):
         assert_matches_reference(z_img, z_aud, k, device)
-    z_copies = torch.zeros(600, 8).index_fill_(1, torch.tensor([2]), 1.0)  # 600 candidates: the general path
+    z_copies = torch.zeros(600, 8).index_fill_(1, torch.tensor([2]), 1.0)  # the filter: 600 candidates, step 4
     assert_matches_reference(z_copies, torch.randn(600, 8, generator=gen), 4, device)
 
 
@@ -477,7 +480,7 @@ def test_bad_scratch_bound_is_named(monkeypatch):
         torch.ops.jsa_fast.k_reciprocal_mask(GOOD, GOOD, 2)
 
 
-@pytest.mark.parametrize("value", ["many", "-1", "1.5", "12x"])
+@pytest.mark.parametrize("value", ["many", "-1", "-0", "+5", " 5", "1.5", "12x", "9" * 19])
 def test_bad_direct_path_limit_is_named(monkeypatch, value):
     monkeypatch.setenv(DIRECT_MAX_BATCH, value)
     with pytest.raises(ValueError, match=f"{DIRECT_MAX_BATCH} must be a whole number >= 0, got '{re.escape(value)}'"):
@@ -488,11 +491,14 @@ def test_bad_direct_path_limit_is_named(monkeypatch, value):
 @pytest.mark.parametrize("batch", [64, 2048])
 def test_default_paths_give_the_exact_mask(monkeypatch, batch):
     # Unforced, the CPU takes its direct path at B = 64 and the filter at B = 2,048 (its
-    # crossover lies between, csrc/k_reciprocal_cpu.cpp); either gives the mask of the
-    # kernels' similarities, on spread and on collapsed rows.
+    # crossover lies between, csrc/k_reciprocal_cpu.cpp): told apart by the filter's host
+    # reads. Either gives the mask of the kernels' similarities, on spread and collapsed rows.
     monkeypatch.delenv(DIRECT_MAX_BATCH)
     gen = torch.Generator().manual_seed(batch)
-    assert_matches_exact_similarities(torch.randn(batch, 256, generator=gen), collapsed_rows(batch, 1e-2, 3), 20)
+    z_img, z_aud = torch.randn(batch, 256, generator=gen), collapsed_rows(batch, 1e-2, 3)
+    reads = host_reads(lambda: ops.k_reciprocal_mask(z_img, z_aud, 20, check_finite=False))
+    assert (reads == []) == (batch == 64), reads
+    assert_matches_exact_similarities(z_img, z_aud, 20)
 
 
 @pytest.mark.numeric
@@ -500,7 +506,7 @@ def test_default_paths_give_the_exact_mask(monkeypatch, batch):
 @pytest.mark.parametrize("k", [128, 129, 256, 299])
 def test_kernel_large_k_takes_the_general_path(device, k, kernel_path):
     # At B = 300 the filter serves k <= max(B / 8, 128) = 128; above it every row takes the
-    # general path.
+    # general path (on the filter's side of the crossover; the direct path takes any k).
     z_img, z_aud = tied_rows(300, 5, torch.float32), tied_rows(300, 6, torch.float32)
     assert_matches_reference(z_img, z_aud, k, device)
     gen = torch.Generator().manual_seed(k)
@@ -594,6 +600,24 @@ def test_kernel_skips_the_filter_after_a_crowded_first_tile(device):
     for k in (5, 20):
         assert crowded(z, k)[:63].all()
         assert_matches_reference(z, z.roll(1, 0), k, device)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_direct_path_unchecked_does_not_sync(monkeypatch):
+    # B = 1,000 lies below CUDA's crossover (csrc/k_reciprocal_cuda.cu): step 4 for every
+    # row, whose sizes are known without reading the data; the same mask as the CPU's.
+    monkeypatch.delenv(DIRECT_MAX_BATCH)
+    z_img, z_aud = tied_rows(1000, 0, torch.float32), tied_rows(1000, 1, torch.float32)
+    expected = ops.k_reciprocal_mask(z_img, z_aud, 20)
+    z_img, z_aud = z_img.cuda(), z_aud.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mask = ops.k_reciprocal_mask(z_img, z_aud, 20, check_finite=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(mask.cpu(), expected)
 
 
 @pytest.mark.gpu
@@ -730,10 +754,11 @@ def test_public_op_rejects_non_bool_flags(flag):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("check_finite", [True, False])
 @pytest.mark.parametrize("packed", [False, True])
-def test_cpp_op_under_torch_compile_fullgraph(packed):
+def test_cpp_op_under_torch_compile_fullgraph(packed, check_finite):
     def masks(z_img, z_aud):
-        return ops.k_reciprocal_mask(z_img, z_aud, k=5, packed=packed)
+        return ops.k_reciprocal_mask(z_img, z_aud, k=5, packed=packed, check_finite=check_finite)
 
     compiled = torch.compile(masks, fullgraph=True)
     for seed in range(2):
@@ -742,9 +767,10 @@ def test_cpp_op_under_torch_compile_fullgraph(packed):
         assert torch.equal(compiled(z_img, z_aud), reference.pack_mask(expected) if packed else expected)
 
 
+@pytest.mark.parametrize("check_finite", [True, False])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_cpp_op_passes_opcheck(requires_grad, packed):
+def test_cpp_op_passes_opcheck(requires_grad, packed, check_finite):
     z_img = torch.randn(9, 6, requires_grad=requires_grad)
     z_aud = torch.randn(9, 6, requires_grad=requires_grad)
-    torch.library.opcheck(torch.ops.jsa_fast.k_reciprocal_mask.default, (z_img, z_aud, 4, packed))
+    torch.library.opcheck(torch.ops.jsa_fast.k_reciprocal_mask.default, (z_img, z_aud, 4, packed, check_finite))

@@ -258,6 +258,17 @@ def test_jsa_loss_false_negative_mask_gets_detached_targets_and_is_applied():
     assert slots_img.grad is not None and slots_aud.grad is not None
 
 
+def test_a_target_slot_that_is_not_finite_gives_a_non_finite_loss_not_an_error():
+    # The default mask op skips its finiteness check (a device sync on CUDA): the NaN
+    # reaches the loss, which training detects; the op would raise if it checked.
+    out = _fake_output()
+    out = out._replace(slots_img=out.slots_img.clone().index_fill_(0, torch.tensor([1]), float("nan")))
+    model_out = _model_output(out, *(torch.randn(4, length, 3) for length in (5, 3, 5, 3)))
+    terms = jsa_loss(model_out, LossConfig(k=2))
+    assert not torch.isfinite(terms["loss_ctr"]) and not torch.isfinite(terms["loss"])
+    assert torch.isfinite(terms["loss_recon"])
+
+
 @pytest.mark.numeric
 def test_jsa_loss_gathers_the_contrastive_term_over_the_global_batch():
     # Slots padded to d = 3; gather appends a third pair, orthogonal to the others, to both

@@ -262,6 +262,15 @@ class Unloadable:
 
 if kind == "absent":
     sys.modules["jsa_fast._C"] = None
+elif kind == "stale":
+    # Built from older sources: it loads, and registers the op without check_finite.
+    import types
+
+    import torch
+
+    sys.modules["jsa_fast._C"] = types.ModuleType("jsa_fast._C")
+    stale = torch.library.Library("jsa_fast", "DEF")
+    stale.define("k_reciprocal_mask(Tensor z_img, Tensor z_aud, int k, bool packed=False) -> Tensor")
 else:
     sys.meta_path.insert(0, Unloadable())
 warnings.simplefilter("always")
@@ -289,6 +298,7 @@ for w in caught:
         ("absent", "import of jsa_fast._C halted"),
         ("undefined-symbol", "jsa_fast/_C.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev"),
         ("oserror", "libc10.so: cannot open shared object file"),
+        ("stale", "built from older sources, its op takes (z_img, z_aud, k, packed)"),
     ],
 )
 def test_without_the_extension_k_reciprocal_mask_runs_the_reference_and_warns_once(kind, reason):
@@ -296,7 +306,7 @@ def test_without_the_extension_k_reciprocal_mask_runs_the_reference_and_warns_on
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 1, lines  # three calls, one warning
-    assert lines[0].startswith(f"RuntimeWarning: jsa_fast._C did not load ({reason}")
+    assert lines[0].startswith(f"RuntimeWarning: jsa_fast._C is not usable ({reason}")
     assert "k_reciprocal_mask runs the PyTorch reference path" in lines[0]
     assert "pip install --no-build-isolation" in lines[0]
 
