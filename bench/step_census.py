@@ -200,7 +200,7 @@ def census_eager(preset: str, amp: str, batch: int, steps: int, data: Path, out:
     between = counter.steps[1:-1]
     row: dict[str, Any] = {"preset": preset, "amp": amp, "mode": "eager", "batch": batch, "steps": len(counter.steps)}
     for phase in PHASES:
-        row[f"ops_{phase}"] = statistics.median(s["ops"][phase] for s in between)
+        row[f"ops_{phase}"] = statistics.median_low(s["ops"][phase] for s in between)
     row["ops_step"] = sum(row[f"ops_{phase}"] for phase in PHASES)
     row["host_syncs_between_logs"] = max(sum(s["syncs"].values()) for s in between)
     row["host_syncs_at_log"] = sum(counter.steps[-1]["syncs"].values())
