@@ -163,6 +163,30 @@ def test_train_step_benchmark(tmp_path):
     assert read_record(out)["rows"]
 
 
+def test_train_loop_dry_run(tmp_path):
+    """The released-style loop and ours (eager, with both loaders) run whole epochs; each
+    row reports every epoch's samples/s and the last one over the released loop's."""
+    out = tmp_path / "train_loop.json"
+    args = ["--dry-run", "--device", "cpu", "--variants", "released", "eager", "--loaders", "torch", "dali"]
+    subprocess.run([sys.executable, str(BENCH / "train_loop.py"), *args, "--json", str(out)], check=True)
+    record = read_record(out)
+    rows = record["rows"]
+    assert [(row["variant"], row["loader"], row["amp"]) for row in rows] == [
+        ("released", "torch", "fp16"), ("eager", "torch", "bf16"), ("eager", "dali", "bf16"),
+    ]  # fmt: skip
+    released = rows[0]["samples_per_s"]
+    for row in rows:
+        assert len(row["epochs"]) == record["config"]["epochs"] == 2 and min(row["epochs"]) > 0
+        assert row["samples_per_s"] == row["epochs"][-1] and row["first_epoch_samples_per_s"] == row["epochs"][0]
+        assert row["vs_released"] == pytest.approx(row["samples_per_s"] / released)
+
+
+def test_train_loop_refuses_cuda_graphs_on_a_cpu(capsys):
+    with pytest.raises(SystemExit) as stop:
+        load_benchmark("train_loop").main(["--dry-run", "--device", "cpu", "--variants", "cudagraphs"])
+    assert stop.value.code == 2 and "--variants cudagraphs" in capsys.readouterr().err
+
+
 def test_video_tools_benchmark(tmp_path):
     out = tmp_path / "video_tools.json"
     args = [
