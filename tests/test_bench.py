@@ -164,8 +164,9 @@ def test_train_step_benchmark(tmp_path):
 
 
 def test_train_loop_dry_run(tmp_path):
-    """The released-style loop and ours (eager, with both loaders) run whole epochs; each
-    row reports every epoch's samples/s and the last one over the released loop's."""
+    """The released-style loop and ours (eager, with both loaders) run whole epochs, each in
+    a spawned process, over a world half of whose pairs are hard links; each row reports
+    every epoch's steps and samples/s, and the last epoch's over the released loop's."""
     out = tmp_path / "train_loop.json"
     args = ["--dry-run", "--device", "cpu", "--variants", "released", "eager", "--loaders", "torch", "dali"]
     subprocess.run([sys.executable, str(BENCH / "train_loop.py"), *args, "--json", str(out)], check=True)
@@ -176,8 +177,9 @@ def test_train_loop_dry_run(tmp_path):
     ]  # fmt: skip
     released = rows[0]["samples_per_s"]
     for row in rows:
-        assert len(row["epochs"]) == record["config"]["epochs"] == 2 and min(row["epochs"]) > 0
-        assert row["samples_per_s"] == row["epochs"][-1] and row["first_epoch_samples_per_s"] == row["epochs"][0]
+        rates = row["epoch_samples_per_s"]
+        assert row["epoch_steps"] == [2, 2] and len(rates) == 2 and min(rates) > 0  # 8 pairs (4 hard links), B = 4
+        assert row["samples_per_s"] == rates[-1] and row["first_epoch_samples_per_s"] == rates[0]
         assert row["vs_released"] == pytest.approx(row["samples_per_s"] / released)
 
 

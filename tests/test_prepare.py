@@ -507,9 +507,13 @@ def test_workers_run_quietly_and_ctrl_c_stops_them_in_one_line(videos: Path, tmp
     quiet = subprocess.run([*command, "--out", str(tmp_path / "quiet")], capture_output=True, text=True, timeout=600)
     assert quiet.returncode == 0 and "Warning" not in quiet.stderr, quiet.stderr
     out = tmp_path / "stopped"
+    # A terminal's foreground job starts with Ctrl-C's default action; a job started in the
+    # background (`pytest &`, CI under `cmd &`) inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: the run would finish as if never interrupted.
     process = subprocess.Popen(
-        [*command, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+        [*command, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     journal = out / ".manifest.journal"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
