@@ -22,11 +22,11 @@ between log points, and counts per step:
   profiler's record of its nested `aten::_local_scalar_dense` and `aten::nonzero` (which
   learns its output's size from the device). On a GPU,
   `torch.cuda.set_sync_debug_mode("warn")` gives the same count.
-- collectives (with 2 gloo processes, unless --no-collectives): the collective ops
-  dispatched per step (`CollectiveCounter`: c10d's, as the loop's agreements call them, and
-  the functional ones of the model and losses: each GlobalBatchNorm2d's statistics, the
-  embeddings' all-gather for the global negatives and its backward's reduce-scatter); DDP's
-  gradient all-reduce (its C++ reducer calls the process group directly) is not among them.
+- collectives (2 gloo processes per preset and autocast, eager, unless --no-collectives):
+  the collective ops dispatched per step (`CollectiveCounter`: c10d's, as the loop's
+  agreements and DDP's gradient buckets call them, and the functional ones of the model and
+  losses: each GlobalBatchNorm2d's statistics, the embeddings' all-gather for the global
+  negatives and its backward's reduce-scatter).
 - with --compile, over two epochs and a resume (each of `--steps` steps): graph breaks,
   recompiles and graphs from dynamo's counters, after the first step.
 
@@ -252,7 +252,9 @@ class CollectiveCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _collective_worker(rank: int, port: int, preset: str, batch: int, steps: int, data: str, out: str, q: Any) -> None:
+def _collective_worker(
+    rank: int, port: int, preset: str, amp: str, batch: int, steps: int, data: str, out: str, q: Any
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
     )
@@ -273,7 +275,7 @@ def _collective_worker(rank: int, port: int, preset: str, batch: int, steps: int
         world = World(rank, 2, rank, dist.group.WORLD)
         with counter:
             train_module.train(
-                run_config(preset, "none", batch, steps, False), data, Path(out), torch.device("cpu"), world=world
+                run_config(preset, amp, batch, steps, False), data, Path(out), torch.device("cpu"), world=world
             )
     finally:
         train_module.train_step = real_step
@@ -282,8 +284,10 @@ def _collective_worker(rank: int, port: int, preset: str, batch: int, steps: int
         q.put([dict(c) for c in counter.steps])
 
 
-def census_collectives(preset: str, batch: int, steps: int, data: Path, out: Path) -> dict[str, Any]:
-    """Collectives per step of 2 gloo processes (global batch `batch`)."""
+def census_collectives(preset: str, amp: str, batch: int, steps: int, data: Path, out: Path) -> dict[str, Any]:
+    """Collectives per step of 2 gloo processes (global batch `batch`), eager: dynamo does
+    not compile under the counter's dispatch mode (a compiled step runs the same loop
+    around a graph of the same model and losses)."""
     import socket
 
     with socket.socket() as s:
@@ -293,7 +297,7 @@ def census_collectives(preset: str, batch: int, steps: int, data: Path, out: Pat
     queue = context.Queue()
     mp.start_processes(
         _collective_worker,
-        args=(port, preset, batch, steps, str(data), str(out), queue),
+        args=(port, preset, amp, batch, steps, str(data), str(out), queue),
         nprocs=2,
         start_method="spawn",
     )
@@ -303,7 +307,7 @@ def census_collectives(preset: str, batch: int, steps: int, data: Path, out: Pat
     between = calls[2:-1]
     per_step = dict(between[0])
     return {
-        "preset": preset, "mode": "2 gloo processes", "batch": batch, "steps": len(calls),
+        "preset": preset, "amp": amp, "mode": "2 gloo processes", "batch": batch, "steps": len(calls),
         "collectives_between_logs": max(sum(c.values()) for c in between),
         "loop_collectives_between_logs": max(sum(n for op, n in c.items() if op.startswith("loop:")) for c in between),
         "collective_kinds": per_step,
@@ -339,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(
                         census_compiled(preset, amp, args.batch, args.steps, data, folder / f"{preset}-{amp}-c")
                     )
-            if not args.no_collectives:
-                rows.append(census_collectives(preset, args.batch, args.steps, data, folder / f"{preset}-ddp"))
+                if not args.no_collectives:
+                    out = folder / f"{preset}-{amp}-ddp"
+                    rows.append(census_collectives(preset, amp, args.batch, args.steps, data, out))
     print_table(
         rows,
         ["preset", "amp", "mode", *(f"ops_{p}" for p in PHASES), "host_syncs_between_logs", "loop_collectives_between_logs",

@@ -212,7 +212,7 @@ def test_video_tools_benchmark(tmp_path):
 
 
 def test_step_census_dry_run_counts_no_host_sync_or_extra_collective_between_log_points(tmp_path):
-    """The training loop of the tiny preset, fp32 and fp16 eager, and 2 gloo processes: in a
+    """The training loop of the tiny preset, fp32 and fp16 eager, in one and in 2 gloo processes: in a
     step between log points no host sync, and no collective of the loop's own; the step's
     are the model's global BatchNorm statistics (forward and backward of each layer), the
     global negatives' two all-gathers and their backward's reduce-scatters, and DDP's
@@ -226,17 +226,19 @@ def test_step_census_dry_run_counts_no_host_sync_or_extra_collective_between_log
         assert row["host_syncs_between_logs"] == 0, row["sync_kinds"]
         assert row["host_syncs_at_log"] > 0  # the counter sees the reads where they belong
         assert min(row[f"ops_{phase}"] for phase in ("forward", "backward", "optimizer", "loop")) > 0
-    (collectives,) = [row for row in rows if row["mode"] == "2 gloo processes"]
-    assert collectives["loop_collectives_between_logs"] == 0 and collectives["same_every_step"]
     model = convert_batchnorm(JSAModel(PRESETS["tiny"].model))
     batchnorms = sum(isinstance(module, GlobalBatchNorm2d) for module in model.modules())
-    kinds = collectives["collective_kinds"]
-    assert kinds.pop("step: _c10d_functional::all_reduce") == 2 * batchnorms
-    assert kinds.pop("step: _c10d_functional::all_gather_into_tensor") == 2
-    assert kinds.pop("step: _c10d_functional::reduce_scatter_tensor") == 2
-    assert kinds.pop("step: c10d::allreduce_") >= 1  # DDP's buckets
-    assert not kinds, kinds
-    assert sum(n for op, n in collectives["collectives_at_log"].items() if op.startswith("loop:")) > 0
+    collective_rows = [row for row in rows if row["mode"] == "2 gloo processes"]
+    assert [row["amp"] for row in collective_rows] == ["none", "fp16"]
+    for collectives in collective_rows:
+        assert collectives["loop_collectives_between_logs"] == 0 and collectives["same_every_step"]
+        kinds = dict(collectives["collective_kinds"])
+        assert kinds.pop("step: _c10d_functional::all_reduce") == 2 * batchnorms
+        assert kinds.pop("step: _c10d_functional::all_gather_into_tensor") == 2
+        assert kinds.pop("step: _c10d_functional::reduce_scatter_tensor") == 2
+        assert kinds.pop("step: c10d::allreduce_") >= 1  # DDP's buckets
+        assert not kinds, kinds
+        assert sum(n for op, n in collectives["collectives_at_log"].items() if op.startswith("loop:")) > 0
 
 
 def test_step_census_counter_sees_each_kind_of_host_read():
