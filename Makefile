@@ -127,7 +127,7 @@ bench-gpu: $(STAMP) $(DALI_STAMP)
 	$(PY) bench/kreciprocal.py --device cuda
 	$(PY) bench/kreciprocal.py --device cuda --paths --unchecked --batch 256 512 1024 2048 4096
 	$(PY) bench/train_step.py --device cuda --preset paper --batch-size 256 --steps 20
-	$(PY) bench/train_loop.py --device cuda --preset paper --batch-size 256 --steps 8 --amp bf16 --variants released cudagraphs
+	$(PY) bench/train_loop.py --device cuda --preset paper --batch-size 256 --amp bf16 --variants released cudagraphs
 	$(PY) bench/loader.py --device cuda --n 20000 --batch 256 --batches 20
 
 clean:

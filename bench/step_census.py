@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 # The dry run (the default test suite's) keeps its 2-process run to fp32: a
                 # 2-process fp16 run once aborted in rank 0 on glibc's "unaligned tcache
-                # chunk" (a heap corruption, CI on 2026-12-05), not seen in 22 reruns nor
+                # chunk" (a heap corruption, CI on 2026-12-05), not seen in 30 reruns nor
                 # in the full census; not yet diagnosed.
                 if not args.no_collectives and not (args.dry_run and amp != "none"):
                     out = folder / f"{preset}-{amp}-ddp"

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", default=None, help="output path (default bench/results/train_loop-<device>-<time>.json)"
     )
-    parser.add_argument("--dry-run", action="store_true", help="tiny preset at 64 px, 4 pairs, 2 steps, 2 epochs")
+    parser.add_argument("--dry-run", action="store_true", help="tiny preset at 64 px, B = 4, 2 steps, 2 epochs")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     overrides: dict[str, Any] = {}
