@@ -36,7 +36,7 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,37 @@ def run_loop(
     return our_loop(cfg, data, out, device, OUR_COMPILE[variant], loader)
 
 
+def _send_loop(sender: Any, *args: Any) -> None:
+    try:
+        sender.send((True, run_loop(*args)))
+    except BaseException:
+        sender.send((False, traceback.format_exc()))
+        raise
+
+
+def run_loop_spawned(*args: Any) -> tuple[list[float], list[int]]:
+    """run_loop(*args) in a spawned process of its own (not a pool's: the loaders' workers
+    are its children), stopped when this one is interrupted."""
+    spawn = multiprocessing.get_context("spawn")
+    receiver, sender = spawn.Pipe(duplex=False)
+    child = spawn.Process(target=_send_loop, args=(sender, *args))
+    child.start()
+    sender.close()
+    try:
+        ok, result = receiver.recv()
+    except EOFError:
+        child.join()
+        ok, result = False, f"its process ended without a result (exit code {child.exitcode})"
+    except BaseException:  # Ctrl-C here: the loop is stopped too, not waited for
+        child.terminate()
+        child.join()
+        raise
+    child.join()
+    if not ok:
+        raise RuntimeError(f"loop {args[0]} with loader {args[1]} failed:\n{result}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
@@ -190,11 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         data = make_world(folder, cfg, batch * args.steps)
         runs = [("released", "torch")] if "released" in variants else []
         runs += [(variant, loader) for variant in variants if variant in OUR_COMPILE for loader in loaders]
-        spawn = multiprocessing.get_context("spawn")
         for variant, loader in runs:
-            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as process:
-                run = process.submit(run_loop, variant, loader, cfg, data, folder / f"{variant}-{loader}", device)
-                rates, steps = run.result()
+            rates, steps = run_loop_spawned(variant, loader, cfg, data, folder / f"{variant}-{loader}", device)
             amp = "fp16" if variant == "released" else args.amp
             row = {"variant": variant, "loader": loader, "amp": amp, "samples_per_s": rates[-1]}
             row |= {"first_epoch_samples_per_s": rates[0], "epoch_samples_per_s": rates, "epoch_steps": steps}
